@@ -1,0 +1,77 @@
+"""rtqueue: conflict-free OpenAI Realtime voice agents in plain, synchronous Python.
+
+::
+
+    import rtqueue
+
+    with rtqueue.Simulator() as sim:
+        with rtqueue.Session.connect(url=sim.url, instructions="Be brief.") as session:
+            print(session.ask("Hello there").text)
+
+The public API is exactly ``__all__`` below (a test checks it). Audio devices
+live in :mod:`rtqueue.audio`, imported on demand so that ``import rtqueue``
+works without PortAudio.
+"""
+
+from .agents import Agent, Handoff, handoff
+from .audio_session import Interruption
+from .errors import (
+    AudioUnavailable,
+    AuthenticationError,
+    ConnectError,
+    ConnectionLost,
+    GateTimeout,
+    InvalidArgument,
+    ProtocolError,
+    ResponseError,
+    ResponseRejected,
+    ResponseTimeout,
+    RtqueueError,
+    ServerError,
+    SessionClosed,
+    ToolError,
+)
+from .gate import GateStats, ResponseGate
+from .handles import ResponseHandle, SendHandle
+from .reconnect import ReconnectPolicy
+from .session import Session
+from .sim import FaultPlan, Simulator
+from .tools import Tool, ToolContext, tool
+from .values import Event, Response
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "AudioUnavailable",
+    "AuthenticationError",
+    "ConnectError",
+    "ConnectionLost",
+    "Event",
+    "FaultPlan",
+    "GateStats",
+    "GateTimeout",
+    "Handoff",
+    "Interruption",
+    "InvalidArgument",
+    "ProtocolError",
+    "ReconnectPolicy",
+    "Response",
+    "ResponseError",
+    "ResponseGate",
+    "ResponseHandle",
+    "ResponseRejected",
+    "ResponseTimeout",
+    "RtqueueError",
+    "SendHandle",
+    "ServerError",
+    "Session",
+    "SessionClosed",
+    "Simulator",
+    "Tool",
+    "ToolContext",
+    "ToolError",
+    "__version__",
+    "handoff",
+    "tool",
+]

@@ -1,0 +1,74 @@
+"""The ``rtqueue`` command: ``demo``, ``sim`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rtqueue`` console script and ``python -m rtqueue``."""
+    parser = argparse.ArgumentParser(prog="rtqueue", description="Conflict-free Realtime voice agents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run a multi-agent voice conversation (simulator unless --live)")
+    demo.add_argument("--live", action="store_true", help="talk to OpenAI (needs $OPENAI_API_KEY)")
+    demo.add_argument("--audio", action="store_true", help="play the voices through the speaker")
+    demo.add_argument("--scenario", choices=["customer_service", "basic"], default="customer_service")
+    demo.add_argument("--model", default="gpt-realtime")
+    demo.add_argument("--speed", type=float, default=None,
+                      help="simulator pacing vs real time (default: 4, or 1 with --audio)")
+    demo.add_argument("--latency-ms", type=float, default=20.0, help="simulated one-way network latency")
+    demo.add_argument("--json", metavar="FILE", help="also write the transcript and summary as JSON")
+
+    sim = sub.add_parser("sim", help="run the Realtime simulator standalone")
+    sim.add_argument("args", nargs=argparse.REMAINDER, help="see `rtqueue sim --help`")
+
+    bench = sub.add_parser("bench", help="run every benchmark in benchmarks/")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG results")
+
+    ns = parser.parse_args(argv)
+    if ns.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(
+            live=ns.live, audio=ns.audio, scenario=ns.scenario, model=ns.model,
+            speed=ns.speed, latency_ms=ns.latency_ms, json_path=ns.json,
+        )
+    if ns.command == "sim":
+        from .sim.cli import main as sim_main
+
+        return sim_main(ns.args)
+    if ns.command == "bench":
+        return _bench(quick=ns.quick, out=ns.out)
+    return 2  # pragma: no cover
+
+
+def _bench(*, quick: bool, out: str) -> int:
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    scripts = sorted(root.glob("bench_*.py"))
+    if not scripts:
+        print("rtqueue bench: no benchmarks/ folder next to the package (run from a source checkout)")
+        return 2
+    Path(out).mkdir(parents=True, exist_ok=True)
+    failed = 0
+    summary: list[dict[str, Any]] = []
+    for script in scripts:
+        cmd = [sys.executable, str(script), "--out", out] + (["--quick"] if quick else [])
+        print(f"\n=== {script.name} ===", flush=True)
+        t0 = time.monotonic()
+        rc = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        summary.append({"script": script.name, "rc": rc, "seconds": round(time.monotonic() - t0, 1)})
+        failed += rc != 0
+    print("\n" + json.dumps(summary, indent=2))
+    return 1 if failed else 0

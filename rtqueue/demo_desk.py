@@ -1,0 +1,153 @@
+"""A retail support desk: the sample multi-agent app behind ``rtqueue demo``.
+
+Five agents hand a customer to each other, and their tools are mocks over an
+in-memory shop. ``examples/customer_service.py`` runs it interactively; the
+demo runs a scripted customer through it. Everything here is plain app code:
+it is also the reference for how to write agents and tools with rtqueue.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+from .agents import Agent, handoff
+from .tools import tool
+
+__all__ = ["DEMO_TURNS", "build_desk"]
+
+_ORDERS = {
+    "42": {"item": "wireless headphones", "status": "delivered", "days_since_delivery": 12, "price": 89.0},
+    "77": {"item": "coffee grinder", "status": "shipped", "days_since_delivery": None, "price": 54.5},
+}
+_CUSTOMERS = {"ana@example.com": {"name": "Ana", "verified": True}}
+_returns: dict[str, str] = {}
+_lock = threading.Lock()
+
+
+@tool
+def verify_customer(email: str) -> dict[str, object]:
+    """Verify a customer's identity by the email on their account.
+
+    Args:
+        email: The email address the customer gave.
+    """
+    customer = _CUSTOMERS.get(email.lower())
+    return {"email": email, "verified": bool(customer), "name": customer["name"] if customer else None}
+
+
+@tool
+def lookup_order(order_id: str) -> dict[str, object]:
+    """Look up an order by its id: item, status and delivery date.
+
+    Args:
+        order_id: The order number, e.g. "42".
+    """
+    order = _ORDERS.get(order_id.strip("# "))
+    if order is None:
+        return {"order_id": order_id, "found": False}
+    return {"order_id": order_id, "found": True, **order}
+
+
+@tool
+def check_return_policy(order_id: str) -> dict[str, object]:
+    """Check whether an order can still be returned under the 30-day return policy.
+
+    Args:
+        order_id: The order number to check.
+    """
+    order = _ORDERS.get(order_id.strip("# "))
+    days = order.get("days_since_delivery") if order else None
+    eligible = isinstance(days, int) and days <= 30
+    return {"order_id": order_id, "eligible": eligible, "window_days": 30}
+
+
+@tool
+def start_return(order_id: str, reason: Literal["damaged", "unwanted", "wrong_item"] = "unwanted") -> dict[str, str]:
+    """Start a return for an order and issue a prepaid shipping label.
+
+    Args:
+        order_id: The order number to return.
+        reason: Why the customer returns it.
+    """
+    with _lock:
+        label = _returns.setdefault(order_id, f"RMA-{1000 + len(_returns)}")
+    return {"order_id": order_id, "return_label": label, "reason": reason}
+
+
+@tool
+def search_products(query: str, max_results: int = 3) -> list[dict[str, object]]:
+    """Search the product catalogue (sales).
+
+    Args:
+        query: What the customer is looking for.
+        max_results: How many products to return.
+    """
+    catalogue = [
+        {"name": "Studio headphones X2", "price": 129.0, "in_stock": True},
+        {"name": "Travel headphones Lite", "price": 59.0, "in_stock": True},
+        {"name": "Espresso grinder Pro", "price": 149.0, "in_stock": False},
+    ]
+    words = {w for w in query.lower().split() if len(w) > 2}
+    hits = [p for p in catalogue if words & set(str(p["name"]).lower().split())] or catalogue
+    return hits[: max(1, max_results)]
+
+
+@tool
+def create_ticket(summary: str) -> dict[str, str]:
+    """Open a ticket so a human agent calls the customer back.
+
+    Args:
+        summary: A one-line summary of the customer's problem.
+    """
+    return {"ticket": "TCK-5150", "summary": summary, "callback": "within 2 hours"}
+
+
+def build_desk() -> Agent:
+    """Build the desk's agents (they refer to each other by name) and return the front desk."""
+    human = Agent(
+        name="human",
+        description="Escalate to a human colleague when the customer asks for a person.",
+        instructions="You arrange a call back from a human colleague. Open a ticket, then say when they will call.",
+        tools=[create_ticket],
+        handoffs=["front_desk"],
+    )
+    sales = Agent(
+        name="sales",
+        description="Product questions and recommendations.",
+        instructions="You are the sales desk. Recommend products from the catalogue; be brief.",
+        tools=[search_products],
+        handoffs=["front_desk", "human"],
+    )
+    returns = Agent(
+        name="returns",
+        description="Returns and refunds for existing orders.",
+        instructions="You handle returns. Look the order up, check the policy, then start the return.",
+        tools=[lookup_order, check_return_policy, start_return],
+        handoffs=["front_desk", "sales", handoff("human", description="Only if the customer insists.")],
+    )
+    authentication = Agent(
+        name="authentication",
+        description="Verify the customer's identity before account changes.",
+        instructions="Verify the customer by email with verify_customer, then route them.",
+        tools=[verify_customer],
+        handoffs=[returns, sales, human],
+    )
+    return Agent(
+        name="front_desk",
+        description="Greets customers and routes them.",
+        instructions="You greet customers of the shop and route them to the right desk. Be brief.",
+        handoffs=[authentication, returns, sales, human],
+    )
+
+
+#: The scripted customer of ``rtqueue demo``.
+DEMO_TURNS: tuple[str, ...] = (
+    "Hello! Before anything, I need authentication for my account.",
+    "My email is ana@example.com, please verify the customer.",
+    "Thanks. Now please put me through to returns about order 42.",
+    "Can you check the return policy for order 42?",
+    "Great, please start the return for order 42.",
+    "While I'm here, can sales suggest new headphones?",
+    "This is taking long, I'd like to talk to a human.",
+)

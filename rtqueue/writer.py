@@ -1,0 +1,310 @@
+"""The writer thread: the only sender on the socket.
+
+Two lanes feed it. The **control lane** is FIFO (a few urgent events, such as
+``response.cancel`` and ``conversation.item.truncate``, jump to its head). The
+**audio lane** carries ``input_audio_buffer.append`` and is flushed before each
+control step, so mic audio never queues behind a held ``response.create``.
+
+An in-band ``response.create`` at the head waits on the :class:`ResponseGate`
+in short slices (``slice_s``, default 5 ms). The gate's condition cuts a slice
+short the moment it drains, so the wake-up costs microseconds; between slices
+the writer flushes audio, checks the create's deadline and notices shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from .errors import ConnectionLost, GateTimeout, RtqueueError, SessionClosed
+from .gate import ResponseGate
+from .handles import SendHandle
+
+__all__ = ["Outbound", "Writer"]
+
+log = logging.getLogger("rtqueue")
+
+
+@attrs.define(eq=False)
+class Outbound:
+    """One queued client event and what the writer must do with it."""
+
+    event: dict[str, Any]
+    handle: SendHandle
+    gated: bool = False  # an in-band response.create: wait for the gate
+    oob: bool = False  # an out-of-band response.create: track, never wait
+    deadline: float | None = None  # monotonic time after which it is never sent
+    first_wait: float | None = None
+    withdrawn: bool = False
+
+    @property
+    def event_id(self) -> str:
+        """The client event id (always set by the session)."""
+        return str(self.event["event_id"])
+
+
+class Writer:
+    """Owns the writer thread and the two outbound lanes.
+
+    ``send`` is called with the JSON text and must raise
+    :class:`ConnectionLost` when the socket is gone. On such a failure the
+    writer puts the event back at the head, pauses, and calls
+    ``on_send_error``; the session then either ``resume()``s it on a new
+    socket or ``stop()``s it, failing everything still queued.
+    """
+
+    def __init__(
+        self,
+        gate: ResponseGate,
+        send: Callable[[str], None],
+        *,
+        on_send_error: Callable[[BaseException], None],
+        on_sent: Callable[[Outbound], None] | None = None,
+        on_evict: Callable[[], None] | None = None,
+        slice_s: float = 0.005,
+        max_audio_chunks: int = 250,
+        name: str = "rtqueue-writer",
+    ) -> None:
+        self._gate = gate
+        self._send = send
+        self._on_send_error = on_send_error
+        self._on_sent = on_sent
+        self._on_evict = on_evict
+        self._slice = slice_s
+        self._max_audio = max_audio_chunks
+        self._cond = threading.Condition()
+        self._control: deque[Outbound] = deque()
+        self._audio: deque[str] = deque()
+        self._paused = False
+        self._parked = threading.Event()  # set while the thread waits because it is paused
+        self._stopping: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.audio_sent = 0
+        self.audio_dropped = 0
+        self.audio_sent_while_held = 0  # audio chunks sent while a create waited on the gate
+
+    # -- producers ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread (once)."""
+        self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The writer thread."""
+        return self._thread
+
+    def enqueue(self, item: Outbound, *, front: bool = False) -> None:
+        """Queue a control event (``front`` for urgent ones); fails it if stopped."""
+        with self._cond:
+            if self._stopping is None:
+                (self._control.appendleft if front else self._control.append)(item)
+                self._cond.notify()
+                return
+            err = self._stopping
+        _fail(item, type(err)(*err.args))
+
+    def append_audio(self, text: str) -> bool:
+        """Queue one serialized ``input_audio_buffer.append``; ``False`` if stopped.
+
+        The audio lane is bounded: when full, the oldest chunk is dropped and
+        counted (a stale chunk is worth less than a fresh one).
+        """
+        with self._cond:
+            if self._stopping is not None:
+                return False
+            if len(self._audio) >= self._max_audio:
+                self._audio.popleft()
+                self.audio_dropped += 1
+            self._audio.append(text)
+            self._cond.notify()
+            return True
+
+    def withdraw(self, handle: SendHandle) -> bool:
+        """Remove a not-yet-sent event; ``True`` if it was still queued."""
+        with self._cond:
+            for item in self._control:
+                if item.handle is handle:
+                    item.withdrawn = True
+                    self._control.remove(item)
+                    self._cond.notify()
+                    return True
+        return False
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Hold everything (the connection is being replaced).
+
+        Returns once the thread is parked (no send in progress), so the caller
+        may use the socket alone; ``False`` if it did not park within ``timeout``.
+        """
+        with self._cond:
+            self._paused = True
+            self._cond.notify_all()
+            if threading.current_thread() is self._thread or not self._thread.is_alive():
+                return True
+        return self._parked.wait(timeout)
+
+    def resume(self, send: Callable[[str], None] | None = None, *, drop_audio: bool = True) -> None:
+        """Continue, optionally on a new ``send`` function (a new socket)."""
+        with self._cond:
+            if send is not None:
+                self._send = send
+            if drop_audio:
+                self.audio_dropped += len(self._audio)
+                self._audio.clear()
+            self._paused = False
+            self._parked.clear()
+            self._cond.notify_all()
+
+    def pending(self) -> list[Outbound]:
+        """Snapshot of the control lane."""
+        with self._cond:
+            return list(self._control)
+
+    def stop(self, error: BaseException | None = None, timeout: float = 5.0) -> list[Outbound]:
+        """End the thread; fail and return every control event not sent (idempotent)."""
+        err = error if error is not None else SessionClosed("session closed")
+        with self._cond:
+            if self._stopping is None:
+                self._stopping = err
+            unsent = list(self._control)
+            self._control.clear()
+            self._audio.clear()
+            self._cond.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._gate.close(err)  # wakes a writer waiting on the gate
+            self._thread.join(timeout)
+        for item in unsent:
+            _fail(item, type(err)(*err.args))
+        return unsent
+
+    # -- the thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._step():
+                pass
+        except Exception:  # pragma: no cover - a bug; keep it loud
+            log.exception("rtqueue: writer thread crashed")
+            self._on_send_error(RtqueueError("writer thread crashed"))
+
+    def _step(self) -> bool:
+        with self._cond:
+            while self._stopping is None and (self._paused or (not self._audio and not self._control)):
+                if self._paused:
+                    self._parked.set()
+                self._cond.wait()
+            self._parked.clear()
+            if self._stopping is not None:
+                return False
+            audio = list(self._audio)
+            self._audio.clear()
+            head = self._control[0] if self._control else None
+        holding = head is not None and head.gated and head.first_wait is not None
+        for text in audio:
+            if not self._transmit_audio(text):
+                return True
+            if holding:
+                self.audio_sent_while_held += 1
+        if head is None:
+            return True
+        if head.gated:
+            return self._step_gated(head)
+        return self._send_head(head)
+
+    def _step_gated(self, head: Outbound) -> bool:
+        now = time.monotonic()
+        if head.first_wait is None:
+            head.first_wait = now
+        if head.deadline is not None and now >= head.deadline:
+            if self._pop(head):
+                self._gate.note_timed_out()
+                _fail(head, GateTimeout(
+                    f"response.create {head.event_id} waited {now - head.first_wait:.3f}s in the gate "
+                    "past its deadline and was not sent"
+                ))
+            return True
+        if self._on_evict is not None:
+            self._on_evict()
+        wait = self._slice if head.deadline is None else max(0.0, min(self._slice, head.deadline - now))
+        try:
+            acquired = self._gate.acquire(head.event_id, wait)
+        except (SessionClosed, ConnectionLost):
+            return True  # stop() is under way; the next step sees it
+        if not acquired:
+            return True
+        if not self._pop(head):  # withdrawn while we waited
+            self._gate.abandon(head.event_id)
+            return True
+        waited = time.monotonic() - head.first_wait
+        try:
+            self._send(json.dumps(head.event))
+        except ConnectionLost as exc:
+            self._gate.abandon(head.event_id)
+            self._requeue_after_failure(head, exc)
+            return True
+        self._gate.note_sent(head.event_id, waited)
+        self._mark_sent(head)
+        return True
+
+    def _send_head(self, head: Outbound) -> bool:
+        if not self._pop(head):
+            return True
+        if head.oob:
+            self._gate.register_oob(head.event_id)  # before sending: created may come fast
+        try:
+            self._send(json.dumps(head.event))
+        except ConnectionLost as exc:
+            if head.oob:
+                self._gate.on_error(head.event_id, None)
+            self._requeue_after_failure(head, exc)
+            return True
+        self._mark_sent(head)
+        return True
+
+    def _transmit_audio(self, text: str) -> bool:
+        try:
+            self._send(text)
+        except ConnectionLost as exc:
+            self.audio_dropped += 1
+            with self._cond:
+                self._paused = True
+            self._on_send_error(exc)
+            return False
+        self.audio_sent += 1
+        return True
+
+    def _pop(self, item: Outbound) -> bool:
+        with self._cond:
+            if self._control and self._control[0] is item:
+                self._control.popleft()
+                return True
+            return False
+
+    def _requeue_after_failure(self, item: Outbound, exc: BaseException) -> None:
+        with self._cond:
+            if self._stopping is None:
+                self._control.appendleft(item)
+                self._paused = True
+                requeued = True
+            else:
+                requeued = False
+        if not requeued:
+            _fail(item, exc)
+        self._on_send_error(exc)
+
+    def _mark_sent(self, item: Outbound) -> None:
+        item.handle._mark_sent()
+        if self._on_sent is not None:
+            self._on_sent(item)
+
+
+def _fail(item: Outbound, error: BaseException) -> None:
+    item.handle._fail_send(error)
