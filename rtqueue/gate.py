@@ -91,7 +91,7 @@ def percentile(values: Iterable[float], q: float) -> float:
     data = sorted(values)
     if not data:
         return 0.0
-    k = min(len(data) - 1, max(0, int(round(q / 100.0 * len(data) + 0.5)) - 1))
+    k = min(len(data) - 1, max(0, round(q / 100.0 * len(data) + 0.5) - 1))
     return data[k]
 
 
@@ -227,10 +227,10 @@ class ResponseGate:
             released = self._remove_where(lambda e: e.response_id == response_id)
             if not released and event_id is not None:
                 released = self._remove_where(lambda e: e.event_id == event_id)
-            if self._oob.pop(response_id, None) is not None:
-                released = True
-            elif event_id is not None and self._oob.pop(event_id, None) is not None:
-                released = True
+            oob = self._oob.pop(response_id, None)
+            if oob is None and event_id is not None:
+                oob = self._oob.pop(event_id, None)
+            released = released or oob is not None
             if released:
                 self._counts["done"] += 1
                 self._last_release = now

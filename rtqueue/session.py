@@ -481,10 +481,9 @@ class Session:
         """Block until nothing is queued or in flight; ``False`` on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.writer.pending() and self.gate.wait_drained(_remaining(deadline) or 0.0):
-                if self._turns is None or self._turns.idle():
-                    if not self.writer.pending():
-                        return True
+            drained = not self.writer.pending() and self.gate.wait_drained(_remaining(deadline) or 0.0)
+            if drained and (self._turns is None or self._turns.idle()) and not self.writer.pending():
+                return True
             self.gate.wait_change(0.01)
         return False
 
@@ -599,7 +598,8 @@ class Session:
     # -- internals: queueing ----------------------------------------------------------
 
     def _queue_create(self, event: dict[str, Any], deadline: float | None) -> ResponseHandle:
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline < 0):
+        bad = isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or deadline < 0
+        if deadline is not None and bad:
             raise InvalidArgument(f"deadline must be a number of seconds >= 0, not {deadline!r}")
         eid = event.get("event_id") or new_event_id()
         event["event_id"] = eid
@@ -710,11 +710,10 @@ class Session:
     def _cancel_handle(self, handle: ResponseHandle, timeout: float | None) -> Response | None:
         if handle.done():
             return handle.result()
-        if not handle.sent():
-            if self.writer.withdraw(handle):
-                handle._fail(ResponseError("cancelled by the app before it was sent"))
-                self._forget(handle)
-                return None
+        if not handle.sent() and self.writer.withdraw(handle):
+            handle._fail(ResponseError("cancelled by the app before it was sent"))
+            self._forget(handle)
+            return None
         if handle.response_id is None:
             handle._cancel_requested = True  # the reader cancels it on response.created
             try:
@@ -778,7 +777,8 @@ class Session:
                     self._route(event)
                 except Exception as exc:  # never let one odd event kill the reader
                     log.exception("rtqueue: error handling %s", event.get("type"))
-                    self._publish(Event("rtqueue.error", {"error": exc, "message": f"handling {event.get('type')}: {exc!r}"}))
+                    message = f"handling {event.get('type')}: {exc!r}"
+                    self._publish(Event("rtqueue.error", {"error": exc, "message": message}))
         finally:
             transport.shutdown()  # the reader alone closes the socket
             if transport is self._transport:
@@ -903,9 +903,9 @@ class Session:
                 self._run_callbacks(
                     handle, handle._fail(ResponseRejected(f"server rejected response.create: {err}", error=err))
                 )
-        if err.code in protocol.FATAL_CODES or (err.code == protocol.SESSION_EXPIRED):
-            if self._reconnect is not None:
-                self._reconnect.note_server_error(err)
+        fatal_or_expired = err.code in protocol.FATAL_CODES or err.code == protocol.SESSION_EXPIRED
+        if fatal_or_expired and self._reconnect is not None:
+            self._reconnect.note_server_error(err)
 
     def _on_speech_started(self, event: dict[str, Any]) -> None:
         self._new_turn()
