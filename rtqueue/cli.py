@@ -17,6 +17,12 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rtqueue`` console script and ``python -m rtqueue``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["sim"]:
+        # The simulator has its own options (and --help): hand them over whole.
+        from .sim.cli import main as sim_main
+
+        return sim_main(args[1:])
     parser = argparse.ArgumentParser(prog="rtqueue", description="Conflict-free Realtime voice agents.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -30,14 +36,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--latency-ms", type=float, default=20.0, help="simulated one-way network latency")
     demo.add_argument("--json", metavar="FILE", help="also write the transcript and summary as JSON")
 
-    sim = sub.add_parser("sim", help="run the Realtime simulator standalone")
-    sim.add_argument("args", nargs=argparse.REMAINDER, help="see `rtqueue sim --help`")
+    sub.add_parser("sim", help="run the Realtime simulator standalone (see `rtqueue sim --help`)")
 
     bench = sub.add_parser("bench", help="run every benchmark in benchmarks/")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG results")
 
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(args)
     if ns.command == "demo":
         from .demo import run_demo
 
@@ -45,10 +50,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             live=ns.live, audio=ns.audio, scenario=ns.scenario, model=ns.model,
             speed=ns.speed, latency_ms=ns.latency_ms, json_path=ns.json,
         )
-    if ns.command == "sim":
-        from .sim.cli import main as sim_main
-
-        return sim_main(ns.args)
     if ns.command == "bench":
         return _bench(quick=ns.quick, out=ns.out)
     return 2  # pragma: no cover

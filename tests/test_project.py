@@ -73,3 +73,24 @@ def test_demo_runs_with_zero_conflicts(tmp_path: Path):
     assert summary["handoffs"] >= 3 and summary["tool_calls"] >= 3
     assert re.search(r"--> handoff\s+: front_desk -> authentication", proc.stdout)
     assert "[tool] verify_customer(" in proc.stdout
+
+
+def test_standalone_simulator_serves_a_session():
+    """`python -m rtqueue sim --port 0` prints its URL, serves a session, and stops on Ctrl-C."""
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtqueue", "sim", "--port", "0", "--speed", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        url = re.search(r"ws://127\.0\.0\.1:\d+/v1/realtime\S*", line)
+        assert url, line
+        with rtqueue.Session.connect(url=url.group(0), reconnect=False) as session:
+            assert session.ask("hello", timeout=UNIT).status == "completed"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(UNIT)
+    assert rc == 0
