@@ -124,6 +124,7 @@ class ResponseGate:
         self._oob: dict[str, _Entry] = {}  # keyed by event_id, then response_id
         self._retries: dict[str, int] = {}
         self._closed: BaseException | None = None
+        self._pokes = 0  # bumped by poke(): cuts a waiting acquire short without a state change
         self._last_release: float | None = None  # clock time the last release was read
         self._counts = dict.fromkeys(
             ("sent", "created", "done", "retried", "rejected", "timed_out", "evicted", "foreign"), 0
@@ -143,6 +144,7 @@ class ResponseGate:
         """
         deadline = self._clock() + max(0.0, timeout)
         with self._cond:
+            pokes = self._pokes
             while True:
                 if self._closed is not None:
                     raise self._closed_error()
@@ -150,9 +152,15 @@ class ResponseGate:
                     self._queue.append(_Entry("pending", event_id, None, self._clock(), True))
                     return True
                 remaining = deadline - self._clock()
-                if remaining <= 0:
+                if remaining <= 0 or self._pokes != pokes:
                     return False
                 self._cond.wait(remaining)
+
+    def poke(self) -> None:
+        """Make a waiting :meth:`acquire` return ``False`` now (the writer has audio to send)."""
+        with self._cond:
+            self._pokes += 1
+            self._cond.notify_all()
 
     def note_sent(self, event_id: str, waited_s: float, *, gated: bool = True) -> None:
         """Record that a create left on the wire after waiting ``waited_s`` in total.

@@ -125,7 +125,10 @@ class Writer:
                 self.audio_dropped += 1
             self._audio.append(text)
             self._cond.notify()
-            return True
+            holding = bool(self._control) and self._control[0].first_wait is not None
+        if holding:
+            self._gate.poke()  # the writer is waiting on the gate: let it send this now
+        return True
 
     def withdraw(self, handle: SendHandle) -> bool:
         """Remove a not-yet-sent event; ``True`` if it was still queued."""

@@ -293,3 +293,23 @@ class GateMachine(RuleBasedStateMachine):
 
 GateMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestGateStateful = GateMachine.TestCase
+
+
+def test_poke_cuts_a_wait_short_without_acquiring():
+    """poke() makes a waiting acquire return False at once (the writer has audio to send)."""
+    g = ResponseGate()
+    g.acquire("e1", 0)
+    returned = threading.Event()
+    result: list[bool] = []
+
+    def waiter() -> None:
+        result.append(g.acquire("e2", 30))
+        returned.set()
+
+    t = threading.Thread(target=waiter, name="test-waiter")
+    t.start()
+    while not returned.is_set():
+        g.poke()
+        returned.wait(0.01)
+    t.join(5)
+    assert result == [False] and g.depth() == 1

@@ -11,7 +11,6 @@ import websocket
 import rtqueue
 from rtqueue import Session, Simulator
 from rtqueue.errors import ConnectionLost, GateTimeout, InvalidArgument, SessionClosed
-
 from tests.utils import UNIT, silence_pcm, speech_pcm
 
 
