@@ -1,0 +1,1557 @@
+"""The simulator's conversation logic: a pure state machine, no I/O.
+
+One :class:`SimSession` models one Realtime connection. It never touches a
+socket, a thread or a clock; the caller passes the time in:
+
+- :meth:`SimSession.receive` takes one client event (a parsed JSON value) or
+  :meth:`SimSession.receive_raw` one raw frame, at time ``now``;
+- :meth:`SimSession.advance` returns every server event due at or before
+  ``now``, in wire order, including the ones ``receive`` produced at once;
+- :meth:`SimSession.next_due` says when the next event becomes due.
+
+Times are seconds on any monotonic scale; they must not go backwards. Pacing
+(``speed``) scales the durations of audio and text streaming; ``speed=None``
+(or 0) makes every step due at once. Client mistakes never raise: they become
+GA ``error`` events with the real service's codes and messages (the catalogue
+is in :data:`ERROR_CODES`). Events are produced before time ``now`` is
+applied to an incoming event, so a cancel at ``now`` first lets everything due
+before ``now`` out, exactly as a real server that streamed them already.
+
+Unknown client event types get ``invalid_value`` with ``param: "type"`` and
+the list of supported values, which is what the real service answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import json
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from .model import Reply, ScriptedModel, Turn
+from .synth import SAMPLE_RATE, SpeechStream
+from .vad import EnergyVad
+
+__all__ = [
+    "DEFAULT_INSTRUCTIONS",
+    "ERROR_CODES",
+    "SUPPORTED_CLIENT_EVENTS",
+    "SimSession",
+]
+
+DEFAULT_INSTRUCTIONS = "You are a helpful, friendly voice assistant. Keep answers short and speak clearly."
+
+SUPPORTED_CLIENT_EVENTS = (
+    "session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+    "conversation.item.create",
+    "conversation.item.truncate",
+    "conversation.item.delete",
+    "conversation.item.retrieve",
+    "response.create",
+    "response.cancel",
+    "output_audio_buffer.clear",
+)
+
+#: Error codes this core can send, with what triggers them.
+ERROR_CODES: Mapping[str, str] = {
+    "conversation_already_has_active_response": "in-band response.create while one is active",
+    "response_cancel_not_active": "response.cancel with nothing (or not that id) active",
+    "invalid_value": "a bad value; truncate past the produced audio; unknown event type",
+    "invalid_type": "a field of the wrong JSON type",
+    "item_truncate_invalid_item_id": "truncate of an item that is not assistant audio",
+    "item_delete_invalid_item_id": "delete of an unknown item",
+    "item_retrieve_invalid_item_id": "retrieve of an unknown item",
+    "input_audio_buffer_commit_empty": "commit with less than 100 ms buffered",
+    "unknown_parameter": "session.update with a field the GA session does not have",
+    "missing_required_parameter": "a required field is absent (e.g. session.type)",
+    "cannot_update_voice": "voice change after the session produced audio",
+    "invalid_json": "a frame that is not a JSON object",
+    "session_expired": "the session reached its maximum duration",
+    "server_error": "an unexpected simulator bug (also listed in SimSession.internal_errors)",
+}
+
+_ID_FIX = str.maketrans("+/", "xz")
+_PCM = {"type": "audio/pcm", "rate": SAMPLE_RATE}
+_TOP_FIELDS = frozenset(
+    {
+        "type",
+        "object",
+        "id",
+        "model",
+        "instructions",
+        "output_modalities",
+        "audio",
+        "tools",
+        "tool_choice",
+        "max_output_tokens",
+        "tracing",
+        "truncation",
+        "include",
+        "prompt",
+        "expires_at",
+        "parallel_tool_calls",
+        "reasoning",
+    }
+)
+_AUDIO_FIELDS = frozenset({"input", "output"})
+_AUDIO_IN_FIELDS = frozenset({"format", "noise_reduction", "transcription", "turn_detection"})
+_AUDIO_OUT_FIELDS = frozenset({"format", "voice", "speed"})
+_FORMAT_FIELDS = frozenset({"type", "rate"})
+_SERVER_VAD_FIELDS = frozenset(
+    {
+        "type",
+        "threshold",
+        "prefix_padding_ms",
+        "silence_duration_ms",
+        "create_response",
+        "interrupt_response",
+        "idle_timeout_ms",
+    }
+)
+_SEMANTIC_VAD_FIELDS = frozenset({"type", "eagerness", "create_response", "interrupt_response"})
+# semantic_vad has no silence_duration_ms; eagerness stands in for it.
+_EAGERNESS_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 400}
+_MIN_COMMIT_MS = 100.0
+_TEXT_TOKENS_PER_WORD = 1.3
+_AUDIO_TOKENS_PER_SECOND = 20.0
+
+
+def _default_server_vad() -> dict[str, Any]:
+    return {
+        "type": "server_vad",
+        "threshold": 0.5,
+        "prefix_padding_ms": 300,
+        "silence_duration_ms": 500,
+        "create_response": True,
+        "interrupt_response": True,
+        "idle_timeout_ms": None,
+    }
+
+
+def _default_semantic_vad() -> dict[str, Any]:
+    return {"type": "semantic_vad", "eagerness": "auto", "create_response": True, "interrupt_response": True}
+
+
+class _Reject(Exception):
+    """Internal: a client event is refused; becomes one ``error`` event."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        self.type = type
+
+
+def _missing(param: str) -> _Reject:
+    return _Reject("missing_required_parameter", f"Missing required parameter: '{param}'.", param)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _bad_type(param: str, expected: str, value: Any) -> _Reject:
+    return _Reject(
+        "invalid_type",
+        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.",
+        param,
+    )
+
+
+def _bad_value(param: str, value: Any, supported: Sequence[str] | None = None) -> _Reject:
+    msg = f"Invalid value: '{value}'."
+    if supported:
+        msg += " Supported values are: " + ", ".join(f"'{s}'" for s in supported) + "."
+    return _Reject("invalid_value", msg, param)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@attrs.define(eq=False)
+class _Message:
+    """Server-side state of one assistant message being (or having been) produced."""
+
+    item_id: str
+    output_index: int
+    text_mode: bool
+    words: tuple[str, ...]
+    speech: SpeechStream | None
+    samples_sent: int = 0
+    words_sent: int = 0
+    part_open: bool = False
+    done: bool = False
+    status: str = "in_progress"
+    truncated_ms: int | None = None
+
+    def sent_text(self) -> str:
+        return " ".join(self.words[: self.words_sent])
+
+    def produced_ms(self) -> int:
+        if self.truncated_ms is not None:
+            return self.truncated_ms
+        return self.samples_sent * 1000 // SAMPLE_RATE
+
+
+@attrs.define(eq=False)
+class _FunctionCall:
+    item_id: str
+    output_index: int
+    call_id: str
+    name: str
+    arguments: str
+    done: bool = False
+
+
+@attrs.define(eq=False)
+class _Response:
+    id: str
+    in_band: bool
+    obj: dict[str, Any]
+    steps: deque[tuple[float, Callable[[], None]]]
+    ordinal: int
+    withhold_done: bool = False
+    finished: bool = False
+    messages: list[_Message] = attrs.Factory(list)
+    calls: list[_FunctionCall] = attrs.Factory(list)
+    input_tokens: int = 0
+
+
+@attrs.define(eq=False)
+class SimSession:
+    """One simulated Realtime session; see the module docstring for the contract.
+
+    Constructor arguments (all keyword): ``now`` is the connection time (the
+    ``session.created`` and ``conversation.created`` events are due then);
+    ``index`` distinguishes sessions for IDs and seeds; ``seed`` makes IDs and
+    model choices reproducible; ``speed`` paces streaming (1.0 = real time,
+    ``None``/0 = no pacing); ``audio_chunk_ms`` is the length of each
+    ``response.output_audio.delta``; ``words_per_second`` sets speech and text
+    rate; ``max_duration_s`` is when ``session_expired`` is sent (the real
+    service: 60 minutes); ``epoch`` is the wall-clock time at ``now``, used
+    only for ``expires_at``; ``first_output_ms`` is the model's "thinking"
+    time between ``response.created`` and the first output (scaled by
+    ``speed`` like all pacing, so 0 when unpaced); ``min_response_ms`` is a
+    floor, *not* scaled, on the time from ``response.created`` to
+    ``response.done``: with ``speed=None`` it keeps responses in flight long
+    enough for a burst of creates to collide, as on the real service.
+    """
+
+    now: float = 0.0
+    index: int = 0
+    seed: int = 0
+    model: str = "gpt-realtime"
+    speed: float | None = 1.0
+    audio_chunk_ms: int = 50
+    words_per_second: float = 4.0
+    max_duration_s: float = 3600.0
+    epoch: float = 1_700_000_000.0
+    first_output_ms: float = 250.0
+    min_response_ms: float = 0.0
+    expiry_message: str = "Your session hit the maximum duration of 60 minutes."
+
+    #: ``(code, reason)`` once the session wants its connection closed (expiry).
+    close_request: tuple[int, str] | None = attrs.field(init=False, default=None)
+    #: Descriptions of unexpected exceptions turned into ``server_error`` events.
+    internal_errors: list[str] = attrs.field(init=False, factory=list)
+    _ids: random.Random = attrs.field(init=False)
+    _model: ScriptedModel = attrs.field(init=False)
+    _ready: list[dict[str, Any]] = attrs.field(init=False, factory=list)
+    _last_now: float = attrs.field(init=False)
+    _session: dict[str, Any] = attrs.field(init=False)
+    _conversation_id: str = attrs.field(init=False)
+    _order: list[str] = attrs.field(init=False, factory=list)
+    _items: dict[str, dict[str, Any]] = attrs.field(init=False, factory=dict)
+    _messages: dict[str, _Message] = attrs.field(init=False, factory=dict)
+    _user_audio_ms: dict[str, int] = attrs.field(init=False, factory=dict)
+    _responses: list[_Response] = attrs.field(init=False, factory=list)
+    _responses_created: int = attrs.field(init=False, default=0)
+    _withhold: set[int] = attrs.field(init=False, factory=set)
+    _audio_produced: bool = attrs.field(init=False, default=False)
+    _vad: EnergyVad = attrs.field(init=False, factory=EnergyVad)
+    _carry: bytes = attrs.field(init=False, default=b"")
+    _total_samples: int = attrs.field(init=False, default=0)
+    _buffer_start_samples: int = attrs.field(init=False, default=0)
+    _speech_item_id: str | None = attrs.field(init=False, default=None)
+    _speech_start_ms: int = attrs.field(init=False, default=0)
+    _expires_at: float = attrs.field(init=False)
+    _expired: bool = attrs.field(init=False, default=False)
+    _counts: Counter[str] = attrs.field(init=False, factory=Counter)
+    _errors: Counter[str] = attrs.field(init=False, factory=Counter)
+    _client_events: Counter[str] = attrs.field(init=False, factory=Counter)
+
+    def __attrs_post_init__(self) -> None:
+        self._ids = random.Random(f"ids|{self.seed}|{self.index}")
+        self._model = ScriptedModel(seed=self.seed)
+        self._last_now = self.now
+        self._expires_at = self.now + self.max_duration_s
+        self._conversation_id = self._new_id("conv_")
+        self._session = {
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": self._new_id("sess_"),
+            "model": self.model,
+            "output_modalities": ["audio"],
+            "instructions": DEFAULT_INSTRUCTIONS,
+            "tools": [],
+            "tool_choice": "auto",
+            "max_output_tokens": "inf",
+            "tracing": None,
+            "truncation": "auto",
+            "prompt": None,
+            "expires_at": int(self.epoch + self.max_duration_s),
+            "audio": {
+                "input": {
+                    "format": dict(_PCM),
+                    "transcription": None,
+                    "noise_reduction": None,
+                    "turn_detection": _default_server_vad(),
+                },
+                "output": {"format": dict(_PCM), "voice": "marin", "speed": 1.0},
+            },
+        }
+        self._configure_vad()
+        self._emit("session.created", session=copy.deepcopy(self._session))
+        self._emit(
+            "conversation.created",
+            conversation={"id": self._conversation_id, "object": "realtime.conversation"},
+        )
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def session(self) -> dict[str, Any]:
+        """A copy of the effective session configuration (as in ``session.updated``)."""
+        return copy.deepcopy(self._session)
+
+    @property
+    def expired(self) -> bool:
+        """True once ``session_expired`` was produced; input is ignored after that."""
+        return self._expired
+
+    def receive_raw(self, frame: str | bytes, now: float) -> None:
+        """A raw WebSocket frame arrived; text is parsed as JSON, binary is refused.
+
+        Malformed JSON or a non-object gives an ``invalid_json`` error event.
+        """
+        if isinstance(frame, (bytes, bytearray, memoryview)):
+            self._catch_up(now)
+            self._client_events["<binary>"] += 1
+            self._error(
+                _Reject("invalid_json", "Binary frames are not supported. Send JSON text frames."),
+                None,
+            )
+            return
+        try:
+            event = json.loads(frame)
+        except ValueError as exc:
+            self._catch_up(now)
+            self._client_events["<invalid_json>"] += 1
+            self._error(_Reject("invalid_json", f"Invalid JSON in client event: {exc}."), None)
+            return
+        self.receive(event, now)
+
+    def receive(self, event: Any, now: float) -> None:
+        """Apply one client event received at ``now``. Never raises for bad input.
+
+        Output it causes is returned by the next :meth:`advance` call with a
+        time >= ``now``. Ignored once the session expired.
+        """
+        self._catch_up(now)
+        if self._expired:
+            return
+        if not isinstance(event, dict):
+            self._client_events["<invalid_json>"] += 1
+            self._error(_Reject("invalid_json", "Client events must be JSON objects."), None)
+            return
+        etype = event.get("type")
+        raw_eid = event.get("event_id")
+        eid = raw_eid if isinstance(raw_eid, str) else None
+        self._client_events[etype if isinstance(etype, str) else "<missing>"] += 1
+        handler = self._handlers().get(etype) if isinstance(etype, str) else None
+        try:
+            if etype is None:
+                raise _missing("type")
+            if handler is None:
+                raise _bad_value("type", etype, SUPPORTED_CLIENT_EVENTS)
+            handler(event, eid, now)
+        except _Reject as rej:
+            self._error(rej, eid)
+        except Exception as exc:
+            # Reported like the real service's internal failures, and kept
+            # for tests, which assert that this list stays empty.
+            self.internal_errors.append(f"{etype}: {exc!r}")
+            self._error(
+                _Reject("server_error", "The server had an error while processing your request.", type="server_error"),
+                eid,
+            )
+
+    def advance(self, now: float) -> list[dict[str, Any]]:
+        """Return (and forget) every server event due at or before ``now``, in order."""
+        self._catch_up(now)
+        out, self._ready = self._ready, []
+        return out
+
+    def next_due(self) -> float | None:
+        """When :meth:`advance` next has something to return; ``None`` if never (idle)."""
+        if self._ready:
+            return self._last_now
+        candidates = [r.steps[0][0] for r in self._responses if r.steps]
+        if not self._expired:
+            candidates.append(self._expires_at)
+        return min(candidates) if candidates else None
+
+    def feed(self, event: Any, now: float) -> list[dict[str, Any]]:
+        """:meth:`receive` then :meth:`advance` at the same time: the immediate answer."""
+        self.receive(event, now)
+        return self.advance(now)
+
+    def expire_at(self, when: float) -> None:
+        """Move the ``session_expired`` deadline (fault injection, tests)."""
+        self._expires_at = when
+
+    def withhold_done(self, nth: int) -> None:
+        """Never send ``response.done`` for the ``nth`` response created from now on (1-based).
+
+        That response stays active server-side (it still conflicts with new
+        in-band creates); a ``response.cancel`` for it still ends it.
+        """
+        if nth < 1:
+            raise ValueError("nth must be >= 1")
+        self._withhold.add(self._responses_created + nth)
+
+    def make_error(
+        self, code: str, message: str, *, type: str = "server_error", param: str | None = None
+    ) -> dict[str, Any]:
+        """Build (and count) an ``error`` event without queueing it (fault injection)."""
+        self._errors[code] += 1
+        self._counts["server_events"] += 1
+        return {
+            "type": "error",
+            "event_id": self._new_id("event_"),
+            "error": {"type": type, "code": code, "message": message, "param": param, "event_id": None},
+        }
+
+    def new_event_id(self) -> str:
+        """A fresh server ``event_id`` (for events the transport layer makes up)."""
+        return self._new_id("event_")
+
+    def active_response_ids(self) -> list[str]:
+        """IDs of responses that have not sent ``response.done`` (in-band first)."""
+        live = [r for r in self._responses if not r.finished]
+        return [r.id for r in live if r.in_band] + [r.id for r in live if not r.in_band]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this session (see ``Simulator.stats`` for the keys)."""
+        counts = dict(self._counts)
+        return {
+            "responses": counts.get("responses", 0),
+            "completed": counts.get("completed", 0),
+            "cancelled": counts.get("cancelled", 0),
+            "incomplete": counts.get("incomplete", 0),
+            "withheld": counts.get("withheld", 0),
+            "conflicts": self._errors.get("conversation_already_has_active_response", 0),
+            "cancel_not_active": self._errors.get("response_cancel_not_active", 0),
+            "truncate_errors": counts.get("truncate_errors", 0),
+            "errors": dict(self._errors),
+            "client_events": dict(self._client_events),
+            "function_calls": counts.get("function_calls", 0),
+            "vad_speech_started": counts.get("vad_speech_started", 0),
+            "vad_speech_stopped": counts.get("vad_speech_stopped", 0),
+            "truncations": counts.get("truncations", 0),
+            "server_events": counts.get("server_events", 0),
+            "audio_ms_sent": counts.get("audio_samples_sent", 0) * 1000 // SAMPLE_RATE,
+        }
+
+    # ----------------------------------------------------------------- helpers
+
+    def _new_id(self, prefix: str) -> str:
+        # 15 random bytes as 20 base64 characters, mapped onto letters and
+        # digits: unique in practice, like the real service's IDs, and cheap.
+        return prefix + base64.b64encode(self._ids.randbytes(15)).decode("ascii").translate(_ID_FIX)
+
+    def _emit(self, etype: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": etype, "event_id": self._new_id("event_"), **fields}
+        self._ready.append(event)
+        self._counts["server_events"] += 1
+        return event
+
+    def _error(self, rej: _Reject, client_event_id: str | None) -> None:
+        self._errors[rej.code] += 1
+        self._emit(
+            "error",
+            error={
+                "type": rej.type,
+                "code": rej.code,
+                "message": rej.message,
+                "param": rej.param,
+                "event_id": client_event_id,
+            },
+        )
+
+    def _catch_up(self, now: float) -> None:
+        """Run every scheduled step due at or before ``now``, in due order."""
+        if now < self._last_now:
+            # A caller clock going backwards must not reorder the stream.
+            now = self._last_now
+        while True:
+            best: _Response | None = None
+            for r in self._responses:
+                if r.steps and (best is None or r.steps[0][0] < best.steps[0][0]):
+                    best = r
+            due = best.steps[0][0] if best is not None else math.inf
+            if not self._expired and self._expires_at <= min(due, now):
+                self._last_now = max(self._last_now, self._expires_at)
+                self._expire()
+                continue
+            if best is None or due > now:
+                break
+            self._last_now = max(self._last_now, due)
+            _, step = best.steps.popleft()
+            step()
+        self._last_now = now
+
+    def _expire(self) -> None:
+        self._expired = True
+        for r in self._responses:
+            r.steps.clear()
+        self._error(_Reject("session_expired", self.expiry_message), None)
+        self.close_request = (1000, "session expired")
+
+    def _handlers(self) -> dict[str, Callable[[dict[str, Any], str | None, float], None]]:
+        return {
+            "session.update": self._on_session_update,
+            "input_audio_buffer.append": self._on_append,
+            "input_audio_buffer.commit": self._on_commit,
+            "input_audio_buffer.clear": self._on_clear,
+            "conversation.item.create": self._on_item_create,
+            "conversation.item.truncate": self._on_truncate,
+            "conversation.item.delete": self._on_item_delete,
+            "conversation.item.retrieve": self._on_item_retrieve,
+            "response.create": self._on_response_create,
+            "response.cancel": self._on_response_cancel,
+            "output_audio_buffer.clear": self._on_output_clear,
+        }
+
+    def _pace(self, seconds: float) -> float:
+        """Scale a stream duration by the pacing speed (0 when unpaced)."""
+        return seconds / self.speed if self.speed else 0.0
+
+    def _inband_active(self) -> _Response | None:
+        return next((r for r in self._responses if r.in_band and not r.finished), None)
+
+    # ------------------------------------------------------------- session.update
+
+    def _on_session_update(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        patch = event.get("session")
+        if patch is None:
+            raise _missing("session")
+        if not isinstance(patch, dict):
+            raise _bad_type("session", "an object", patch)
+        if "type" not in patch:
+            raise _missing("session.type")
+        if patch["type"] != "realtime":
+            raise _bad_value("session.type", patch["type"], ["realtime"])
+        self._check_unknown(patch)
+        new = copy.deepcopy(self._session)
+        self._apply_session_patch(new, patch)
+        old_voice = self._session["audio"]["output"]["voice"]
+        new_voice = new["audio"]["output"]["voice"]
+        if new_voice != old_voice and self._audio_produced:
+            raise _Reject(
+                "cannot_update_voice",
+                "Cannot update a conversation's voice if assistant audio is present.",
+                "session.audio.output.voice",
+            )
+        self._session = new
+        self._configure_vad()
+        self._emit("session.updated", session=copy.deepcopy(self._session))
+
+    def _check_unknown(self, patch: dict[str, Any]) -> None:
+        def unknown(prefix: str, obj: Any, allowed: frozenset[str]) -> None:
+            if not isinstance(obj, dict):
+                return
+            for key in obj:
+                if key not in allowed:
+                    param = f"{prefix}.{key}"
+                    raise _Reject("unknown_parameter", f"Unknown parameter: '{param}'.", param)
+
+        unknown("session", patch, _TOP_FIELDS)
+        audio = patch.get("audio")
+        unknown("session.audio", audio, _AUDIO_FIELDS)
+        if isinstance(audio, dict):
+            ain, aout = audio.get("input"), audio.get("output")
+            unknown("session.audio.input", ain, _AUDIO_IN_FIELDS)
+            unknown("session.audio.output", aout, _AUDIO_OUT_FIELDS)
+            if isinstance(ain, dict):
+                unknown("session.audio.input.format", ain.get("format"), _FORMAT_FIELDS)
+                td = ain.get("turn_detection")
+                if isinstance(td, dict):
+                    allowed = _SEMANTIC_VAD_FIELDS if td.get("type") == "semantic_vad" else _SERVER_VAD_FIELDS
+                    unknown("session.audio.input.turn_detection", td, allowed)
+            if isinstance(aout, dict):
+                unknown("session.audio.output.format", aout.get("format"), _FORMAT_FIELDS)
+
+    def _apply_session_patch(self, new: dict[str, Any], patch: dict[str, Any]) -> None:
+        """Validate ``patch`` and merge it into ``new`` (a copy); raise on the first problem."""
+        if "instructions" in patch:
+            if not isinstance(patch["instructions"], str):
+                raise _bad_type("session.instructions", "a string", patch["instructions"])
+            new["instructions"] = patch["instructions"]
+        if "output_modalities" in patch:
+            new["output_modalities"] = _check_modalities("session.output_modalities", patch["output_modalities"])
+        if "tools" in patch:
+            new["tools"] = _check_tools("session.tools", patch["tools"])
+        if "tool_choice" in patch:
+            new["tool_choice"] = _check_tool_choice("session.tool_choice", patch["tool_choice"])
+        if "max_output_tokens" in patch:
+            new["max_output_tokens"] = _check_max_tokens("session.max_output_tokens", patch["max_output_tokens"])
+        for key in ("tracing", "truncation", "prompt", "include", "parallel_tool_calls", "reasoning"):
+            if key in patch:
+                new[key] = copy.deepcopy(patch[key])
+        if "model" in patch:
+            if not isinstance(patch["model"], str):
+                raise _bad_type("session.model", "a string", patch["model"])
+            new["model"] = patch["model"]
+        audio = patch.get("audio")
+        if audio is None:
+            return
+        if not isinstance(audio, dict):
+            raise _bad_type("session.audio", "an object", audio)
+        ain = audio.get("input")
+        if ain is not None:
+            if not isinstance(ain, dict):
+                raise _bad_type("session.audio.input", "an object", ain)
+            cur = new["audio"]["input"]
+            if "format" in ain:
+                cur["format"] = _check_format("session.audio.input.format", ain["format"])
+            for key in ("transcription", "noise_reduction"):
+                if key in ain:
+                    if ain[key] is not None and not isinstance(ain[key], dict):
+                        raise _bad_type(f"session.audio.input.{key}", "an object", ain[key])
+                    cur[key] = copy.deepcopy(ain[key])
+            if "turn_detection" in ain:
+                cur["turn_detection"] = _merge_turn_detection(cur["turn_detection"], ain["turn_detection"])
+        aout = audio.get("output")
+        if aout is not None:
+            if not isinstance(aout, dict):
+                raise _bad_type("session.audio.output", "an object", aout)
+            cur = new["audio"]["output"]
+            if "format" in aout:
+                cur["format"] = _check_format("session.audio.output.format", aout["format"])
+            if "voice" in aout:
+                voice = aout["voice"]
+                if isinstance(voice, dict) and isinstance(voice.get("id"), str):
+                    voice = {"id": voice["id"]}
+                elif not isinstance(voice, str):
+                    raise _bad_type("session.audio.output.voice", "a string", voice)
+                cur["voice"] = voice
+            if "speed" in aout:
+                sp = aout["speed"]
+                if not _is_number(sp):
+                    raise _bad_type("session.audio.output.speed", "a number", sp)
+                if not 0.25 <= sp <= 1.5:
+                    raise _Reject(
+                        "invalid_value",
+                        f"Invalid 'session.audio.output.speed': {sp}. Expected a value between 0.25 and 1.5.",
+                        "session.audio.output.speed",
+                    )
+                cur["speed"] = float(sp)
+
+    def _configure_vad(self) -> None:
+        td = self._session["audio"]["input"]["turn_detection"]
+        if not td:
+            return
+        if td["type"] == "semantic_vad":
+            self._vad.configure(
+                threshold=0.5,
+                prefix_padding_ms=300,
+                silence_duration_ms=_EAGERNESS_SILENCE_MS.get(td.get("eagerness") or "auto", 700),
+            )
+        else:
+            self._vad.configure(
+                threshold=float(td.get("threshold", 0.5) if td.get("threshold") is not None else 0.5),
+                prefix_padding_ms=int(td.get("prefix_padding_ms") or 0),
+                silence_duration_ms=int(td.get("silence_duration_ms") or 0),
+            )
+
+    # ------------------------------------------------------------- input audio
+
+    def _buffer_ms(self) -> float:
+        return (self._total_samples - self._buffer_start_samples) * 1000 / SAMPLE_RATE
+
+    def _on_append(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        audio = event.get("audio")
+        if audio is None:
+            raise _missing("audio")
+        if not isinstance(audio, str):
+            raise _bad_type("audio", "a string", audio)
+        try:
+            pcm = base64.b64decode(audio, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise _Reject("invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.", "audio") from exc
+        data = self._carry + pcm
+        usable = len(data) - len(data) % 2
+        self._carry = data[usable:]
+        self._total_samples += usable // 2
+        td = self._session["audio"]["input"]["turn_detection"]
+        if not td:
+            return
+        for vev in self._vad.feed(data[:usable]):
+            if vev.kind == "start":
+                self._speech_started(vev.ms, td)
+            else:
+                self._speech_stopped(vev.ms, td, now)
+
+    def _speech_started(self, start_ms: int, td: Mapping[str, Any]) -> None:
+        self._speech_item_id = self._new_id("item_")
+        self._speech_start_ms = start_ms
+        self._counts["vad_speech_started"] += 1
+        self._emit("input_audio_buffer.speech_started", audio_start_ms=start_ms, item_id=self._speech_item_id)
+        active = self._inband_active()
+        if active is not None and td.get("interrupt_response", True):
+            self._cancel(active, "turn_detected")
+
+    def _speech_stopped(self, end_ms: int, td: Mapping[str, Any], now: float) -> None:
+        item_id = self._speech_item_id or self._new_id("item_")
+        self._speech_item_id = None
+        self._counts["vad_speech_stopped"] += 1
+        self._emit("input_audio_buffer.speech_stopped", audio_end_ms=end_ms, item_id=item_id)
+        duration = max(0, end_ms - self._speech_start_ms)
+        # The audio after the stop point stays in the buffer for the next turn.
+        self._buffer_start_samples = min(self._total_samples, end_ms * SAMPLE_RATE // 1000)
+        self._vad.buffer_start_ms = end_ms
+        self._commit_user_audio(item_id, duration)
+        if td.get("create_response", True) and self._inband_active() is None:
+            self._start_response({}, None, now, in_band=True)
+
+    def _commit_user_audio(self, item_id: str, duration_ms: int) -> None:
+        previous = self._order[-1] if self._order else None
+        self._emit("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
+        item = {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "status": "completed",
+            "role": "user",
+            "content": [{"type": "input_audio", "transcript": None}],
+        }
+        self._user_audio_ms[item_id] = duration_ms
+        self._insert_item(item, previous)
+        self._emit("conversation.item.added", previous_item_id=previous, item=copy.deepcopy(item))
+        self._emit("conversation.item.done", previous_item_id=previous, item=copy.deepcopy(item))
+
+    def _on_commit(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        ms = self._buffer_ms()
+        if ms < _MIN_COMMIT_MS:
+            raise _Reject(
+                "input_audio_buffer_commit_empty",
+                "Error committing input audio buffer: buffer too small. Expected at least 100ms of "
+                f"audio, but buffer only has {ms:.2f}ms of audio.",
+            )
+        item_id = self._speech_item_id or self._new_id("item_")
+        self._speech_item_id = None
+        self._buffer_start_samples = self._total_samples
+        self._vad.reset()
+        self._commit_user_audio(item_id, int(ms))
+
+    def _on_clear(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        self._buffer_start_samples = self._total_samples
+        self._speech_item_id = None
+        self._vad.reset()
+        self._emit("input_audio_buffer.cleared")
+
+    def _on_output_clear(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        # Over a WebSocket there is no server-side output buffer to clear; the
+        # real service only acknowledges this on WebRTC/SIP. Accept silently.
+        return
+
+    # ------------------------------------------------------------- conversation items
+
+    def _insert_item(self, item: dict[str, Any], previous_id: str | None) -> None:
+        if previous_id is None or previous_id == "root":
+            pos = 0 if previous_id == "root" else len(self._order)
+        else:
+            pos = self._order.index(previous_id) + 1
+        self._order.insert(pos, item["id"])
+        self._items[item["id"]] = item
+
+    def _on_item_create(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        raw = event.get("item")
+        if raw is None:
+            raise _missing("item")
+        if not isinstance(raw, dict):
+            raise _bad_type("item", "an object", raw)
+        previous = event.get("previous_item_id")
+        if previous is not None:
+            if not isinstance(previous, str):
+                raise _bad_type("previous_item_id", "a string", previous)
+            if previous != "root" and previous not in self._items:
+                raise _Reject(
+                    "invalid_value",
+                    f"Invalid 'previous_item_id': no item with id '{previous}' in the conversation.",
+                    "previous_item_id",
+                )
+        item, audio_ms = self._normalize_item(raw, "item")
+        if item["id"] in self._items:
+            raise _Reject("invalid_value", f"Item with id '{item['id']}' already exists.", "item.id")
+        if audio_ms is not None:
+            self._user_audio_ms[item["id"]] = audio_ms
+        if previous is None:
+            previous = self._order[-1] if self._order else None
+        self._insert_item(item, previous)
+        prev_out = None if previous == "root" else previous
+        self._emit("conversation.item.added", previous_item_id=prev_out, item=copy.deepcopy(item))
+        self._emit("conversation.item.done", previous_item_id=prev_out, item=copy.deepcopy(item))
+
+    def _normalize_item(self, raw: dict[str, Any], param: str) -> tuple[dict[str, Any], int | None]:
+        """Validate a client item; return the server's view of it and its audio length (ms)."""
+        itype = raw.get("type")
+        if itype is None:
+            raise _missing(f"{param}.type")
+        raw_id = raw.get("id")
+        if raw_id is not None and not isinstance(raw_id, str):
+            raise _bad_type(f"{param}.id", "a string", raw_id)
+        item_id = raw_id or self._new_id("item_")
+        base = {"id": item_id, "object": "realtime.item", "type": itype, "status": "completed"}
+        if itype == "function_call_output":
+            for key in ("call_id", "output"):
+                if key not in raw:
+                    raise _missing(f"{param}.{key}")
+                if not isinstance(raw[key], str):
+                    raise _bad_type(f"{param}.{key}", "a string", raw[key])
+            return {**base, "call_id": raw["call_id"], "output": raw["output"]}, None
+        if itype == "function_call":
+            for key in ("name", "arguments"):
+                if key not in raw:
+                    raise _missing(f"{param}.{key}")
+                if not isinstance(raw[key], str):
+                    raise _bad_type(f"{param}.{key}", "a string", raw[key])
+            call_id = raw.get("call_id") or self._new_id("call_")
+            return {**base, "call_id": call_id, "name": raw["name"], "arguments": raw["arguments"]}, None
+        if itype != "message":
+            raise _bad_value(f"{param}.type", itype, ["message", "function_call", "function_call_output"])
+        role = raw.get("role")
+        if role is None:
+            raise _missing(f"{param}.role")
+        allowed = {
+            "user": ("input_text", "input_audio", "input_image"),
+            "system": ("input_text",),
+            "assistant": ("output_text", "output_audio", "text"),
+        }
+        if role not in allowed:
+            raise _bad_value(f"{param}.role", role, list(allowed))
+        content = raw.get("content")
+        if content is None:
+            raise _missing(f"{param}.content")
+        if not isinstance(content, list):
+            raise _bad_type(f"{param}.content", "an array", content)
+        parts: list[dict[str, Any]] = []
+        audio_ms: int | None = None
+        for i, part in enumerate(content):
+            where = f"{param}.content[{i}]"
+            if not isinstance(part, dict):
+                raise _bad_type(where, "an object", part)
+            ptype = part.get("type")
+            if ptype not in allowed[role]:
+                raise _bad_value(f"{where}.type", ptype, allowed[role])
+            if ptype in ("input_text", "output_text", "text"):
+                text = part.get("text", "")
+                if not isinstance(text, str):
+                    raise _bad_type(f"{where}.text", "a string", text)
+                parts.append({"type": "output_text" if ptype == "text" else ptype, "text": text})
+            elif ptype == "input_audio":
+                audio = part.get("audio", "")
+                if not isinstance(audio, str):
+                    raise _bad_type(f"{where}.audio", "a string", audio)
+                try:
+                    n = len(base64.b64decode(audio, validate=True))
+                except (binascii.Error, ValueError) as exc:
+                    raise _Reject("invalid_value", f"Invalid '{where}.audio': not base64.", f"{where}.audio") from exc
+                audio_ms = (audio_ms or 0) + n * 1000 // (2 * SAMPLE_RATE)
+                parts.append({"type": "input_audio", "transcript": part.get("transcript")})
+            elif ptype == "output_audio":
+                parts.append({"type": "output_audio", "transcript": part.get("transcript")})
+            else:
+                parts.append({"type": ptype, "image_url": part.get("image_url"), "detail": part.get("detail")})
+        return {**base, "role": role, "content": parts}, audio_ms
+
+    def _on_item_delete(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        item_id = self._require_str(event, "item_id")
+        if item_id not in self._items:
+            raise _Reject("item_delete_invalid_item_id", f"Invalid 'item_id': no item with id '{item_id}'.", "item_id")
+        self._order.remove(item_id)
+        del self._items[item_id]
+        self._emit("conversation.item.deleted", item_id=item_id)
+
+    def _on_item_retrieve(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        item_id = self._require_str(event, "item_id")
+        if item_id not in self._items:
+            raise _Reject(
+                "item_retrieve_invalid_item_id", f"Invalid 'item_id': no item with id '{item_id}'.", "item_id"
+            )
+        self._emit("conversation.item.retrieved", item=copy.deepcopy(self._items[item_id]))
+
+    @staticmethod
+    def _require_str(event: dict[str, Any], key: str) -> str:
+        if key not in event:
+            raise _missing(key)
+        if not isinstance(event[key], str):
+            raise _bad_type(key, "a string", event[key])
+        return event[key]
+
+    @staticmethod
+    def _require_int(event: dict[str, Any], key: str) -> int:
+        if key not in event:
+            raise _missing(key)
+        if not _is_int(event[key]):
+            raise _bad_type(key, "an integer", event[key])
+        return event[key]
+
+    def _on_truncate(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        try:
+            item_id = self._require_str(event, "item_id")
+            content_index = self._require_int(event, "content_index")
+            end_ms = self._require_int(event, "audio_end_ms")
+            msg = self._messages.get(item_id)
+            if msg is None or msg.text_mode or item_id not in self._items:
+                raise _Reject(
+                    "item_truncate_invalid_item_id",
+                    f"Invalid 'item_id': no assistant audio item with id '{item_id}'.",
+                    "item_id",
+                )
+            if content_index != 0:
+                raise _Reject(
+                    "invalid_value",
+                    f"Invalid 'content_index': item '{item_id}' has no audio content at index {content_index}.",
+                    "content_index",
+                )
+            produced = msg.produced_ms()
+            if end_ms < 0:
+                raise _Reject(
+                    "invalid_value", f"Invalid 'audio_end_ms': {end_ms}. Expected a value >= 0.", "audio_end_ms"
+                )
+            if end_ms > produced:
+                raise _Reject(
+                    "invalid_value",
+                    f"Audio content of {produced}ms is already shorter than {end_ms}ms",
+                    "audio_end_ms",
+                )
+        except _Reject as rej:
+            if rej.code in ("invalid_value", "item_truncate_invalid_item_id"):
+                self._counts["truncate_errors"] += 1
+            raise
+        msg.truncated_ms = end_ms
+        if msg.speech is not None:
+            cut = end_ms * SAMPLE_RATE // 1000
+            msg.words_sent = min(msg.words_sent, sum(1 for s in msg.speech.word_starts if s < cut))
+        self._items[item_id]["content"] = [{"type": "output_audio", "transcript": msg.sent_text()}]
+        self._counts["truncations"] += 1
+        self._emit("conversation.item.truncated", item_id=item_id, content_index=0, audio_end_ms=end_ms)
+
+    # ------------------------------------------------------------- responses
+
+    def _on_response_create(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        params = event.get("response")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise _bad_type("response", "an object", params)
+        conversation = params.get("conversation", "auto")
+        if conversation is not None and not isinstance(conversation, str):
+            raise _bad_type("response.conversation", "a string", conversation)
+        in_band = conversation != "none"
+        if in_band:
+            active = self._inband_active()
+            if active is not None:
+                raise _Reject(
+                    "conversation_already_has_active_response",
+                    f"Conversation already has an active response in progress: {active.id}. "
+                    "Wait until the response is finished before creating a new one.",
+                )
+        self._start_response(params, eid, now, in_band=in_band)
+
+    def _on_response_cancel(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        rid = event.get("response_id")
+        if rid is not None and not isinstance(rid, str):
+            raise _bad_type("response_id", "a string", rid)
+        if rid:
+            target = next((r for r in self._responses if r.id == rid and not r.finished), None)
+        else:
+            target = self._inband_active()
+        if target is None:
+            raise _Reject("response_cancel_not_active", "Cancellation failed: no active response found")
+        self._cancel(target, "client_cancelled")
+
+    def _context_turns(self, params: Mapping[str, Any]) -> tuple[list[Turn], int]:
+        """The model's context and an input-token estimate."""
+        raw_input = params.get("input")
+        items: list[dict[str, Any]] = []
+        if raw_input is None:
+            items = [self._items[i] for i in self._order]
+        else:
+            if not isinstance(raw_input, list):
+                raise _bad_type("response.input", "an array", raw_input)
+            for i, entry in enumerate(raw_input):
+                if not isinstance(entry, dict):
+                    raise _bad_type(f"response.input[{i}]", "an object", entry)
+                if entry.get("type") == "item_reference":
+                    ref = entry.get("id")
+                    if ref not in self._items:
+                        raise _Reject(
+                            "invalid_value",
+                            f"Invalid 'response.input[{i}].id': no item with id '{ref}'.",
+                            f"response.input[{i}].id",
+                        )
+                    items.append(self._items[ref])
+                else:
+                    item, audio_ms = self._normalize_item(entry, f"response.input[{i}]")
+                    if audio_ms is not None:
+                        self._user_audio_ms[item["id"]] = audio_ms
+                    items.append(item)
+        turns = [self._turn(it) for it in items]
+        tokens = 0
+        for t in turns:
+            tokens += math.ceil(len((t.text or t.arguments or t.output).split()) * _TEXT_TOKENS_PER_WORD) + 4
+        return turns, tokens
+
+    def _turn(self, item: Mapping[str, Any]) -> Turn:
+        itype = item.get("type")
+        if itype == "function_call":
+            return Turn(
+                "function_call",
+                name=str(item.get("name", "")),
+                call_id=str(item.get("call_id", "")),
+                arguments=str(item.get("arguments", "")),
+            )
+        if itype == "function_call_output":
+            return Turn(
+                "function_call_output", call_id=str(item.get("call_id", "")), output=str(item.get("output", ""))
+            )
+        texts: list[str] = []
+        for part in item.get("content") or []:
+            ptype = part.get("type")
+            if ptype in ("input_text", "output_text", "text"):
+                texts.append(str(part.get("text") or ""))
+            elif ptype in ("input_audio", "output_audio"):
+                transcript = part.get("transcript")
+                if transcript:
+                    texts.append(str(transcript))
+                elif ptype == "input_audio":
+                    texts.append(f"(audio {self._user_audio_ms.get(str(item.get('id')), 0)} ms)")
+        role = item.get("role")
+        kind = role if role in ("user", "assistant", "system") else "system"
+        return Turn(kind, text=" ".join(t for t in texts if t))
+
+    def _start_response(self, params: Mapping[str, Any], eid: str | None, now: float, *, in_band: bool) -> None:
+        sess = self._session
+        modalities = sess["output_modalities"]
+        if "output_modalities" in params:
+            modalities = _check_modalities("response.output_modalities", params["output_modalities"])
+        tools = sess["tools"]
+        if "tools" in params:
+            tools = _check_tools("response.tools", params["tools"])
+        tool_choice = sess["tool_choice"]
+        if "tool_choice" in params:
+            tool_choice = _check_tool_choice("response.tool_choice", params["tool_choice"])
+        instructions = sess["instructions"]
+        if "instructions" in params:
+            if not isinstance(params["instructions"], str):
+                raise _bad_type("response.instructions", "a string", params["instructions"])
+            instructions = params["instructions"]
+        max_tokens = sess["max_output_tokens"]
+        if "max_output_tokens" in params:
+            max_tokens = _check_max_tokens("response.max_output_tokens", params["max_output_tokens"])
+        metadata = params.get("metadata")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise _bad_type("response.metadata", "an object", metadata)
+            for key, value in metadata.items():
+                if not isinstance(value, str):
+                    raise _bad_type(f"response.metadata.{key}", "a string", value)
+        voice = sess["audio"]["output"]["voice"]
+        r_audio = params.get("audio")
+        if isinstance(r_audio, dict) and isinstance(r_audio.get("output"), dict) and "voice" in r_audio["output"]:
+            voice = r_audio["output"]["voice"]
+        turns, input_tokens = self._context_turns(params)
+
+        reply = self._model.reply(instructions=instructions, tools=tools, tool_choice=tool_choice, turns=turns)
+        text_mode = modalities == ["text"]
+        reply, incomplete = self._apply_token_limit(reply, max_tokens, text_mode)
+
+        self._responses_created += 1
+        rid = self._new_id("resp_")
+        obj: dict[str, Any] = {
+            "object": "realtime.response",
+            "id": rid,
+            "status": "in_progress",
+            "status_details": None,
+            "output": [],
+            "conversation_id": self._conversation_id if in_band else None,
+            "output_modalities": list(modalities),
+            "max_output_tokens": max_tokens,
+            "audio": {"output": {"format": dict(_PCM), "voice": voice}},
+            "usage": None,
+            "metadata": copy.deepcopy(metadata),
+        }
+        resp = _Response(
+            id=rid,
+            in_band=in_band,
+            obj=obj,
+            steps=deque(),
+            ordinal=self._responses_created,
+            withhold_done=self._responses_created in self._withhold,
+            input_tokens=input_tokens,
+        )
+        self._responses.append(resp)
+        self._counts["responses"] += 1
+        self._emit("response.created", response=copy.deepcopy(obj))
+        self._emit(
+            "rate_limits.updated",
+            rate_limits=[
+                {"name": "requests", "limit": 5000, "remaining": 4999, "reset_seconds": 0.012},
+                {"name": "tokens", "limit": 40000, "remaining": 40000 - input_tokens, "reset_seconds": 0.3},
+            ],
+        )
+        self._plan(resp, reply, now, text_mode, voice, incomplete)
+
+    def _apply_token_limit(self, reply: Reply, max_tokens: Any, text_mode: bool) -> tuple[Reply, bool]:
+        """Cut the reply to ``max_output_tokens``; report whether it was cut."""
+        if not _is_int(max_tokens):
+            return reply, False
+        per_word = _TEXT_TOKENS_PER_WORD + (0 if text_mode else _AUDIO_TOKENS_PER_SECOND / self.words_per_second)
+        words = reply.text.split()
+        call_tokens = sum(len(c.arguments) // 4 + 4 for c in reply.calls)
+        if math.ceil(len(words) * per_word) + call_tokens <= max_tokens:
+            return reply, False
+        keep = max(1, int(max_tokens / per_word)) if words else 0
+        return Reply(text=" ".join(words[:keep]), calls=()), True
+
+    def _plan(self, resp: _Response, reply: Reply, now: float, text_mode: bool, voice: Any, incomplete: bool) -> None:
+        """Schedule the whole stream of ``resp`` as steps with due times."""
+        t = now + self._pace(self.first_output_ms / 1000)
+        tick = self._pace(self.audio_chunk_ms / 1000)
+        add = resp.steps.append
+        words = tuple(reply.text.split())
+        if words:
+            msg = _Message(
+                item_id=self._new_id("item_"),
+                output_index=0,
+                text_mode=text_mode,
+                words=words,
+                speech=None,
+            )
+            if not text_mode:
+                voice_name = voice if isinstance(voice, str) else str(voice.get("id", "marin"))
+                msg.speech = SpeechStream(
+                    " ".join(words),
+                    voice=voice_name,
+                    seed=self.seed,
+                    words_per_second=self.words_per_second,
+                    speed=float(self._session["audio"]["output"]["speed"]),
+                )
+            resp.messages.append(msg)
+            add((t, lambda: self._msg_open(resp, msg)))
+            if text_mode:
+                word_s = self._pace(1 / self.words_per_second)
+                for i in range(len(words)):
+                    add((t + i * word_s, lambda: self._msg_text_delta(resp, msg)))
+                t += (len(words) - 1) * word_s
+            else:
+                assert msg.speech is not None
+                chunk = SAMPLE_RATE * self.audio_chunk_ms // 1000
+                n_chunks = max(1, math.ceil(msg.speech.samples / chunk))
+                for k in range(n_chunks):
+                    add((t + k * tick, lambda k=k: self._msg_audio_chunk(resp, msg, k, chunk)))
+                t += (n_chunks - 1) * tick
+            add((t, lambda: self._msg_close(resp, msg, "completed")))
+        for call in reply.calls:
+            fc = _FunctionCall(
+                item_id=self._new_id("item_"),
+                output_index=len(resp.messages) + len(resp.calls),
+                call_id=self._new_id("call_"),
+                name=call.name,
+                arguments=call.arguments,
+            )
+            resp.calls.append(fc)
+            t += tick
+            add((t, lambda fc=fc: self._call_open(resp, fc)))
+            pieces = _split_args(call.arguments)
+            for piece in pieces:
+                t += tick / 2
+                add((t, lambda fc=fc, piece=piece: self._call_delta(resp, fc, piece)))
+            add((t, lambda fc=fc: self._call_close(resp, fc)))
+        status = "incomplete" if incomplete else "completed"
+        t = max(t, now + self.min_response_ms / 1000)
+        add((t, lambda: self._finish(resp, status, "max_output_tokens" if incomplete else None)))
+
+    def _assistant_item(self, msg: _Message, status: str) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if status != "in_progress":
+            if msg.text_mode:
+                content = [{"type": "output_text", "text": msg.sent_text()}]
+            else:
+                content = [{"type": "output_audio", "transcript": msg.sent_text()}]
+        return {
+            "id": msg.item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": content,
+        }
+
+    def _msg_open(self, resp: _Response, msg: _Message) -> None:
+        item = self._assistant_item(msg, "in_progress")
+        resp.obj["output"].append(item)
+        self._emit(
+            "response.output_item.added", response_id=resp.id, output_index=msg.output_index, item=copy.deepcopy(item)
+        )
+        if resp.in_band:
+            previous = self._order[-1] if self._order else None
+            self._insert_item(copy.deepcopy(item), previous)
+            self._messages[msg.item_id] = msg
+            self._emit("conversation.item.added", previous_item_id=previous, item=copy.deepcopy(item))
+        part = {"type": "text", "text": ""} if msg.text_mode else {"type": "audio", "transcript": ""}
+        msg.part_open = True
+        self._emit(
+            "response.content_part.added",
+            response_id=resp.id,
+            item_id=msg.item_id,
+            output_index=msg.output_index,
+            content_index=0,
+            part=part,
+        )
+
+    def _loc(self, resp: _Response, msg: _Message) -> dict[str, Any]:
+        return {"response_id": resp.id, "item_id": msg.item_id, "output_index": msg.output_index, "content_index": 0}
+
+    def _msg_text_delta(self, resp: _Response, msg: _Message) -> None:
+        word = msg.words[msg.words_sent]
+        delta = word if msg.words_sent == 0 else " " + word
+        msg.words_sent += 1
+        self._emit("response.output_text.delta", **self._loc(resp, msg), delta=delta)
+
+    def _msg_audio_chunk(self, resp: _Response, msg: _Message, k: int, chunk: int) -> None:
+        speech = msg.speech
+        assert speech is not None
+        lo, hi = k * chunk, min(speech.samples, (k + 1) * chunk)
+        # The transcript runs slightly ahead of the audio, as on the real service:
+        # a word's text goes out with the chunk where its sound starts.
+        while msg.words_sent < len(msg.words) and speech.word_starts[msg.words_sent] < hi:
+            word = msg.words[msg.words_sent]
+            delta = word if msg.words_sent == 0 else " " + word
+            msg.words_sent += 1
+            self._emit("response.output_audio_transcript.delta", **self._loc(resp, msg), delta=delta)
+        pcm = speech.read(lo, hi)
+        msg.samples_sent = hi
+        self._audio_produced = True
+        self._counts["audio_samples_sent"] += hi - lo
+        self._emit(
+            "response.output_audio.delta",
+            **self._loc(resp, msg),
+            delta=base64.b64encode(pcm).decode("ascii"),
+        )
+
+    def _msg_close(self, resp: _Response, msg: _Message, status: str) -> None:
+        if msg.done:
+            return
+        msg.done = True
+        msg.status = status
+        if msg.speech is not None:
+            # Only the layout is needed from now on (to cut transcripts on truncate).
+            msg.speech.release()
+        loc = self._loc(resp, msg)
+        if msg.part_open:
+            msg.part_open = False
+            text = msg.sent_text()
+            if msg.text_mode:
+                self._emit("response.output_text.done", **loc, text=text)
+                part = {"type": "text", "text": text}
+            else:
+                self._emit("response.output_audio.done", **loc)
+                self._emit("response.output_audio_transcript.done", **loc, transcript=text)
+                part = {"type": "audio", "transcript": text}
+            self._emit("response.content_part.done", **loc, part=part)
+        item = self._assistant_item(msg, status)
+        resp.obj["output"][msg.output_index] = item
+        self._emit(
+            "response.output_item.done", response_id=resp.id, output_index=msg.output_index, item=copy.deepcopy(item)
+        )
+        if resp.in_band and msg.item_id in self._items:
+            if msg.truncated_ms is None:
+                self._items[msg.item_id] = copy.deepcopy(item)
+            else:
+                self._items[msg.item_id]["status"] = status
+            previous = self._previous_of(msg.item_id)
+            self._emit(
+                "conversation.item.done", previous_item_id=previous, item=copy.deepcopy(self._items[msg.item_id])
+            )
+
+    def _previous_of(self, item_id: str) -> str | None:
+        pos = self._order.index(item_id)
+        return self._order[pos - 1] if pos > 0 else None
+
+    def _call_item(self, fc: _FunctionCall, status: str) -> dict[str, Any]:
+        return {
+            "id": fc.item_id,
+            "object": "realtime.item",
+            "type": "function_call",
+            "status": status,
+            "name": fc.name,
+            "call_id": fc.call_id,
+            "arguments": fc.arguments if status == "completed" else "",
+        }
+
+    def _call_open(self, resp: _Response, fc: _FunctionCall) -> None:
+        item = self._call_item(fc, "in_progress")
+        fc.output_index = len(resp.obj["output"])
+        resp.obj["output"].append(item)
+        self._emit(
+            "response.output_item.added", response_id=resp.id, output_index=fc.output_index, item=copy.deepcopy(item)
+        )
+        if resp.in_band:
+            previous = self._order[-1] if self._order else None
+            self._insert_item(copy.deepcopy(item), previous)
+            self._emit("conversation.item.added", previous_item_id=previous, item=copy.deepcopy(item))
+
+    def _call_delta(self, resp: _Response, fc: _FunctionCall, piece: str) -> None:
+        self._emit(
+            "response.function_call_arguments.delta",
+            response_id=resp.id,
+            item_id=fc.item_id,
+            output_index=fc.output_index,
+            call_id=fc.call_id,
+            delta=piece,
+        )
+
+    def _call_close(self, resp: _Response, fc: _FunctionCall, status: str = "completed") -> None:
+        if fc.done:
+            return
+        fc.done = True
+        if status == "completed":
+            self._counts["function_calls"] += 1
+            self._emit(
+                "response.function_call_arguments.done",
+                response_id=resp.id,
+                item_id=fc.item_id,
+                output_index=fc.output_index,
+                call_id=fc.call_id,
+                name=fc.name,
+                arguments=fc.arguments,
+            )
+        item = self._call_item(fc, status)
+        resp.obj["output"][fc.output_index] = item
+        self._emit(
+            "response.output_item.done", response_id=resp.id, output_index=fc.output_index, item=copy.deepcopy(item)
+        )
+        if resp.in_band and fc.item_id in self._items:
+            self._items[fc.item_id] = copy.deepcopy(item)
+            self._emit(
+                "conversation.item.done", previous_item_id=self._previous_of(fc.item_id), item=copy.deepcopy(item)
+            )
+
+    def _usage(self, resp: _Response) -> dict[str, Any]:
+        text_tokens = sum(math.ceil(m.words_sent * _TEXT_TOKENS_PER_WORD) for m in resp.messages)
+        text_tokens += sum(len(c.arguments) // 4 + 4 for c in resp.calls if c.done)
+        audio_tokens = sum(math.ceil(m.samples_sent / SAMPLE_RATE * _AUDIO_TOKENS_PER_SECOND) for m in resp.messages)
+        out = text_tokens + audio_tokens
+        return {
+            "total_tokens": resp.input_tokens + out,
+            "input_tokens": resp.input_tokens,
+            "output_tokens": out,
+            "input_token_details": {
+                "text_tokens": resp.input_tokens,
+                "audio_tokens": 0,
+                "image_tokens": 0,
+                "cached_tokens": 0,
+                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
+            },
+            "output_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens},
+        }
+
+    def _finish(self, resp: _Response, status: str, reason: str | None) -> None:
+        """All output is out: send ``response.done`` (unless withheld by a fault)."""
+        if resp.withhold_done:
+            # Fault: the response never reports done and stays active.
+            self._counts["withheld"] += 1
+            return
+        self._send_done(resp, status, reason)
+
+    def _send_done(self, resp: _Response, status: str, reason: str | None) -> None:
+        resp.finished = True
+        resp.steps.clear()
+        resp.obj["status"] = status
+        if status == "completed":
+            resp.obj["status_details"] = None
+        else:
+            resp.obj["status_details"] = {"type": status, "reason": reason}
+        resp.obj["usage"] = self._usage(resp)
+        self._counts[status] += 1
+        self._emit("response.done", response=copy.deepcopy(resp.obj))
+        # Finished responses are only needed for their IDs; keep memory bounded.
+        self._responses = [r for r in self._responses if not r.finished]
+
+    def _cancel(self, resp: _Response, reason: str) -> None:
+        """Stop ``resp`` now: close what is open as incomplete, then ``response.done`` cancelled."""
+        resp.steps.clear()
+        for msg in resp.messages:
+            if not msg.done and resp.obj["output"] and msg.output_index < len(resp.obj["output"]):
+                self._msg_close(resp, msg, "incomplete")
+        for fc in resp.calls:
+            if (
+                not fc.done
+                and fc.output_index < len(resp.obj["output"])
+                and (resp.obj["output"][fc.output_index].get("id") == fc.item_id)
+            ):
+                self._call_close(resp, fc, "incomplete")
+        # Items never announced are dropped from the response.
+        self._send_done(resp, "cancelled", reason)
+
+
+# --------------------------------------------------------------------- checks
+
+
+def _check_modalities(param: str, value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise _bad_type(param, "an array", value)
+    if value not in (["audio"], ["text"]):
+        raise _Reject(
+            "invalid_value",
+            f"Invalid value for '{param}': {json.dumps(value)}. Supported combinations are: ['text'] and ['audio'].",
+            param,
+        )
+    return list(value)
+
+
+def _check_tools(param: str, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _bad_type(param, "an array", value)
+    tools: list[dict[str, Any]] = []
+    for i, tool in enumerate(value):
+        where = f"{param}[{i}]"
+        if not isinstance(tool, dict):
+            raise _bad_type(where, "an object", tool)
+        ttype = tool.get("type", "function")
+        if ttype not in ("function", "mcp"):
+            raise _bad_value(f"{where}.type", ttype, ["function", "mcp"])
+        if ttype == "function":
+            if "name" not in tool:
+                raise _missing(f"{where}.name")
+            if not isinstance(tool["name"], str):
+                raise _bad_type(f"{where}.name", "a string", tool["name"])
+        tools.append({"type": ttype, **{k: copy.deepcopy(v) for k, v in tool.items() if k != "type"}})
+    return tools
+
+
+def _check_tool_choice(param: str, value: Any) -> Any:
+    if isinstance(value, str):
+        if value not in ("auto", "none", "required"):
+            raise _bad_value(param, value, ["auto", "none", "required"])
+        return value
+    if isinstance(value, dict) and value.get("type") in ("function", "mcp"):
+        return copy.deepcopy(value)
+    raise _bad_type(param, "a string or an object", value)
+
+
+def _check_max_tokens(param: str, value: Any) -> int | str:
+    if value == "inf":
+        return "inf"
+    if not _is_int(value):
+        raise _bad_type(param, "an integer or 'inf'", value)
+    if not 1 <= value <= 4096:
+        raise _Reject("invalid_value", f"Invalid '{param}': {value}. Expected a value between 1 and 4096.", param)
+    return value
+
+
+def _check_format(param: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad_type(param, "an object", value)
+    ftype = value.get("type", "audio/pcm")
+    if ftype != "audio/pcm":
+        raise _Reject(
+            "invalid_value",
+            f"Invalid value: '{ftype}'. This simulator supports only 'audio/pcm'.",
+            f"{param}.type",
+        )
+    rate = value.get("rate", SAMPLE_RATE)
+    if rate != SAMPLE_RATE:
+        raise _bad_value(f"{param}.rate", rate, [str(SAMPLE_RATE)])
+    return dict(_PCM)
+
+
+def _merge_turn_detection(current: dict[str, Any] | None, value: Any) -> dict[str, Any] | None:
+    param = "session.audio.input.turn_detection"
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad_type(param, "an object", value)
+    ttype = value.get("type")
+    if ttype is None:
+        raise _missing(f"{param}.type")
+    if ttype not in ("server_vad", "semantic_vad"):
+        raise _bad_value(f"{param}.type", ttype, ["server_vad", "semantic_vad"])
+    base = _default_server_vad() if ttype == "server_vad" else _default_semantic_vad()
+    if current is not None and current.get("type") == ttype:
+        base = copy.deepcopy(current)
+    for key, v in value.items():
+        where = f"{param}.{key}"
+        if key in ("create_response", "interrupt_response") and not isinstance(v, bool):
+            raise _bad_type(where, "a boolean", v)
+        if key == "threshold":
+            if not _is_number(v):
+                raise _bad_type(where, "a number", v)
+            if not 0.0 <= v <= 1.0:
+                raise _Reject("invalid_value", f"Invalid '{where}': {v}. Expected a value between 0 and 1.", where)
+        if key in ("prefix_padding_ms", "silence_duration_ms", "idle_timeout_ms") and v is not None:
+            if not _is_int(v):
+                raise _bad_type(where, "an integer", v)
+            if v < 0:
+                raise _Reject("invalid_value", f"Invalid '{where}': {v}. Expected a value >= 0.", where)
+        if key == "eagerness" and v not in _EAGERNESS_SILENCE_MS:
+            raise _bad_value(where, v, list(_EAGERNESS_SILENCE_MS))
+        base[key] = v
+    return base
+
+
+def _split_args(arguments: str) -> list[str]:
+    """Split a JSON text into up to three deltas, as streamed by the model."""
+    if len(arguments) <= 8:
+        return [arguments]
+    n = 3
+    size = math.ceil(len(arguments) / n)
+    return [arguments[i : i + size] for i in range(0, len(arguments), size)]

@@ -1,0 +1,349 @@
+"""The simulator's scripted "model": what the assistant says, which tools it calls.
+
+It is deterministic: the same inputs and seed give the same reply. The rules:
+
+**Context.** The model sees the response's instructions (the response's own, or
+else the session's), its function tools, ``tool_choice``, and the turns of its
+context (the conversation, or ``response.input`` when given). Only the *last
+user message* and what follows it matter. A user audio turn without a
+transcript reads as ``"(audio N ms)"``.
+
+**Test hooks** in the last user text (removed before anything is echoed):
+
+- ``[say: some text]``: the reply is exactly ``some text``.
+- ``[len: N]``: the reply has exactly N words (1 <= N <= 1000).
+- ``[tools: a, b]``: call exactly these tools, in this order, instead of
+  keyword matching. A name that is not among the available function tools is
+  still called, with ``{}`` arguments (a "hallucinated" call, for testing).
+
+**Tool calls.** With ``tool_choice`` ``"auto"`` (the default), every function
+tool that matches the last user text is called, all in one response (parallel
+calls), each at most once per user message: a tool already called after that
+message (its ``function_call`` item is in the context) is not called again.
+
+- A tool *matches* when one of its name tokens (split on ``_``, ``-`` and
+  spaces, lower-cased, tokens shorter than 3 letters and stop-words such as
+  ``get``/``check``/``tool`` dropped) or, for tools with a description, one of
+  its description words (at least 4 letters, not a stop-word) appears as a
+  whole word in the user text. A trailing ``s`` is ignored on both sides, so
+  ``order`` matches ``orders``.
+- ``transfer_to_<name>`` tools (handoffs) match only on the words of
+  ``<name>``, never on their description.
+- ``tool_choice`` ``"none"`` calls nothing; ``"required"`` calls the matching
+  tools or else the first tool; ``{"type": "function", "name": X}`` calls X.
+- Arguments come from the tool's JSON schema (``required`` properties, or all
+  properties when ``required`` is absent): an ``enum`` gives its first value;
+  integers and numbers take the numbers found in the user text, in order
+  (else 1); booleans are ``true``; a string whose property name suggests an
+  identifier (``id``, ``number``, ``code``, ``zip``, ``phone``...) takes a
+  number from the text (else ``"12345"``); ``city``/``location``-like names
+  take a capitalised word from the text (else ``"Paris"``); ``query``/
+  ``text``/``reason``-like names take the user text; any other string takes
+  the longest content word of the text (else ``"example"``); arrays are
+  ``[]`` and nested objects recurse.
+- A response that calls tools also says a short sentence first: ``"Let me
+  transfer you to <name>."`` when every call is a handoff, else ``"Let me
+  check that."`` (or ``[say: ...]``).
+
+**Words.** Otherwise the reply is:
+
+- after ``function_call_output`` items for the last user message: a summary,
+  ``"Here is what I found: <values from each output>."`` (JSON outputs are
+  flattened to ``key value`` pairs), at most 30 words;
+- with no user message at all: a greeting;
+- else an acknowledgement that echoes up to ten of the user's words, padded
+  with stock sentences to a seeded length of 8-18 words and capped at 25.
+
+If the instructions say ``You are <role>`` (e.g. "You are the returns agent."),
+the reply starts with ``This is <role>.``, which lets tests tell agents apart.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+
+__all__ = ["Reply", "ScriptedModel", "ToolCall", "Turn", "match_tools"]
+
+TurnKind = Literal["user", "assistant", "system", "function_call", "function_call_output"]
+
+# Words too common to identify a tool (in tool names, descriptions or user text).
+_STOP_TEXT = """
+the and for with from into onto get set check find make create update list fetch show give send
+run call use tool tools function user customer info information data agent help request please
+current given this that your you about some any can will would could should want need what when
+where which who how all are was were has have had not but its our their them they than then
+there here also only just more most other such each very like does did done over under
+"""
+_STOP_WORDS = frozenset(_STOP_TEXT.split())
+_ID_HINTS = ("id", "number", "num", "code", "zip", "postal", "phone", "account", "order", "ticket", "ref")
+_PLACE_HINTS = ("city", "location", "place", "town", "country", "destination", "address", "region")
+_FREE_TEXT_HINTS = ("query", "text", "question", "message", "reason", "topic", "description", "note", "input")
+_HOOK = re.compile(r"\[(say|len|tools)\s*:\s*([^\]]*)\]", re.IGNORECASE)
+_WORD = re.compile(r"[a-z0-9]+")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_ROLE = re.compile(r"\byou are\s+((?:a|an|the)\s+)?([^.,;:!?\n]{1,48})", re.IGNORECASE)
+_FILLER = (
+    "I can help with that.",
+    "Let me know if there is anything else.",
+    "Happy to help further.",
+    "That sounds good to me.",
+    "I am here whenever you need me.",
+    "Thanks for your patience.",
+)
+_OPENERS = ("Sure.", "Okay.", "Got it.", "Alright.", "Of course.")
+_MAX_WORDS = 25
+
+
+@attrs.frozen
+class Turn:
+    """One context item, reduced to what the model reads.
+
+    ``kind`` is the item's role (messages) or type (function items). ``text``
+    is a message's text; ``name``/``call_id``/``arguments`` describe a
+    function call; ``output`` is a function call output.
+    """
+
+    kind: TurnKind
+    text: str = ""
+    name: str = ""
+    call_id: str = ""
+    arguments: str = ""
+    output: str = ""
+
+
+@attrs.frozen
+class ToolCall:
+    """A function call the model decided to make; ``arguments`` is a JSON text."""
+
+    name: str
+    arguments: str
+
+
+@attrs.frozen
+class Reply:
+    """What a response contains: words to say (may be empty) and calls to make."""
+
+    text: str
+    calls: tuple[ToolCall, ...] = ()
+
+
+@attrs.define(eq=False)
+class ScriptedModel:
+    """The deterministic reply policy described in the module docstring."""
+
+    seed: int = 0
+
+    def reply(
+        self,
+        *,
+        instructions: str,
+        tools: Sequence[Mapping[str, Any]],
+        tool_choice: Any,
+        turns: Sequence[Turn],
+    ) -> Reply:
+        """Decide the reply for a response with this context. Never raises on odd input."""
+        functions = [t for t in tools if isinstance(t, Mapping) and t.get("type", "function") == "function"]
+        last_user = max((i for i, t in enumerate(turns) if t.kind == "user"), default=None)
+        if last_user is None:
+            user_text = ""
+            after: Sequence[Turn] = turns
+        else:
+            user_text = turns[last_user].text
+            after = turns[last_user + 1 :]
+        hooks = {k.lower(): v.strip() for k, v in _HOOK.findall(user_text)}
+        clean_text = " ".join(_HOOK.sub(" ", user_text).split())
+        rng = random.Random(f"{self.seed}|{len(turns)}|{user_text}|{instructions}")
+        role = _role_sentence(instructions)
+
+        already = {t.name for t in after if t.kind == "function_call"}
+        outputs = [t.output for t in after if t.kind == "function_call_output"]
+        calls = self._choose_calls(functions, tool_choice, clean_text, hooks, already)
+
+        if "say" in hooks:
+            text = hooks["say"]
+        elif calls:
+            handoffs = [c.name[len("transfer_to_") :] for c in calls if c.name.lower().startswith("transfer_to_")]
+            if len(handoffs) == len(calls):
+                text = f"Let me transfer you to {' and '.join(h.replace('_', ' ') for h in handoffs)}."
+            else:
+                text = "Let me check that."
+        elif outputs:
+            text = _summary(outputs)
+        elif last_user is None:
+            text = _join([role, "Hello! How can I help you today?"], _MAX_WORDS)
+        else:
+            echo = " ".join(clean_text.split()[:10]) or "nothing"
+            parts = [role, rng.choice(_OPENERS), f'You said "{echo}".']
+            target = rng.randint(8, 18)
+            fillers = list(_FILLER)
+            rng.shuffle(fillers)
+            while fillers and len(" ".join(p for p in parts if p).split()) < target:
+                parts.append(fillers.pop())
+            text = _join(parts, _MAX_WORDS)
+            if len(text.split()) < 5:
+                text = _join([text, "How can I help?"], _MAX_WORDS)
+        if "len" in hooks and "say" not in hooks:
+            text = _exact_length(text, hooks["len"])
+        return Reply(text=text, calls=tuple(calls))
+
+    def _choose_calls(
+        self,
+        functions: Sequence[Mapping[str, Any]],
+        tool_choice: Any,
+        text: str,
+        hooks: Mapping[str, str],
+        already: set[str],
+    ) -> list[ToolCall]:
+        """The calls for this response, honouring hooks, tool_choice and "once per message"."""
+        by_name = {str(t.get("name")): t for t in functions if t.get("name")}
+        if "tools" in hooks:
+            names = [n.strip() for n in hooks["tools"].split(",") if n.strip()]
+            return [
+                ToolCall(n, _arguments(by_name[n], text) if n in by_name else "{}")
+                for n in dict.fromkeys(names)
+                if n not in already
+            ]
+        if tool_choice == "none" or not functions:
+            return []
+        if isinstance(tool_choice, Mapping) and tool_choice.get("type") == "function":
+            name = str(tool_choice.get("name", ""))
+            chosen = [by_name[name]] if name in by_name and name not in already else []
+        else:
+            words = {_stem(w) for w in _WORD.findall(text.lower())}
+            chosen = [t for t in functions if str(t.get("name")) not in already and match_tools(t, words)]
+            if not chosen and tool_choice == "required":
+                chosen = [t for t in functions if str(t.get("name")) not in already][:1]
+        return [ToolCall(str(t.get("name")), _arguments(t, text)) for t in chosen]
+
+
+def match_tools(tool: Mapping[str, Any], user_words: set[str]) -> bool:
+    """Whether ``tool`` matches a user text whose stemmed lower-case words are ``user_words``."""
+    name = str(tool.get("name") or "").lower()
+    if name.startswith("transfer_to_"):
+        target = _tokens(name[len("transfer_to_") :], min_len=1)
+        keys = [w for w in target if w not in _STOP_WORDS] or target
+    else:
+        keys = [w for w in _tokens(name, min_len=3) if w not in _STOP_WORDS]
+        desc = str(tool.get("description") or "").lower()
+        keys += [w for w in _WORD.findall(desc) if len(w) >= 4 and w not in _STOP_WORDS]
+    return any(_stem(k) in user_words for k in keys)
+
+
+def _tokens(name: str, *, min_len: int) -> list[str]:
+    return [w for w in re.split(r"[_\-\s]+", name.lower()) if len(w) >= min_len]
+
+
+def _stem(word: str) -> str:
+    # Singular/plural is the only morphology worth handling for tool names.
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def _role_sentence(instructions: str) -> str:
+    m = _ROLE.search(instructions or "")
+    if not m:
+        return ""
+    article = (m.group(1) or "").strip().lower()
+    role = " ".join(m.group(2).split()[:6])
+    return f"This is {article + ' ' if article else ''}{role}."
+
+
+def _join(parts: Sequence[str], max_words: int) -> str:
+    words = " ".join(p for p in parts if p).split()
+    text = " ".join(words[:max_words])
+    if len(words) > max_words and text[-1] not in ".?!":
+        text += "."
+    return text
+
+
+def _exact_length(base: str, spec: str) -> str:
+    try:
+        n = max(1, min(1000, int(spec)))
+    except ValueError:
+        return base
+    pool = base.split() + " ".join(_FILLER).split()
+    words = [pool[i % len(pool)] for i in range(n)]
+    return " ".join(words)
+
+
+def _summary(outputs: Sequence[str]) -> str:
+    pieces: list[str] = []
+    for out in outputs:
+        try:
+            value: Any = json.loads(out)
+        except (TypeError, ValueError):
+            value = out
+        pieces.append(_flatten(value))
+    text = "Here is what I found: " + "; ".join(p for p in pieces if p)
+    words = text.split()[:30]
+    return " ".join(words).rstrip(".;,") + "."
+
+
+def _flatten(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {_flatten(v)}" for k, v in list(value.items())[:6])
+    if isinstance(value, list):
+        return ", ".join(_flatten(v) for v in value[:6])
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _arguments(tool: Mapping[str, Any], text: str) -> str:
+    """JSON arguments for ``tool`` built from its schema and the user text."""
+    schema = tool.get("parameters")
+    numbers = _NUMBER.findall(text)
+    state = {"num": 0}
+    value = _value_for(schema if isinstance(schema, Mapping) else {}, "", text, numbers, state)
+    if not isinstance(value, dict):
+        value = {}
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _value_for(schema: Mapping[str, Any], name: str, text: str, numbers: list[str], state: dict[str, int]) -> Any:
+    def next_number() -> str | None:
+        if state["num"] < len(numbers):
+            state["num"] += 1
+            return numbers[state["num"] - 1]
+        return None
+
+    if "enum" in schema and isinstance(schema["enum"], list) and schema["enum"]:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties")
+        props = props if isinstance(props, Mapping) else {}
+        required = schema.get("required")
+        keys = [k for k in required if k in props] if isinstance(required, list) else list(props)
+        return {k: _value_for(props[k] if isinstance(props[k], Mapping) else {}, k, text, numbers, state) for k in keys}
+    if kind == "integer":
+        n = next_number()
+        return int(float(n)) if n is not None else 1
+    if kind == "number":
+        n = next_number()
+        return float(n) if n is not None else 1.0
+    if kind == "boolean":
+        return True
+    if kind == "array":
+        return []
+    if kind == "null":
+        return None
+    lname = name.lower()
+    if any(h in lname for h in _ID_HINTS):
+        return next_number() or "12345"
+    if any(h in lname for h in _PLACE_HINTS):
+        caps = re.findall(r"(?<![.!?]\s)(?<!^)\b([A-Z][a-z]{2,})", text)
+        return caps[0] if caps else "Paris"
+    if any(h in lname for h in _FREE_TEXT_HINTS):
+        return text or "example"
+    content = [w for w in re.findall(r"[A-Za-z]+", text) if w.lower() not in _STOP_WORDS]
+    return max(content, key=len) if content else "example"

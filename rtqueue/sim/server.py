@@ -1,0 +1,796 @@
+"""The simulator's WebSocket server: a thin threaded shell around :class:`SimSession`.
+
+Threads (all named ``rtqueue-sim-*``, all ended by :meth:`Simulator.close`):
+
+- ``rtqueue-sim-server``: accepts connections (``websockets.sync.server``);
+- ``rtqueue-sim-conn-<i>``: one per connection; reads frames and feeds them to
+  the session (after the simulated latency); websockets' own reader thread
+  for the connection is renamed ``rtqueue-sim-recv-<i>``;
+- ``rtqueue-sim-scheduler``: one for all sessions; a heap of wake-up times
+  (paced output, latency-delayed frames, expiry); it calls ``advance`` and
+  queues what is due. It never touches a socket, so a slow client cannot stall
+  the other sessions' clocks;
+- ``rtqueue-sim-sender-<k>``: a small pool that writes queued frames. Only one
+  sender writes a given connection at a time, so per-connection order holds;
+  a client that stops reading ties up one sender, not the simulator.
+
+Each connection has one lock guarding its :class:`SimSession` and queues.
+Locks are only ever taken in the order connection lock, then scheduler lock.
+No user code runs here; nothing but loopback by default.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import os
+import queue
+import random
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import attrs
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.sync.server import Server, ServerConnection, serve
+
+from .core import SimSession
+from .faults import FaultPlan
+
+__all__ = ["Simulator"]
+
+_DELTA_TYPES = frozenset({"response.output_audio.delta", "response.output_text.delta"})
+_AUDIO_TYPES = frozenset({"response.output_audio.delta"})
+_MALFORMED = '{"type": "response.output_audio.delta", "event_id": "event_'
+_BINARY = b"\x00\x01rtqueue-sim-binary-frame\xff"
+_AUTH_CLOSE_CODE = 3000
+
+
+@attrs.define(eq=False)
+class _Frame:
+    due: float
+    data: str | bytes | None  # None for a close request
+    event: dict[str, Any] | None
+    close: tuple[int, str] | None = None
+
+
+@attrs.define(eq=False)
+class _FaultState:
+    plan: FaultPlan
+    base: int  # events sent when the plan took effect
+    rng: random.Random
+    fired: set[str] = attrs.Factory(set)
+    deltas_seen: int = 0
+    stall_pending: bool = True
+
+
+@attrs.define(eq=False)
+class _Conn:
+    index: int
+    ws: ServerConnection
+    core: SimSession
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+    # (due, parsed event or None, raw frame if unparsable)
+    inbound: deque[tuple[float, Any, str | bytes | None]] = attrs.Factory(deque)
+    outbox: deque[_Frame] = attrs.Factory(deque)
+    sendq: deque[_Frame] = attrs.Factory(deque)
+    sending: bool = False
+    wake_at: float | None = None
+    last_due: float = 0.0
+    sent: int = 0
+    closed: bool = False
+    close_queued: bool = False
+    fault: _FaultState | None = None
+
+
+class Simulator:
+    """An embedded OpenAI Realtime (GA) server on loopback; see ``rtqueue.sim``.
+
+    Arguments:
+        host, port: where to listen (``port=0`` picks a free port).
+        latency_ms: one-way delay applied to every frame in both directions
+            (round trip = 2x), order preserved.
+        seed: makes IDs, model choices and random faults reproducible.
+        trace: a path; every frame both ways is appended as a JSONL line
+            ``{"t", "session", "dir": "in"|"out", "event"}`` (binary frames as
+            ``{"binary_len": n}``, bad JSON as ``{"invalid_json": text}``).
+            Handshake headers (and so API keys) are never written.
+        speed: pacing of audio and text relative to real time (1.0 real
+            time, 20.0 twenty times faster, ``None`` or 0 unpaced).
+        require_api_key: when set, a connection without ``Authorization:
+            Bearer <key>`` or ``api-key: <key>`` gets an ``invalid_api_key``
+            error and is closed with code 3000.
+        faults: a :class:`FaultPlan` for every session.
+        audio_chunk_ms: duration of each ``response.output_audio.delta``.
+        words_per_second: speech / text rate of the scripted model.
+        first_output_ms: model "thinking" time before the first output
+            (paced by ``speed``).
+        min_response_ms: unscaled minimum time from ``response.created`` to
+            ``response.done`` (default 20 ms): even unpaced, a response is in
+            flight for a moment, so a client that sends a second create
+            without waiting still collides, as it would on the real service.
+            0 lets unpaced responses finish within the same instant.
+        max_sessions: connections beyond this many live ones are refused
+            with HTTP 429 (``None``: no limit).
+        record: keep every frame for :meth:`client_events` /
+            :meth:`server_events` (turn off for soak runs).
+        senders: size of the sender pool.
+        close_timeout: seconds to wait for a client's closing handshake.
+        session_max_duration_s: when ``session_expired`` is sent (60 min).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        latency_ms: float = 0.0,
+        seed: int = 0,
+        trace: str | os.PathLike[str] | None = None,
+        speed: float | None = 1.0,
+        require_api_key: str | None = None,
+        faults: FaultPlan | None = None,
+        audio_chunk_ms: int = 50,
+        words_per_second: float = 4.0,
+        first_output_ms: float = 250.0,
+        min_response_ms: float = 20.0,
+        max_sessions: int | None = None,
+        record: bool = True,
+        senders: int = 4,
+        close_timeout: float = 2.0,
+        session_max_duration_s: float = 3600.0,
+    ) -> None:
+        if latency_ms < 0:
+            raise ValueError("latency_ms must be >= 0")
+        if speed is not None and speed < 0:
+            raise ValueError("speed must be positive, 0 or None")
+        if audio_chunk_ms <= 0 or words_per_second <= 0:
+            raise ValueError("audio_chunk_ms and words_per_second must be positive")
+        if senders < 1:
+            raise ValueError("senders must be >= 1")
+        self._host = host
+        self._requested_port = port
+        self._latency = latency_ms / 1000.0
+        self._seed = seed
+        self._trace_path = os.fspath(trace) if trace is not None else None
+        self._speed = speed or None
+        self._api_key = require_api_key
+        self._default_faults = faults
+        self._session_faults: dict[int, FaultPlan] = {}
+        self._audio_chunk_ms = audio_chunk_ms
+        self._wps = words_per_second
+        self._first_output_ms = first_output_ms
+        self._min_response_ms = min_response_ms
+        self._max_sessions = max_sessions
+        self._record = record
+        self._n_senders = senders
+        self._close_timeout = close_timeout
+        self._max_duration = session_max_duration_s
+
+        self._lock = threading.Lock()  # guards the fields below
+        self._started = False
+        self._closed = False
+        self._next_index = 0
+        self._live: dict[int, _Conn] = {}
+        # Totals of finished sessions (one summary, so a long soak stays small).
+        self._finished: dict[str, Counter[str]] = {"sums": Counter(), "errors": Counter(), "client_events": Counter()}
+        self._threads: list[threading.Thread] = []
+        self._extra: Counter[str] = Counter()
+        self._faults_fired: Counter[str] = Counter()
+        self._client_log: dict[int, list[tuple[float, dict[str, Any]]]] = {}
+        self._server_log: dict[int, list[tuple[float, dict[str, Any]]]] = {}
+
+        self._server: Server | None = None
+        self._port = 0
+        self._sched_cv = threading.Condition()
+        self._heap: list[tuple[float, int, _Conn]] = []
+        self._seq = itertools.count()
+        self._stopping = False
+        self._stop_event = threading.Event()
+        self._jobs: queue.SimpleQueue[_Conn | None] = queue.SimpleQueue()
+        self._changed = threading.Condition()
+        self._trace_lock = threading.Lock()
+        self._trace_file: IO[str] | None = None
+        self._fault_rng = random.Random(f"faults|{seed}")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Simulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> Simulator:
+        """Bind and start serving; returns self. Raises ``RuntimeError`` if already started."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError("Simulator already started")
+            self._started = True
+        if self._trace_path is not None:
+            self._trace_file = open(self._trace_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._server = serve(
+            self._handle,
+            self._host,
+            self._requested_port,
+            process_request=self._process_request,
+            compression=None,
+            ping_interval=None,
+            close_timeout=self._close_timeout,
+            max_size=16 * 2**20,
+            server_header="rtqueue-sim",
+        )
+        self._port = self._server.socket.getsockname()[1]
+        threads = [threading.Thread(target=self._run_scheduler, name="rtqueue-sim-scheduler", daemon=True)]
+        threads += [
+            threading.Thread(target=self._run_sender, name=f"rtqueue-sim-sender-{k}", daemon=True)
+            for k in range(self._n_senders)
+        ]
+        threads.append(threading.Thread(target=self._server.serve_forever, name="rtqueue-sim-server", daemon=True))
+        with self._lock:
+            self._threads.extend(threads)
+        for t in threads:
+            t.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving, close every connection (code 1001), end every thread. Idempotent."""
+        with self._lock:
+            if self._closed or not self._started:
+                self._closed = True
+                return
+            self._closed = True
+            conns = list(self._live.values())
+        self._stop_event.set()
+        if self._server is not None:
+            self._server.shutdown()
+        closers = [
+            threading.Thread(target=self._close_conn, args=(c,), name=f"rtqueue-sim-close-{c.index}", daemon=True)
+            for c in conns
+        ]
+        for t in closers:
+            t.start()
+        deadline = time.monotonic() + self._close_timeout + 1.0
+        for t, conn in zip(closers, conns, strict=True):
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                # A sender is stuck writing to a client that stopped reading and
+                # holds the connection's mutex, so close() cannot even start.
+                # Shutting the socket down fails that write and frees both.
+                _shutdown(conn)
+                t.join(self._close_timeout + 1.0)
+        with self._sched_cv:
+            self._stopping = True
+            self._sched_cv.notify_all()
+        for _ in range(self._n_senders):
+            self._jobs.put(None)
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(self._close_timeout + 2.0)
+        with self._trace_lock:
+            if self._trace_file is not None:
+                self._trace_file.close()
+                self._trace_file = None
+        with self._changed:
+            self._changed.notify_all()
+
+    def _close_conn(self, conn: _Conn) -> None:
+        try:
+            conn.ws.close(1001, "simulator shutting down")
+        except Exception:
+            pass
+        conn.ws.close_socket()
+
+    # ------------------------------------------------------------------ public info
+
+    @property
+    def host(self) -> str:
+        """The host the server is bound to."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (0 before :meth:`start`)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Full Realtime URL, e.g. ``ws://127.0.0.1:PORT/v1/realtime?model=gpt-realtime``."""
+        return f"ws://{self._host}:{self._port}/v1/realtime?model=gpt-realtime"
+
+    @property
+    def websocket_base_url(self) -> str:
+        """``ws://127.0.0.1:PORT/v1``, for ``OpenAI(websocket_base_url=...)``."""
+        return f"ws://{self._host}:{self._port}/v1"
+
+    def inject(self, plan: FaultPlan, session: int | None = None) -> None:
+        """Apply ``plan`` from now on to session ``session`` (or every live and future one).
+
+        A session index that has not connected yet gets the plan when it does.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if session is None:
+                self._default_faults = plan
+                targets = list(self._live.values())
+            else:
+                self._session_faults[session] = plan
+                targets = [self._live[session]] if session in self._live else []
+        for conn in targets:
+            self._apply_faults(conn, plan, now)
+
+    def stats(self) -> dict[str, Any]:
+        """Server-side counters summed over all sessions, live and finished.
+
+        Keys: ``sessions`` (connections accepted), ``active_sessions``,
+        ``auth_failures``, ``responses`` (created), ``completed``,
+        ``cancelled``, ``incomplete``, ``withheld``, ``conflicts``
+        (``conversation_already_has_active_response`` errors),
+        ``cancel_not_active``, ``truncate_errors``, ``errors`` (code -> count,
+        every error sent), ``client_events`` (type -> count),
+        ``function_calls``, ``vad_speech_started``, ``vad_speech_stopped``,
+        ``truncations``, ``server_events``, ``audio_ms_sent``, ``faults``
+        (fault name -> times it fired).
+        """
+        with self._lock:
+            live = list(self._live.values())
+            acc = {k: Counter(v) for k, v in self._finished.items()}
+            total: dict[str, Any] = {
+                "sessions": self._next_index,
+                "active_sessions": len(live),
+                "auth_failures": self._extra["auth_failures"],
+                "faults": dict(self._faults_fired),
+            }
+        for conn in live:
+            with conn.lock:
+                self._add_totals(acc, conn.core.stats())
+        sums, errors, client = acc["sums"], acc["errors"], acc["client_events"]
+        with self._lock:
+            errors["invalid_api_key"] += self._extra["auth_failures"]
+        for key in (
+            "responses",
+            "completed",
+            "cancelled",
+            "incomplete",
+            "withheld",
+            "conflicts",
+            "cancel_not_active",
+            "truncate_errors",
+            "function_calls",
+            "vad_speech_started",
+            "vad_speech_stopped",
+            "truncations",
+            "server_events",
+            "audio_ms_sent",
+        ):
+            total[key] = sums.get(key, 0)
+        total["errors"] = {k: v for k, v in errors.items() if v}
+        total["client_events"] = dict(client)
+        return total
+
+    @staticmethod
+    def _add_totals(acc: dict[str, Counter[str]], stats: dict[str, Any]) -> None:
+        acc["errors"].update(stats["errors"])
+        acc["client_events"].update(stats["client_events"])
+        acc["sums"].update({k: v for k, v in stats.items() if isinstance(v, int)})
+
+    def client_events(self, session: int | None = None) -> list[dict[str, Any]]:
+        """Every client frame received (parsed JSON), in order; all sessions if ``None``.
+
+        Frames that were not JSON appear as ``{"invalid_json": text}`` and
+        binary ones as ``{"binary_len": n}``. Empty when ``record=False``.
+        """
+        return self._log(self._client_log, session)
+
+    def server_events(self, session: int | None = None) -> list[dict[str, Any]]:
+        """Every server frame sent, in wire order; all sessions (by send time) if ``None``."""
+        return self._log(self._server_log, session)
+
+    def _log(self, logs: dict[int, list[tuple[float, dict[str, Any]]]], session: int | None) -> list[dict[str, Any]]:
+        with self._lock:
+            if session is not None:
+                return [ev for _, ev in list(logs.get(session, ()))]
+            merged = [entry for i in sorted(logs) for entry in list(logs[i])]
+        merged.sort(key=lambda e: e[0])
+        return [ev for _, ev in merged]
+
+    def wait_until(self, predicate: Callable[[Simulator], bool], timeout: float = 5.0) -> bool:
+        """Block until ``predicate(self)`` is true (re-checked whenever a frame moves).
+
+        Returns False on timeout. For tests: no sleeping to synchronise.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.05))
+        return True
+
+    # ------------------------------------------------------------------ connections
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if not path.rstrip("/").endswith("/realtime"):
+            return ws.respond(404, "Not Found: the Realtime endpoint is /v1/realtime\n")
+        with self._lock:
+            if self._closed:
+                return ws.respond(503, "Simulator closing\n")
+            if self._max_sessions is not None and len(self._live) >= self._max_sessions:
+                return ws.respond(429, "Too many concurrent sessions\n")
+        return None
+
+    def _authorized(self, ws: ServerConnection) -> bool:
+        if self._api_key is None:
+            return True
+        headers = ws.request.headers if ws.request is not None else None
+        if headers is None:
+            return False
+        auth = headers.get("Authorization") or ""
+        if auth.startswith("Bearer ") and auth[len("Bearer ") :].strip() == self._api_key:
+            return True
+        return (headers.get("api-key") or "").strip() == self._api_key
+
+    def _handle(self, ws: ServerConnection) -> None:
+        now = time.monotonic()
+        me = threading.current_thread()
+        with self._lock:
+            index = self._next_index
+            self._next_index += 1
+            me.name = f"rtqueue-sim-conn-{index}"
+            ws.recv_events_thread.name = f"rtqueue-sim-recv-{index}"
+            # Forget finished threads so a long soak does not accumulate them.
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads += [me, ws.recv_events_thread]
+            if self._record:
+                self._client_log[index] = []
+                self._server_log[index] = []
+            closed = self._closed
+        if closed:
+            ws.close(1001, "simulator shutting down")
+            return
+        core = SimSession(
+            now=now,
+            index=index,
+            seed=self._seed,
+            speed=self._speed,
+            audio_chunk_ms=self._audio_chunk_ms,
+            words_per_second=self._wps,
+            max_duration_s=self._max_duration,
+            epoch=time.time(),
+            first_output_ms=self._first_output_ms,
+            min_response_ms=self._min_response_ms,
+        )
+        conn = _Conn(index=index, ws=ws, core=core, last_due=now)
+        if not self._authorized(ws):
+            self._reject(conn)
+            return
+        with self._lock:
+            self._live[index] = conn
+            plan = self._session_faults.get(index, self._default_faults)
+        try:
+            if plan is not None:
+                self._apply_faults(conn, plan, now)
+            self._service(conn, now)
+            self._read_loop(conn)
+        finally:
+            with conn.lock:
+                conn.closed = True
+                final = conn.core.stats()
+            with self._lock:
+                self._live.pop(index, None)
+                self._add_totals(self._finished, final)
+            self._notify()
+
+    def _reject(self, conn: _Conn) -> None:
+        """Refuse a connection with a bad key, as the real service does."""
+        event = conn.core.make_error(
+            "invalid_api_key",
+            "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
+            type="invalid_request_error",
+        )
+        with self._lock:
+            self._extra["auth_failures"] += 1
+        self._record_out(conn, event, time.monotonic())
+        try:
+            conn.ws.send(json.dumps(event))
+            conn.ws.close(_AUTH_CLOSE_CODE, "invalid_api_key")
+        except ConnectionClosed:
+            pass
+        self._notify()
+
+    def _read_loop(self, conn: _Conn) -> None:
+        ws = conn.ws
+        while True:
+            st = conn.fault
+            if st is not None and st.plan.stall_reading_s > 0 and st.stall_pending:
+                st.stall_pending = False
+                self._count_fault("stall_reading_s")
+                # Waiting on the stop event, not sleeping: close() cuts it short.
+                self._stop_event.wait(st.plan.stall_reading_s)
+            try:
+                frame = ws.recv()
+            except ConnectionClosed:
+                return
+            t = time.monotonic()
+            parsed: Any = None
+            raw: str | bytes | None = None
+            if isinstance(frame, str):
+                try:
+                    parsed = json.loads(frame)
+                except ValueError:
+                    raw = frame
+            else:
+                raw = frame
+            logged = parsed if isinstance(parsed, dict) else _opaque(frame)
+            self._record_in(conn, logged, t)
+            with conn.lock:
+                conn.inbound.append((t + self._latency, parsed, raw))
+            self._service(conn, t)
+            self._notify()
+
+    # ------------------------------------------------------------------ faults
+
+    def _apply_faults(self, conn: _Conn, plan: FaultPlan, now: float) -> None:
+        with conn.lock:
+            conn.fault = _FaultState(
+                plan=plan,
+                base=conn.sent,
+                rng=random.Random(f"{self._seed}|{conn.index}|{self._fault_rng.random()}"),
+            )
+            if plan.withhold_done is not None:
+                conn.core.withhold_done(plan.withhold_done)
+            if plan.expire_after_s is not None:
+                conn.core.expire_at(now + plan.expire_after_s)
+        self._service(conn, now)
+        self._kick(conn)
+
+    def _count_fault(self, name: str) -> None:
+        with self._lock:
+            self._faults_fired[name] += 1
+
+    def _fire_faults(self, conn: _Conn) -> bool:
+        """Inject the "after N events" frames now due. Returns False if the connection was dropped."""
+        st = conn.fault
+        if st is None:
+            return True
+        plan = st.plan
+        n = conn.sent - st.base
+        extra: list[tuple[str, str | bytes, dict[str, Any]]] = []
+        with conn.lock:
+            if plan.malformed_json_after is not None and n >= plan.malformed_json_after and "malformed" not in st.fired:
+                st.fired.add("malformed")
+                extra.append(("malformed_json_after", _MALFORMED, {"invalid_json": _MALFORMED}))
+            if plan.binary_frame_after is not None and n >= plan.binary_frame_after and "binary" not in st.fired:
+                st.fired.add("binary")
+                extra.append(("binary_frame_after", _BINARY, {"binary_len": len(_BINARY)}))
+            if plan.unknown_event_after is not None and n >= plan.unknown_event_after and "unknown" not in st.fired:
+                st.fired.add("unknown")
+                ev = {
+                    "type": "x.unknown.event",
+                    "event_id": conn.core.new_event_id(),
+                    "note": "injected by FaultPlan.unknown_event_after",
+                }
+                extra.append(("unknown_event_after", json.dumps(ev), ev))
+            if plan.error_after is not None and n >= plan.error_after[0] and "error" not in st.fired:
+                st.fired.add("error")
+                code = plan.error_after[1]
+                ev = conn.core.make_error(code, f"Simulated server error ({code}).")
+                extra.append(("error_after", json.dumps(ev), ev))
+            drop = plan.drop_after_events is not None and n >= plan.drop_after_events and "drop" not in st.fired
+            if drop:
+                st.fired.add("drop")
+        for name, data, logged in extra:
+            self._count_fault(name)
+            self._record_out(conn, logged, time.monotonic())
+            try:
+                conn.ws.send(data)
+            except ConnectionClosed:
+                return False
+        if drop:
+            self._count_fault("drop_after_events")
+            self._drop(conn)
+            return False
+        return True
+
+    def _drop(self, conn: _Conn) -> None:
+        """Close the TCP connection with no close frame (the client sees 1006)."""
+        with conn.lock:
+            conn.closed = True
+            conn.sendq.clear()
+            conn.outbox.clear()
+        conn.ws.close_socket()
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _service(self, conn: _Conn, now: float) -> None:
+        """Feed due inbound frames, collect due output, schedule the next wake-up."""
+        kick = False
+        with conn.lock:
+            if conn.closed:
+                return
+            if conn.wake_at is not None and conn.wake_at <= now:
+                conn.wake_at = None
+            core = conn.core
+            while conn.inbound and conn.inbound[0][0] <= now:
+                due, parsed, raw = conn.inbound.popleft()
+                if raw is not None:
+                    core.receive_raw(raw, due)
+                else:
+                    core.receive(parsed, due)
+            events = core.advance(now)
+            if events:
+                self._enqueue_out(conn, events, now)
+            if core.close_request is not None and not conn.close_queued:
+                conn.close_queued = True
+                conn.outbox.append(_Frame(due=max(conn.last_due, now), data=None, event=None, close=core.close_request))
+            while conn.outbox and conn.outbox[0].due <= now:
+                conn.sendq.append(conn.outbox.popleft())
+            if conn.sendq and not conn.sending:
+                conn.sending = True
+                kick = True
+            candidates = [core.next_due()]
+            if conn.inbound:
+                candidates.append(conn.inbound[0][0])
+            if conn.outbox:
+                candidates.append(conn.outbox[0].due)
+            wake = min((c for c in candidates if c is not None), default=None)
+            if wake is not None and (conn.wake_at is None or wake < conn.wake_at):
+                conn.wake_at = wake
+                with self._sched_cv:
+                    heapq.heappush(self._heap, (wake, next(self._seq), conn))
+                    if self._heap[0][2] is conn:
+                        self._sched_cv.notify()
+        if kick:
+            self._jobs.put(conn)
+
+    def _enqueue_out(self, conn: _Conn, events: list[dict[str, Any]], now: float) -> None:
+        st = conn.fault
+        delay = self._latency + (st.plan.delay_events_ms / 1000.0 if st is not None else 0.0)
+        if st is not None and st.plan.delay_events_ms > 0:
+            self._count_fault("delay_events_ms")
+        for ev in events:
+            # Never earlier than the previous frame: latency must not reorder.
+            due = max(conn.last_due, now + delay)
+            conn.last_due = due
+            data = json.dumps(ev, separators=(",", ":"))
+            conn.outbox.append(_Frame(due=due, data=data, event=ev))
+            if (
+                st is not None
+                and st.plan.duplicate_events > 0
+                and ev.get("type") not in _AUDIO_TYPES
+                and st.rng.random() < st.plan.duplicate_events
+            ):
+                self._count_fault("duplicate_events")
+                conn.outbox.append(_Frame(due=due, data=data, event=ev))
+
+    def _kick(self, conn: _Conn) -> None:
+        with conn.lock:
+            if conn.sending or conn.closed:
+                return
+            conn.sending = True
+        self._jobs.put(conn)
+
+    def _run_scheduler(self) -> None:
+        while True:
+            with self._sched_cv:
+                while not self._stopping:
+                    if self._heap:
+                        wait = self._heap[0][0] - time.monotonic()
+                        if wait <= 0:
+                            break
+                        self._sched_cv.wait(wait)
+                    else:
+                        self._sched_cv.wait()
+                if self._stopping:
+                    return
+                now = time.monotonic()
+                due: list[_Conn] = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[2])
+            for conn in dict.fromkeys(due):
+                self._service(conn, now)
+
+    def _run_sender(self) -> None:
+        while True:
+            conn = self._jobs.get()
+            if conn is None:
+                return
+            alive = self._fire_faults(conn)
+            while alive:
+                with conn.lock:
+                    if not conn.sendq or conn.closed:
+                        conn.sending = False
+                        break
+                    batch = list(conn.sendq)
+                    conn.sendq.clear()
+                for frame in batch:
+                    if not self._send_frame(conn, frame):
+                        alive = False
+                        break
+            if not alive:
+                with conn.lock:
+                    conn.sending = False
+            self._notify()
+
+    def _send_frame(self, conn: _Conn, frame: _Frame) -> bool:
+        """Write one frame and apply the faults it triggers; False if the connection ended."""
+        if frame.close is not None:
+            try:
+                conn.ws.close(*frame.close)
+            except Exception:
+                pass
+            return False
+        if not self._fire_faults(conn):
+            return False
+        assert frame.data is not None and frame.event is not None
+        # Recorded just before the write, so a client that has received a frame
+        # always finds it in server_events() (a write that then fails is rare
+        # and means the connection is gone anyway).
+        self._record_out(conn, frame.event, time.monotonic())
+        try:
+            conn.ws.send(frame.data)
+        except ConnectionClosed:
+            return False
+        conn.sent += 1
+        st = conn.fault
+        if (
+            st is not None
+            and st.plan.drop_mid_response
+            and "drop_mid" not in st.fired
+            and frame.event.get("type") in _DELTA_TYPES
+        ):
+            st.deltas_seen += 1
+            if st.deltas_seen >= 2:
+                st.fired.add("drop_mid")
+                self._count_fault("drop_mid_response")
+                self._drop(conn)
+                return False
+        return self._fire_faults(conn)
+
+    # ------------------------------------------------------------------ records
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _record_in(self, conn: _Conn, event: dict[str, Any], t: float) -> None:
+        if self._record:
+            self._client_log[conn.index].append((t, event))
+        self._trace(conn.index, "in", event, t)
+
+    def _record_out(self, conn: _Conn, event: dict[str, Any], t: float) -> None:
+        if self._record:
+            self._server_log[conn.index].append((t, event))
+        self._trace(conn.index, "out", event, t)
+
+    def _trace(self, index: int, direction: str, event: dict[str, Any], t: float) -> None:
+        if self._trace_file is None:
+            return
+        line = json.dumps({"t": t, "session": index, "dir": direction, "event": event})
+        with self._trace_lock:
+            if self._trace_file is not None:
+                self._trace_file.write(line + "\n")
+
+
+def _shutdown(conn: _Conn) -> None:
+    try:
+        conn.ws.socket.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+def _opaque(frame: str | bytes) -> dict[str, Any]:
+    if isinstance(frame, str):
+        return {"invalid_json": frame[:1000]}
+    return {"binary_len": len(frame)}
