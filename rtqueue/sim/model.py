@@ -49,7 +49,9 @@ message (its ``function_call`` item is in the context) is not called again.
 
 - after ``function_call_output`` items for the last user message: a summary,
   ``"Here is what I found: <values from each output>."`` (JSON outputs are
-  flattened to ``key value`` pairs), at most 30 words;
+  flattened to ``key value`` pairs), at most 30 words; outputs of
+  ``transfer_to_*`` calls are left out (after a handoff the new agent answers
+  the user as usual);
 - with no user message at all: a greeting;
 - else an acknowledgement that echoes up to ten of the user's words, padded
   with stock sentences to a seeded length of 8-18 words and capped at 25.
@@ -162,7 +164,11 @@ class ScriptedModel:
         role = _role_sentence(instructions)
 
         already = {t.name for t in after if t.kind == "function_call"}
-        outputs = [t.output for t in after if t.kind == "function_call_output"]
+        # A handoff's output is not news to summarise: the new agent answers the user.
+        transfers = {
+            t.call_id for t in after if t.kind == "function_call" and t.name.lower().startswith("transfer_to_")
+        }
+        outputs = [t.output for t in after if t.kind == "function_call_output" and t.call_id not in transfers]
         calls = self._choose_calls(functions, tool_choice, clean_text, hooks, already)
 
         if "say" in hooks:
