@@ -32,13 +32,16 @@ def verify_customer(email: str) -> dict[str, object]:
     Args:
         email: The email address the customer gave.
     """
-    customer = _CUSTOMERS.get(email.lower())
-    return {"email": email, "verified": bool(customer), "name": customer["name"] if customer else None}
+    # Lenient on purpose: voice models often pass part of an email ("ana" or "example").
+    needle = email.strip().lower()
+    match = next((addr for addr in _CUSTOMERS if needle and needle in addr), None)
+    customer = _CUSTOMERS.get(match) if match else None
+    return {"email": match or email, "verified": bool(customer), "name": customer["name"] if customer else None}
 
 
 @tool
 def lookup_order(order_id: str) -> dict[str, object]:
-    """Look up an order by its id: item, status and delivery date.
+    """Look up an order: item, status and delivery date.
 
     Args:
         order_id: The order number, e.g. "42".
@@ -50,8 +53,8 @@ def lookup_order(order_id: str) -> dict[str, object]:
 
 
 @tool
-def check_return_policy(order_id: str) -> dict[str, object]:
-    """Check whether an order can still be returned under the 30-day return policy.
+def check_refund_window(order_id: str) -> dict[str, object]:
+    """Check whether the 30-day refund window is still open.
 
     Args:
         order_id: The order number to check.
@@ -63,12 +66,12 @@ def check_return_policy(order_id: str) -> dict[str, object]:
 
 
 @tool
-def start_return(order_id: str, reason: Literal["damaged", "unwanted", "wrong_item"] = "unwanted") -> dict[str, str]:
-    """Start a return for an order and issue a prepaid shipping label.
+def create_rma(order_id: str, reason: Literal["damaged", "unwanted", "wrong_item"] = "unwanted") -> dict[str, str]:
+    """Create an RMA shipping label for sending a parcel back.
 
     Args:
-        order_id: The order number to return.
-        reason: Why the customer returns it.
+        order_id: The order number being sent back.
+        reason: Why the customer sends it back.
     """
     with _lock:
         label = _returns.setdefault(order_id, f"RMA-{1000 + len(_returns)}")
@@ -94,13 +97,13 @@ def search_products(query: str, max_results: int = 3) -> list[dict[str, object]]
 
 
 @tool
-def create_ticket(summary: str) -> dict[str, str]:
+def create_ticket(reason: str) -> dict[str, str]:
     """Open a ticket so a human agent calls the customer back.
 
     Args:
-        summary: A one-line summary of the customer's problem.
+        reason: The customer's problem, in their words.
     """
-    return {"ticket": "TCK-5150", "summary": summary, "callback": "within 2 hours"}
+    return {"ticket": "TCK-5150", "reason": reason, "callback": "within 2 hours"}
 
 
 def build_desk() -> Agent:
@@ -122,8 +125,8 @@ def build_desk() -> Agent:
     returns = Agent(
         name="returns",
         description="Returns and refunds for existing orders.",
-        instructions="You handle returns. Look the order up, check the policy, then start the return.",
-        tools=[lookup_order, check_return_policy, start_return],
+        instructions="You handle returns. Look the order up, check the refund window, then create the label.",
+        tools=[lookup_order, check_refund_window, create_rma],
         handoffs=["front_desk", "sales", handoff("human", description="Only if the customer insists.")],
     )
     authentication = Agent(
@@ -143,11 +146,11 @@ def build_desk() -> Agent:
 
 #: The scripted customer of ``rtqueue demo``.
 DEMO_TURNS: tuple[str, ...] = (
-    "Hello! Before anything, I need authentication for my account.",
-    "My email is ana@example.com, please verify the customer.",
+    "Hello! Before anything, I need authentication please.",
+    "My email is ana@example.com, please verify me.",
     "Thanks. Now please put me through to returns about order 42.",
-    "Can you check the return policy for order 42?",
-    "Great, please start the return for order 42.",
+    "Is the refund window still open for 42?",
+    "Great, please make a shipping label for 42.",
     "While I'm here, can sales suggest new headphones?",
     "This is taking long, I'd like to talk to a human.",
 )
