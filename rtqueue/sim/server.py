@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import logging
 import os
 import queue
 import random
@@ -40,6 +41,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection, serve
 
+from ..secrets import redact
 from .core import SimSession
 from .faults import FaultPlan
 
@@ -226,6 +228,7 @@ class Simulator:
             close_timeout=self._close_timeout,
             max_size=16 * 2**20,
             server_header="rtqueue-sim",
+            logger=_RedactingLogger(logging.getLogger("rtqueue.sim.websockets"), self._api_key),
         )
         self._port = self._server.socket.getsockname()[1]
         threads = [threading.Thread(target=self._run_scheduler, name="rtqueue-sim-scheduler", daemon=True)]
@@ -794,3 +797,28 @@ def _opaque(frame: str | bytes) -> dict[str, Any]:
     if isinstance(frame, str):
         return {"invalid_json": frame[:1000]}
     return {"binary_len": len(frame)}
+
+
+_SECRET_HEADERS = frozenset({"authorization", "api-key", "openai-api-key"})
+
+
+class _RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The websockets server's logger, minus secrets.
+
+    At DEBUG websockets logs every handshake header (``< %s: %s``); the
+    values of credential headers, the required key and anything key-shaped
+    are replaced by ``***`` before a record is made.
+    """
+
+    def __init__(self, logger: logging.Logger, key: str | None) -> None:
+        super().__init__(logger, {})
+        self._key = key
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        clean = list(args)
+        if len(clean) >= 2 and isinstance(clean[0], str) and clean[0].lower() in _SECRET_HEADERS:
+            clean[1] = "***"
+        clean = [redact(a, self._key) if isinstance(a, str) else a for a in clean]
+        super().log(level, redact(str(msg), self._key), *clean, **kwargs)
