@@ -8,7 +8,8 @@ context (the conversation, or ``response.input`` when given). Only the *last
 user message* and what follows it matter. A user audio turn without a
 transcript reads as ``"(audio N ms)"``.
 
-**Test hooks** in the last user text (removed before anything is echoed):
+**Test hooks** in the last user text, or in the instructions (the user text
+wins; hooks are removed before anything is echoed):
 
 - ``[say: some text]``: the reply is exactly ``some text``.
 - ``[len: N]``: the reply has exactly N words (1 <= N <= 1000).
@@ -158,10 +159,13 @@ class ScriptedModel:
         else:
             user_text = turns[last_user].text
             after = turns[last_user + 1 :]
-        hooks = {k.lower(): v.strip() for k, v in _HOOK.findall(user_text)}
+        # Hooks in the last user text win; hooks in the instructions (a
+        # response.create's own) apply otherwise.
+        hooks = {k.lower(): v.strip() for k, v in _HOOK.findall(instructions or "")}
+        hooks.update({k.lower(): v.strip() for k, v in _HOOK.findall(user_text)})
         clean_text = " ".join(_HOOK.sub(" ", user_text).split())
         rng = random.Random(f"{self.seed}|{len(turns)}|{user_text}|{instructions}")
-        role = _role_sentence(instructions)
+        role = _role_sentence(_HOOK.sub(" ", instructions or ""))
 
         already = {t.name for t in after if t.kind == "function_call"}
         # A handoff's output is not news to summarise: the new agent answers the user.
@@ -256,6 +260,8 @@ def _role_sentence(instructions: str) -> str:
         return ""
     article = (m.group(1) or "").strip().lower()
     role = " ".join(m.group(2).split()[:6])
+    if article in ("a", "an") and len(role.split()) < 2:
+        return ""  # "You are a helpful, witty ..." describes a manner, not a role
     return f"This is {article + ' ' if article else ''}{role}."
 
 

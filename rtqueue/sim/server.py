@@ -493,6 +493,11 @@ class Simulator:
             with self._lock:
                 self._live.pop(index, None)
                 self._add_totals(self._finished, final)
+            with self._sched_cv:
+                # A closed session must not stay alive in the heap until its
+                # next wake-up (up to the 60-minute expiry): a long soak would leak.
+                self._heap = [entry for entry in self._heap if entry[2] is not conn]
+                heapq.heapify(self._heap)
             self._notify()
 
     def _reject(self, conn: _Conn) -> None:
