@@ -112,12 +112,17 @@ class ServerError(RtqueueError):
         err = event.get("error")
         if not isinstance(err, dict):
             err = {}
+
+        def text(key: str) -> str | None:  # a field of the wrong type is treated as absent
+            value = err.get(key)
+            return value if isinstance(value, str) else None
+
         return cls(
-            str(err.get("message") or "unknown server error"),
-            code=err.get("code"),
-            type=err.get("type"),
-            param=err.get("param"),
-            event_id=err.get("event_id"),
+            text("message") or "unknown server error",
+            code=text("code"),
+            type=text("type"),
+            param=text("param"),
+            event_id=text("event_id"),
         )
 
 

@@ -162,18 +162,25 @@ class ResponseGate:
             self._pokes += 1
             self._cond.notify_all()
 
-    def note_sent(self, event_id: str, waited_s: float, *, gated: bool = True) -> None:
+    def now(self) -> float:
+        """The gate's clock (``time.monotonic`` unless one was injected)."""
+        return self._clock()
+
+    def note_sent(self, event_id: str, waited_s: float, *, gated: bool = True, at: float | None = None) -> None:
         """Record that a create left on the wire after waiting ``waited_s`` in total.
 
         For a gated create that had to wait for a release, the time from that
-        release being read to now is the *gate latency* (DESIGN.md's figure).
+        release being read to ``at`` (the clock time the write started, from
+        :meth:`now`; default: now) is the *gate latency* (DESIGN.md's figure).
         """
-        now = self._clock()
+        now = self._clock() if at is None else at
         with self._cond:
             self._counts["sent"] += 1
             if gated:
                 self._waits.append(waited_s)
-                if waited_s > 0 and self._last_release is not None:
+                # Only a create that was waiting when the release came has a gate
+                # latency; one that found the gate free would measure idle time.
+                if waited_s > 0 and self._last_release is not None and self._last_release >= now - waited_s:
                     self._latencies.append(max(0.0, now - self._last_release))
 
     def abandon(self, event_id: str) -> None:

@@ -99,8 +99,8 @@ class Session:
         *,
         create_timeout: float = 120.0,
         response_timeout: float = 300.0,
-        max_conflict_retries: int = 3,
-        gate_slice_s: float = 0.005,
+        max_conflict_retries: int = 20,
+        gate_slice_s: float = 0.05,
         name: str | None = None,
     ) -> None:
         """Low-level constructor: prefer :meth:`connect`. Nothing starts until :meth:`_start`."""
@@ -137,6 +137,7 @@ class Session:
             self._send_text,
             on_send_error=self._on_send_error,
             on_evict=self._evict_stale,
+            skip=self._moot,
             slice_s=gate_slice_s,
             name=f"rtqueue-writer-{self._n}",
         )
@@ -147,6 +148,9 @@ class Session:
         self.context: Any = None  # the app's object, passed to agent instructions and tools
         self._secret: Secret | None = None
         self._evict_check = 0.0
+        self._fatal_error: ServerError | None = None  # invalid_api_key & co. seen on this connection
+        self._lost_rids: OrderedDict[str, BaseException] = OrderedDict()  # responses a reconnect cut off
+        self._finished: OrderedDict[str, None] = OrderedDict()  # response ids whose response.done was read
 
     @classmethod
     def connect(
@@ -169,7 +173,7 @@ class Session:
         create_timeout: float = 120.0,
         response_timeout: float = 300.0,
         tool_timeout: float = 30.0,
-        max_conflict_retries: int = 3,
+        max_conflict_retries: int = 20,
         reconnect: bool | Any = True,
         name: str | None = None,
     ) -> Session:
@@ -295,6 +299,8 @@ class Session:
             ok = self._replies_cond.wait_for(
                 lambda: self._config_version > 0 or self._dead is not None, timeout
             )
+        if isinstance(self._dead, AuthenticationError):
+            raise AuthenticationError(str(self._dead)) from None
         if self._dead is not None:
             raise ConnectError(f"connection failed before session.created: {self._dead}") from self._dead
         if not ok:
@@ -516,10 +522,19 @@ class Session:
         return self.send({"type": "input_audio_buffer.clear"})
 
     def interrupt(self, timeout: float | None = 10.0) -> Any:
-        """Barge in: stop playback, cancel if needed, truncate to what was played.
+        """Barge in from the app: stop playback, cancel the active response, truncate to what was played.
 
-        See :meth:`rtqueue.audio_session.AudioLink.interrupt`; without audio it
-        is :meth:`cancel` and returns an :class:`~rtqueue.audio_session.Interruption`.
+        Playback stops at once and the buffered rest is dropped. The active
+        in-band response (if any, and unless a cancel for it is already under
+        way) is cancelled by id; the interrupted item is truncated at the
+        milliseconds played, clamped to the audio received (no truncate at
+        0 ms or for items outside the conversation). Returns an
+        :class:`~rtqueue.audio_session.Interruption` once the cancelled
+        response's ``response.done`` is in (or ``timeout`` raises
+        :class:`ResponseTimeout`). Creates sent or queued but not yet started
+        are left alone. Without audio it is :meth:`cancel`. Server VAD
+        barge-ins (``speech_started``) do the same by themselves and emit
+        ``audio.interrupted``.
         """
         from .audio_session import interrupt
 
@@ -629,39 +644,35 @@ class Session:
             self._forget(item.handle)
             return
         if self._dead is not None:
-            item.handle._fail_send(ConnectionLost(f"connection lost: {self._dead}"))
+            dead = self._dead
+            item.handle._fail_send(AuthenticationError(str(dead)) if isinstance(dead, AuthenticationError)
+                                   else ConnectionLost(f"connection lost: {dead}"))
             self._forget(item.handle)
             return
         self.writer.enqueue(item, front=front)
 
-    def _send_direct(self, event: dict[str, Any]) -> None:
-        """Send now on the current socket (only while the writer is parked: reconnect)."""
-        event = {**event, "event_id": new_event_id()}
-        self._send_text(json.dumps(event))
-
-    def _desired_config_for_reconnect(self) -> dict[str, Any]:
-        with self._lock:
-            return json.loads(json.dumps(self._desired))
-
-    def _reseed_items(self) -> tuple[list[dict[str, Any]], int]:
-        """Conversation items to re-create on a new socket, and how many cannot be carried."""
-        out: list[dict[str, Any]] = []
-        not_carried = 0
-        for item in self.items:
-            seed = _reseed_item(item)
-            if seed is None:
-                not_carried += 1
-            else:
-                out.append(seed)
-        return out, not_carried
-
     def _send_urgent(self, event: dict[str, Any]) -> SendHandle:
         return self.send(event)
 
-    def _send_urgent_many(self, events: list[dict[str, Any]]) -> None:
-        """Queue urgent events at the head of the control lane, keeping their order."""
-        for ev in reversed(events):
-            self.send(ev)
+    def _send_urgent_many(self, events: list[dict[str, Any]]) -> list[SendHandle]:
+        """Queue urgent events at the head of the control lane, keeping their order; their handles."""
+        # Under the writer's (reentrant) lock: otherwise the writer could send the
+        # last one, queued first, before the others are in (truncate before cancel).
+        with self.writer._cond:
+            handles = [self.send(ev) for ev in reversed(events)]
+        return handles[::-1]
+
+    def _moot(self, event: dict[str, Any]) -> bool:
+        """Writer hook: a ``response.cancel`` whose ``response.done`` was read meanwhile is not sent.
+
+        It was queued while the response was active, but sending it now could
+        only earn ``response_cancel_not_active``.
+        """
+        if event.get("type") != "response.cancel":
+            return False
+        rid = event.get("response_id")
+        with self._lock:
+            return isinstance(rid, str) and rid in self._finished
 
     def _has_item(self, item_id: str) -> bool:
         with self._lock:
@@ -700,9 +711,13 @@ class Session:
 
     def _wait_done(self, rid: str, timeout: float | None) -> Response:
         with self._done_cond:
-            ok = self._done_cond.wait_for(lambda: rid in self._done or self._dead is not None or self._closing, timeout)
+            ok = self._done_cond.wait_for(
+                lambda: rid in self._done or rid in self._lost_rids or self._dead is not None or self._closing, timeout
+            )
             if rid in self._done:
                 return self._done[rid]
+            if rid in self._lost_rids:
+                raise ConnectionLost(f"the connection dropped before response.done for {rid}")
         if not ok:
             raise ResponseTimeout(f"no response.done for {rid} within {timeout}s")
         raise ConnectionLost(f"connection ended before response.done for {rid}")
@@ -848,7 +863,15 @@ class Session:
         meta = resp.get("metadata")
         eid = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
         eid = eid if isinstance(eid, str) else None
-        self.gate.on_done(rid, eid)
+        with self._lock:  # before the gate wakes the writer: a cancel queued for rid is now moot
+            self._finished[rid] = None
+            while len(self._finished) > 1000:
+                self._finished.popitem(last=False)
+        if self.gate.on_done(rid, eid):
+            # Hand the GIL to a writer woken by this release: without it, the
+            # writer waits for the rest of this handler and the next frames (up
+            # to the 5 ms switch interval) before its create can go out.
+            time.sleep(0)
         with self._lock:
             stream = self._streams.pop(rid, None)
             handle = self._by_rid.pop(rid, None)
@@ -865,7 +888,7 @@ class Session:
         )
         with self._done_cond:
             self._done[rid] = response
-            while len(self._done) > 1000:
+            while len(self._done) > 64:
                 self._done.popitem(last=False)
             self._done_cond.notify_all()
         if self._turns is not None and response.function_calls:
@@ -903,6 +926,8 @@ class Session:
                 self._run_callbacks(
                     handle, handle._fail(ResponseRejected(f"server rejected response.create: {err}", error=err))
                 )
+        if err.code in protocol.FATAL_CODES:
+            self._fatal_error = err
         fatal_or_expired = err.code in protocol.FATAL_CODES or err.code == protocol.SESSION_EXPIRED
         if fatal_or_expired and self._reconnect is not None:
             self._reconnect.note_server_error(err)
@@ -915,13 +940,14 @@ class Session:
         if isinstance(item, dict) and isinstance(item.get("id"), str):
             with self._lock:
                 self._items[item["id"]] = item
-                while len(self._items) > 2000:
+                while len(self._items) > 500:  # what a reconnect can re-seed (max_reseed_items)
                     self._items.popitem(last=False)
 
     def _on_item_deleted(self, event: dict[str, Any]) -> None:
         iid = event.get("item_id")
-        with self._lock:
-            self._items.pop(iid, None)
+        if isinstance(iid, str):
+            with self._lock:
+                self._items.pop(iid, None)
 
     def _on_transcription(self, event: dict[str, Any]) -> None:
         iid, transcript = event.get("item_id"), event.get("transcript")
@@ -959,7 +985,10 @@ class Session:
             return
         if self._reconnect is not None and self._reconnect.handle_lost(error, transport):
             return
-        self._die(error if isinstance(error, RtqueueError) else ConnectionLost(str(error)))
+        from .reconnect import fatal_loss
+
+        fatal = fatal_loss(getattr(transport, "close_code", None), self._fatal_error, self._secret)
+        self._die(fatal or (error if isinstance(error, RtqueueError) else ConnectionLost(str(error))))
 
     def _die(self, error: BaseException) -> None:
         """The connection is gone for good: fail everything queued or in flight."""
@@ -1063,32 +1092,6 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def _reseed_item(item: dict[str, Any]) -> dict[str, Any] | None:
-    """A ``conversation.item.create`` item carrying ``item``'s words, or ``None`` (audio only)."""
-    typ = item.get("type")
-    iid = item.get("id")
-    if typ == "function_call":
-        return {"id": iid, "type": "function_call", "call_id": item.get("call_id"), "name": item.get("name"),
-                "arguments": item.get("arguments") or ""}
-    if typ == "function_call_output":
-        return {"id": iid, "type": "function_call_output", "call_id": item.get("call_id"),
-                "output": item.get("output") or ""}
-    if typ != "message":
-        return None
-    role = item.get("role")
-    kind = "output_text" if role == "assistant" else "input_text"
-    content = []
-    for c in item.get("content") or []:
-        if not isinstance(c, dict):
-            continue
-        text = c.get("text") if c.get("type") in ("input_text", "output_text", "text") else c.get("transcript")
-        if isinstance(text, str) and text:
-            content.append({"type": kind, "text": text})
-    if not content or role not in ("user", "assistant", "system"):
-        return None
-    return {"id": iid, "type": "message", "role": role, "content": content}
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pydantic
@@ -84,5 +85,5 @@ def test_client_and_server_events_validate_against_openai_models():
 ])
 def test_beta_event_names_accepted_as_aliases(beta: str, ga: str):
     """Beta event names from older servers are read as their GA names."""
-    ev = rtqueue.protocol.parse_frame('{"type": "%s", "delta": "x", "unknown_field": 1}' % beta)
+    ev = rtqueue.protocol.parse_frame(json.dumps({"type": beta, "delta": "x", "unknown_field": 1}))
     assert ev["type"] == ga and ev["unknown_field"] == 1
