@@ -4,26 +4,37 @@ The reader feeds assistant audio deltas to the output (``play`` never
 blocks); the input's audio thread feeds the writer's audio lane. Barge-in, on
 server VAD's ``input_audio_buffer.speech_started`` or :meth:`Session.interrupt`:
 
-1. stop local playback at once and drop the buffered rest;
+1. stop local playback at once and drop the buffered rest; audio still
+   arriving for the response being cancelled is dropped too;
 2. cancel the active in-band response by id, only when the server will not do
-   it itself (``interrupt_response`` off, or an app-initiated interrupt) and
-   only if one is active;
+   it itself (``interrupt_response`` off, or an app-initiated interrupt), only
+   if one is active, and never twice for the same response (a response the
+   server already cancelled on ``speech_started`` is not cancelled again: that
+   would earn ``response_cancel_not_active``);
 3. ``conversation.item.truncate`` the interrupted item at the milliseconds
    really played, clamped to the audio received (never past what the server
-   produced), skipped at 0 ms and for items not in the conversation.
+   produced), skipped at 0 ms, for items not in the conversation (out-of-band
+   responses) and for items streamed on an earlier socket (after a reconnect
+   the server no longer has their audio).
+
+The cancel and the truncate jump to the head of the control lane together,
+cancel first, so they never wait behind a held ``response.create``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import math
+import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, RtqueueError
 from .handles import _check_timeout
 from .values import Event, Response
 
@@ -35,28 +46,53 @@ __all__ = ["AudioLink", "Interruption", "interrupt"]
 
 log = logging.getLogger("rtqueue")
 
+_MAX_TRACKED = 256  # cancelled responses / item sockets remembered
+
 
 @attrs.frozen
 class Interruption:
-    """What a barge-in did: the cut item, ms played and truncated, the cancelled response."""
+    """What a barge-in did: the cut item, ms played and truncated, the cancelled response.
+
+    ``played_ms`` is the position reached in ``item_id`` when playback stopped
+    and ``received_ms`` the audio received for it by then; ``truncated_ms`` is
+    the ``audio_end_ms`` sent (None when no truncate was needed: nothing
+    played, nothing playing, or the item is not in the conversation).
+    ``cancelled`` is the response this interrupt ended, once its
+    ``response.done`` is in (``Session.interrupt`` waits for it; the server-VAD
+    path does not wait and leaves it None). ``cancel_sent`` says whether this
+    interrupt sent a ``response.cancel`` (False when nothing was active or the
+    server cancels on its own). ``source`` is ``"app"`` or ``"server_vad"``.
+    """
 
     item_id: str | None
     played_ms: float
     received_ms: float
-    truncated_ms: int | None  # audio_end_ms sent, or None when no truncate was needed
-    cancelled: Response | None  # the response cancelled by this interrupt, after its done
-    source: str  # "app" or "server_vad"
+    truncated_ms: int | None
+    cancelled: Response | None
+    source: str
+    cancel_sent: bool = False
+    response_id: str | None = None  # the active response at the moment of the interrupt
 
 
 class AudioLink:
-    """Owns a session's :class:`~rtqueue.audio.AudioIO` while it is connected."""
+    """Owns a session's :class:`~rtqueue.audio.AudioIO` while it is connected.
+
+    Created by ``Session.connect(audio=...)``; apps reach it as
+    ``session._audio`` only for diagnostics (:meth:`stats`).
+    """
 
     def __init__(self, session: Session, io: AudioIO) -> None:
         self._session = session
         self.io = io
+        self._lock = threading.Lock()  # one barge-in at a time (reader vs app threads)
+        # Responses a cancel is under way for: ours ("app"/"client") or the server's ("server").
+        self._cancelled: OrderedDict[str, str] = OrderedDict()
+        # Which transport each item's audio came on (truncating it is only valid on that socket).
+        self._item_socket: OrderedDict[str, object] = OrderedDict()
         self.last_interruption: Interruption | None = None
         self.interruptions = 0
         self.bad_audio = 0
+        self.dropped_after_cancel_ms = 0.0  # audio of cancelled responses that arrived late
 
     @classmethod
     def create(cls, session: Session, audio: Any) -> AudioLink:
@@ -84,53 +120,119 @@ class AudioLink:
         """Close the devices (ends their threads)."""
         self.io.close()
 
+    def stats(self) -> dict[str, Any]:
+        """Barge-in counters plus the output's and input's own stats."""
+        out: dict[str, Any] = {
+            "interruptions": self.interruptions,
+            "bad_audio": self.bad_audio,
+            "dropped_after_cancel_ms": self.dropped_after_cancel_ms,
+        }
+        if self.io.output is not None:
+            out["output"] = self.io.output.stats()
+        if self.io.input is not None:
+            out["input"] = self.io.input.stats()
+        return out
+
     # -- reader thread (never blocks) ------------------------------------------------------
 
     def on_event(self, event: dict[str, Any]) -> None:
         """Route one server event: audio to the speaker, speech start to barge-in."""
         typ = event["type"]
         out = self.io.output
-        if typ == "response.output_audio.delta" and out is not None:
-            delta, item_id = event.get("delta"), event.get("item_id")
-            if isinstance(delta, str) and isinstance(item_id, str):
-                try:
-                    pcm = base64.b64decode(delta, validate=True)
-                except (binascii.Error, ValueError):
-                    self.bad_audio += 1
-                    return
-                out.play(item_id, pcm)
-        elif typ == "response.output_audio.done" and out is not None:
+        if typ == "response.output_audio.delta":
+            if out is not None:
+                self._on_audio(event)
+        elif typ == "response.output_audio.done":
             item_id = event.get("item_id")
-            if isinstance(item_id, str):
+            if out is not None and isinstance(item_id, str):
                 out.end_item(item_id)
+        elif typ == "response.done":
+            resp = event.get("response")
+            rid = resp.get("id") if isinstance(resp, dict) else None
+            if isinstance(rid, str):
+                with self._lock:
+                    self._cancelled.pop(rid, None)
         elif typ == "input_audio_buffer.speech_started":
-            td = ((self._session.session_config.get("audio") or {}).get("input") or {}).get("turn_detection") or {}
-            server_cancels = bool(td.get("interrupt_response", True))
-            self.barge_in(cancel=not server_cancels, source="server_vad", wait=None)
+            server_cancels = self._server_interrupts()
+            self.barge_in(cancel=not server_cancels, source="server_vad", wait=None,
+                          server_cancels=server_cancels)
 
-    def barge_in(self, *, cancel: bool, source: str, wait: float | None) -> Interruption:
+    def _on_audio(self, event: dict[str, Any]) -> None:
+        assert self.io.output is not None
+        delta, item_id, rid = event.get("delta"), event.get("item_id"), event.get("response_id")
+        if not isinstance(delta, str) or not isinstance(item_id, str):
+            return
+        try:
+            pcm = base64.b64decode(delta, validate=True)
+        except (binascii.Error, ValueError):
+            self.bad_audio += 1
+            return
+        with self._lock:
+            if isinstance(rid, str) and rid in self._cancelled:
+                # Sent before the server saw our cancel: never play it.
+                self.dropped_after_cancel_ms += len(pcm) / 48.0
+                return
+            if item_id not in self._item_socket:
+                self._item_socket[item_id] = self._session._transport
+                while len(self._item_socket) > _MAX_TRACKED:
+                    self._item_socket.popitem(last=False)
+            # Under the lock, so a concurrent barge-in cannot slip between the check and the play.
+            self.io.output.play(item_id, pcm)
+
+    def _server_interrupts(self) -> bool:
+        """Whether the server cancels the active response itself on speech start."""
+        audio = self._session.session_config.get("audio") or {}
+        td = (audio.get("input") or {}).get("turn_detection") if isinstance(audio, dict) else None
+        if not isinstance(td, dict):
+            return True  # no VAD configured: speech_started only comes from a server that has one
+        return bool(td.get("interrupt_response", True))
+
+    # -- barge-in -------------------------------------------------------------------------------
+
+    def barge_in(
+        self, *, cancel: bool, source: str, wait: float | None, server_cancels: bool = False
+    ) -> Interruption:
         """Stop playback, cancel if asked and something is active, truncate to what was played.
 
-        ``wait`` None: do not wait for the cancelled response's ``done`` (the
-        reader thread calls this); otherwise wait up to ``wait`` seconds.
+        ``server_cancels``: the server is cancelling the active response itself
+        (speech start with ``interrupt_response``); remember it so nobody sends
+        a second cancel. ``wait`` None: do not wait for the cancelled
+        response's ``done`` (the reader thread calls this); otherwise wait up to
+        ``wait`` seconds and report it in ``cancelled``.
         """
         session = self._session
         out = self.io.output
-        cut: PlaybackCut | None = out.interrupt() if out is not None else None
-        events: list[dict[str, Any]] = []
-        rid = session.gate.active_response_id() if cancel else None
-        if rid is not None:
-            events.append({"type": "response.cancel", "response_id": rid})
-        truncated = _truncate_ms(cut)
-        if cut is not None and truncated is not None and session._has_item(cut.item_id):
-            events.append({"type": "conversation.item.truncate", "item_id": cut.item_id, "content_index": 0,
-                           "audio_end_ms": truncated})
-        else:
-            truncated = None
-        session._send_urgent_many(events)
+        with self._lock:
+            cut: PlaybackCut | None = out.interrupt() if out is not None else None
+            rid = session.gate.active_response_id()
+            send_cancel = False
+            ending = False  # rid is being cancelled by someone (so waiting for its done makes sense)
+            if rid is not None:
+                if rid in self._cancelled:
+                    ending = True
+                elif server_cancels:
+                    self._remember_cancel(rid, "server")
+                    ending = True
+                elif cancel and not _is_done(session, rid):
+                    self._remember_cancel(rid, source)
+                    send_cancel = ending = True
+            events: list[dict[str, Any]] = []
+            if send_cancel:
+                events.append({"type": "response.cancel", "response_id": rid})
+            truncated = _truncate_ms(cut)
+            if cut is None or truncated is None or not self._truncatable(cut.item_id):
+                truncated = None
+            else:
+                events.append({"type": "conversation.item.truncate", "item_id": cut.item_id, "content_index": 0,
+                               "audio_end_ms": truncated})
+            handles = session._send_urgent_many(events) if events else []
         cancelled = None
-        if rid is not None and wait is not None:
+        if rid is not None and ending and wait is not None:
             cancelled = session._wait_done(rid, wait)
+        if wait is not None and handles:
+            # Return with the truncate on the wire (a close right after must not drop it).
+            with contextlib.suppress(RtqueueError):
+                handles[-1].wait_sent(wait)
         result = Interruption(
             item_id=cut.item_id if cut else None,
             played_ms=cut.played_ms if cut else 0.0,
@@ -138,11 +240,25 @@ class AudioLink:
             truncated_ms=truncated,
             cancelled=cancelled,
             source=source,
+            cancel_sent=send_cancel,
+            response_id=rid,
         )
         self.last_interruption = result
         self.interruptions += 1
         session._publish(Event("audio.interrupted", attrs.asdict(result, recurse=False)))
         return result
+
+    def _remember_cancel(self, rid: str, who: str) -> None:
+        self._cancelled[rid] = who
+        while len(self._cancelled) > _MAX_TRACKED:
+            self._cancelled.popitem(last=False)
+
+    def _truncatable(self, item_id: str) -> bool:
+        """The item is in the conversation and its audio came on the current socket."""
+        if not self._session._has_item(item_id):
+            return False
+        sock = self._item_socket.get(item_id)
+        return sock is None or sock is self._session._transport
 
 
 def _truncate_ms(cut: PlaybackCut | None) -> int | None:
@@ -153,6 +269,11 @@ def _truncate_ms(cut: PlaybackCut | None) -> int | None:
     return ms if ms > 0 else None
 
 
+def _is_done(session: Session, rid: str) -> bool:
+    """Whether ``rid``'s ``response.done`` was read (it must not be cancelled then)."""
+    return session._moot({"type": "response.cancel", "response_id": rid})
+
+
 def interrupt(session: Session, timeout: float | None) -> Interruption:
     """``Session.interrupt``: barge in from the app and wait for the cancelled response."""
     _check_timeout(timeout)
@@ -160,5 +281,5 @@ def interrupt(session: Session, timeout: float | None) -> Interruption:
     if link is None:
         rid = session.gate.active_response_id()
         cancelled = session.cancel(timeout) if rid is not None else None
-        return Interruption(None, 0.0, 0.0, None, cancelled, "app")
+        return Interruption(None, 0.0, 0.0, None, cancelled, "app", cancel_sent=rid is not None, response_id=rid)
     return link.barge_in(cancel=True, source="app", wait=timeout)

@@ -64,7 +64,7 @@ def run_demo(
             return 2
     turns = DEMO_TURNS if scenario == "customer_service" else _BASIC_TURNS
     agent: Agent = build_desk() if scenario == "customer_service" else Agent(
-        name="assistant", instructions="You are a friendly, brief voice assistant."
+        name="assistant", instructions="You are the assistant. Be friendly and brief."
     )
     with contextlib.ExitStack() as stack:
         sim = None
@@ -97,9 +97,10 @@ def run_demo(
                 say(f"  !! {exc}")
                 failures += 1
                 continue
-            _drain_until(stream, final.id, transcript, say)
-        if audio_io is not None and audio_io.output is not None:
-            audio_io.output.wait_idle(120)
+            _drain_until(stream, final.id, transcript, say, agent.name)
+            if audio_io is not None and audio_io.output is not None:
+                # Let the answer finish playing before the customer speaks again.
+                audio_io.output.wait_idle(120)
         elapsed = time.monotonic() - t0
         gate = session.gate.stats()
         summary: dict[str, Any] = {
@@ -113,6 +114,8 @@ def run_demo(
             "seconds": round(elapsed, 2),
             "failures": failures,
         }
+        if audio_io is not None and audio_io.output is not None:
+            summary["audio_played_ms"] = round(audio_io.output.stats()["played_ms"], 1)
         session.close()
         if sim is not None:
             stats = sim.stats()
@@ -128,7 +131,7 @@ def run_demo(
     return 0 if ok else 1
 
 
-def _drain_until(stream: Any, final_id: str, transcript: list[dict[str, Any]], say: Any) -> None:
+def _drain_until(stream: Any, final_id: str, transcript: list[dict[str, Any]], say: Any, first: str) -> None:
     """Print the turn's events in order until the final response's ``response.done``."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -140,7 +143,7 @@ def _drain_until(stream: Any, final_id: str, transcript: list[dict[str, Any]], s
             from .values import response_text
 
             text = response_text(resp.get("output") or [])
-            agent = transcript_agent(transcript)
+            agent = transcript_agent(transcript, first)
             if text:
                 say(f"  {agent:<14}: {_short(text)}")
             calls = [o for o in resp.get("output") or [] if o.get("type") == "function_call"]
@@ -164,9 +167,9 @@ def _drain_until(stream: Any, final_id: str, transcript: list[dict[str, Any]], s
             say(f"  !! server error: {(ev.data.get('error') or {}).get('message')}")
 
 
-def transcript_agent(transcript: list[dict[str, Any]]) -> str:
-    """The agent speaking now, from the handoffs recorded so far."""
+def transcript_agent(transcript: list[dict[str, Any]], first: str = "front_desk") -> str:
+    """The agent speaking now, from the handoffs recorded so far (``first`` before any)."""
     for t in reversed(transcript):
         if t.get("kind") == "handoff":
             return str(t["target"])
-    return "front_desk"
+    return first
