@@ -1,0 +1,82 @@
+"""Print the Markdown tables of a results folder (for benchmarks/RESULTS.md and the README).
+
+    python benchmarks/_report.py [benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+
+def _load(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / f"bench_{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _loadavg(m: dict[str, Any]) -> Any:
+    return m.get("loadavg_1_5_15min", m.get("loadavg_at_start"))
+
+
+def _targets(doc: dict[str, Any]) -> str:
+    return "\n".join(f"- {'PASS' if t['pass'] else 'FAIL'}: {t['target']} ({t['detail']})" for t in doc["targets"])
+
+
+def report(folder: Path) -> str:
+    parts: list[str] = []
+    conf = _load(folder, "conflicts")
+    if conf is not None:
+        m = conf["machine"]
+        parts.append(f"### Conflicts, lost intents, errors, gate latency, CPU\n\n`{conf['command']}` on {m['date']}, "
+                     f"{m['cpus']} CPUs, Python {m['python']}, load average (1/5/15 min) when it ended {_loadavg(m)}; "
+                     f"simulator speed {conf['speed']}x, seed {conf['seed']}, {conf['seconds']} s.\n")
+        for rtt in sorted({r["latency_ms"] for r in conf["results"]}):
+            rows = [r for r in conf["results"] if r["latency_ms"] == rtt]
+            for r in rows:
+                r["lost_of"] = f"{r.get('lost_intents')}/{r.get('intents')}"
+            parts.append(f"**RTT {rtt:g} ms**\n")
+            parts.append(C.table(rows, [
+                ("workload", "workload"), ("strategy", "strategy"), ("creates", "creates"),
+                ("conflicts_per_1000", "conflicts /1000 creates"), ("user_visible_conflicts", "visible conflicts"),
+                ("lost_of", "lost intents"), ("duplicates", "dups"), ("cancel_not_active", "cancel_not_active"),
+                ("truncate_errors", "truncate errors"), ("gate_p50_ms", "gate p50 ms"),
+                ("gate_p99_ms", "gate p99 ms"), ("gate_max_ms", "gate max ms"),
+                ("cpu_ms_per_response", "CPU ms/response"), ("drained", "drained"),
+            ], nd=2) + "\n")
+        parts.append(_targets(conf) + "\n")
+        if conf.get("skipped"):
+            parts.append("\n".join(f"- skipped {k}: {v}" for k, v in conf["skipped"].items()) + "\n")
+    reader = _load(folder, "reader")
+    if reader is not None:
+        m = reader["machine"]
+        parts.append(f"### Reader throughput\n\n`{reader['command']}` on {m['date']}, pinned to one CPU, "
+                     f"load average (1/5/15 min) when it ended {_loadavg(m)}.\n")
+        parts.append(C.table(reader["results"], [
+            ("variant", "path"), ("frames", "frames"), ("audio_s", "audio s"), ("wall_ms", "wall ms"),
+            ("us_per_frame", "us/frame"), ("x_realtime", "x real time (wall)"),
+            ("x_realtime_cpu", "x real time (thread CPU)"),
+        ], nd=1) + "\n")
+        parts.append(_targets(reader) + "\n")
+    scale = _load(folder, "scale")
+    if scale is not None:
+        m = scale["machine"]
+        parts.append(f"### Scale\n\n`{scale['command']}` on {m['date']}, load average (1/5/15 min) when it "
+                     f"ended {_loadavg(m)}.\n")
+        parts.append(C.table(scale["results"], [
+            ("sessions", "sessions"), ("seconds", "steady s"), ("mic_audio_s_per_session", "mic audio s/session"),
+            ("server_responses", "responses"), ("app_creates", "app creates"), ("conflicts", "server conflicts"),
+            ("user_visible_conflicts", "visible"), ("lost_intents", "lost"), ("gate_p50_ms", "gate p50 ms"),
+            ("gate_p99_ms", "gate p99 ms"), ("mb_per_session", "MB/session"),
+            ("rss_growth_mb_per_min", "RSS growth MB/min"), ("threads_per_session", "threads/session"),
+            ("client_cpu_pct", "client CPU %"), ("sim_cpu_pct", "simulator CPU %"),
+        ], nd=2) + "\n")
+        parts.append(_targets(scale) + "\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(report(Path(sys.argv[1] if len(sys.argv) > 1 else C.HERE / "results")))

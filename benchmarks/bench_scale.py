@@ -1,0 +1,302 @@
+"""Scale: many concurrent rtqueue sessions in one process against one simulator.
+
+    python benchmarks/bench_scale.py [--quick] [--sessions N] [--seconds S] [--out DIR] [--json FILE]
+
+One process holds N :class:`rtqueue.Session` objects (default 200), all
+connected to one simulator running in a second process (the two processes
+share this machine's cores). Each session:
+
+- streams microphone audio at real time (100 ms chunks: turns of 0.5-1.5 s of
+  speech then 3-6 s of silence, in a per-session random rhythm) through
+  ``append_audio``; server VAD with ``create_response`` and
+  ``interrupt_response`` answers and barges in;
+- gets app responses from a timer (``create_response`` every 10-20 s), which
+  the gate must order against the VAD's own responses.
+
+A few feeder threads stand in for the audio callbacks (one per 50 sessions),
+and one timer thread plays the app. Measured: server-counted conflicts, lost
+app intents (handles that failed or never finished), gate latency
+(``response.done`` read -> next create written, pooled over all sessions),
+RSS sampled every half second (MB per session = steady RSS minus the RSS
+before connecting, divided by N; growth over the steady part in MB/min),
+threads per session, and the CPU share of both processes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+CHUNK_MS = 100
+GATE_P99_TARGET_MS = 5.0
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process from /proc (0.0 where unavailable)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Feeder:
+    """One thread feeding real-time mic audio to a group of sessions, 100 ms at a time."""
+
+    def __init__(self, k: int, sessions: list[Any], seed: int, stop: threading.Event) -> None:
+        self._sessions = sessions
+        self._stop = stop
+        self._rng = random.Random(f"{seed}|feeder|{k}")
+        self._speech = C.speech_pcm(CHUNK_MS)
+        self._silence = C.silence_pcm(CHUNK_MS)
+        # per session: chunks left in the current phase, and whether it is speech
+        self._phase = [[self._rng.randint(1, 20), False] for _ in sessions]
+        self.sent = 0
+        self.late = 0
+        self.thread = threading.Thread(target=self._run, name=f"bench-feeder-{k}", daemon=True)
+
+    def _run(self) -> None:
+        period = CHUNK_MS / 1000.0
+        t_next = time.monotonic()
+        while not self._stop.is_set():
+            for s, ph in zip(self._sessions, self._phase, strict=True):
+                ph[0] -= 1
+                if ph[0] <= 0:
+                    ph[1] = not ph[1]
+                    # a turn: 0.5-1.5 s of speech, then 3-6 s of silence (the answer plays meanwhile)
+                    ph[0] = self._rng.randint(5, 15) if ph[1] else self._rng.randint(30, 60)
+                s.append_audio(self._speech if ph[1] else self._silence)
+                self.sent += 1
+            t_next += period
+            delay = t_next - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            else:
+                self.late += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--sessions", type=int, default=None)
+    p.add_argument("--seconds", type=float, default=None, help="steady-state duration")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="one-way simulated latency")
+    p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--gate-slice-ms", type=float, default=None,
+                   help="experiment: override the writer's gate wait slice (rtqueue's default is 50 ms)")
+    ns = p.parse_args(argv)
+    n = ns.sessions or (20 if ns.quick else 200)
+    seconds = ns.seconds or (6.0 if ns.quick else 60.0)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from rtqueue import Session
+
+    rss: list[tuple[float, float]] = []
+    stop_sampling = threading.Event()
+    t0 = time.monotonic()
+
+    def sample() -> None:
+        while not stop_sampling.wait(0.5):
+            rss.append((time.monotonic() - t0, C.rss_mb()))
+
+    sampler = threading.Thread(target=sample, name="bench-rss", daemon=True)
+    sampler.start()
+    threads_before = threading.active_count()
+    rss_before = C.rss_mb()
+    sessions: list[Any] = []
+    handles: list[Any] = []
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+    with C.SimProcess(latency_ms=ns.latency_ms, speed=1.0, seed=ns.seed, record=False, senders=8) as sim:
+        C.progress(f"connecting {n} sessions to {sim.url} ...")
+        t_conn = time.monotonic()
+
+        def connect(i: int) -> Any:
+            return Session.connect(sim.url, api_key="sk-bench", turn_detection="server_vad", reconnect=False,
+                                   name=f"scale-{i}", connect_timeout=60.0)
+
+        with ThreadPoolExecutor(8, thread_name_prefix="bench-connect") as pool:
+            sessions = list(pool.map(connect, range(n)))
+        connect_s = time.monotonic() - t_conn
+        if ns.gate_slice_ms is not None:
+            for s in sessions:
+                s.writer._slice = ns.gate_slice_ms / 1000.0
+        rss_connected = C.rss_mb()
+        threads_after = threading.active_count()
+        per_session_threads = statistics.mean(len(s.threads()) for s in sessions)
+        C.progress(f"  connected in {connect_s:.1f} s; RSS {rss_before:.0f} -> {rss_connected:.0f} MB; "
+                   f"threads +{threads_after - threads_before}")
+        feeders = [Feeder(k, sessions[i : i + 50], ns.seed, stop) for k, i in enumerate(range(0, n, 50))]
+        rng = random.Random(f"{ns.seed}|app")
+        cpu0, sim_cpu0, t_steady = time.process_time(), proc_cpu_s(sim.pid), time.monotonic()
+        for f in feeders:
+            f.thread.start()
+        steady_from = time.monotonic() - t0
+        # The app: a timer per session, all on this thread (a heap of due times).
+        due = [(time.monotonic() + rng.uniform(1.0, 15.0), i) for i in range(n)]
+        heapq.heapify(due)
+        end = time.monotonic() + seconds
+        next_report = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            t_due, i = due[0]
+            wait = min(t_due, end, next_report) - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            now = time.monotonic()
+            while due and due[0][0] <= now:
+                _, i = heapq.heappop(due)
+                handles.append(sessions[i].create_response(metadata={"bench_intent": f"app:{i}:{len(handles)}"}))
+                heapq.heappush(due, (now + rng.uniform(10.0, 20.0), i))
+            if now >= next_report:
+                next_report += 5.0
+                done = sum(s.gate.stats().done for s in sessions)
+                retried = sum(s.gate.stats().retried for s in sessions)
+                C.progress(f"  t={now - t_steady:5.1f}s RSS {C.rss_mb():.0f} MB, responses done {done}, "
+                           f"server races retried {retried}, app creates {len(handles)}")
+        stop.set()
+        for f in feeders:
+            f.thread.join(5.0)
+        steady_to = time.monotonic() - t0
+        cpu = time.process_time() - cpu0
+        sim_cpu = proc_cpu_s(sim.pid) - sim_cpu0
+        wall = time.monotonic() - t_steady
+        C.progress("draining: waiting for app responses to finish ...")
+        deadline = time.monotonic() + 120.0
+        for h in handles:
+            try:
+                h.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                pass
+        stats = sim.stats()
+        lat = [x for s in sessions for x in s.gate.latencies_ms()]
+        gstats = [s.gate.stats() for s in sessions]
+        failed = [h for h in handles if h.done() and h.error is not None]
+        unfinished = [h for h in handles if not h.done()]
+        rejected = sum(1 for h in failed if type(h.error).__name__ == "ResponseRejected")
+        for s in sessions:
+            s.close()
+        stop_sampling.set()
+        sampler.join(2.0)
+        threads_left = threading.active_count() - threads_before
+        steady = [m for t, m in rss if steady_from + (steady_to - steady_from) / 2 <= t <= steady_to]
+        # growth is fitted over the second half of the steady phase (the first half warms up)
+        steady_all = [(t, m) for t, m in rss if steady_from + (steady_to - steady_from) / 2 <= t <= steady_to]
+        growth = None
+        if len(steady_all) >= 4:
+            xs = [t for t, _ in steady_all]
+            ys = [m for _, m in steady_all]
+            mx, my = statistics.mean(xs), statistics.mean(ys)
+            den = sum((x - mx) ** 2 for x in xs)
+            cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+            growth = round(60.0 * cov / den, 2) if den else None
+        rss_steady = statistics.median(steady) if steady else C.rss_mb()
+        gl = C.latency_summary(lat)
+        result = {
+            "sessions": n,
+            "seconds": round(wall, 1),
+            "latency_ms_one_way": ns.latency_ms,
+            "connect_s": round(connect_s, 2),
+            "server_responses": stats["responses"],
+            "server_cancelled": stats["cancelled"],
+            "vad_speech_started": stats["vad_speech_started"],
+            "app_creates": len(handles),
+            "creates_on_wire": stats["client_events"].get("response.create", 0),
+            "conflicts": stats["conflicts"],
+            "conflicts_retried": sum(g.retried for g in gstats),
+            "user_visible_conflicts": rejected,
+            "lost_intents": len(failed) + len(unfinished),
+            "cancel_not_active": stats["cancel_not_active"],
+            "truncate_errors": stats["truncate_errors"],
+            "server_errors": stats["errors"],
+            "gate_p50_ms": gl["p50"],
+            "gate_p99_ms": gl["p99"],
+            "gate_max_ms": gl["max"],
+            "gate_samples": gl["n"],
+            "rss_before_mb": round(rss_before, 1),
+            "rss_connected_mb": round(rss_connected, 1),
+            "rss_steady_mb": round(rss_steady, 1),
+            "mb_per_session": round((rss_steady - rss_before) / n, 3),
+            "rss_growth_mb_per_min": growth,
+            "threads_per_session": round((threads_after - threads_before) / n, 2),
+            "session_threads_per_session": round(per_session_threads, 2),
+            "threads_left_after_close": threads_left,
+            "client_cpu_pct": round(100.0 * cpu / wall, 1),
+            "sim_cpu_pct": round(100.0 * sim_cpu / wall, 1),
+            "mic_chunks_sent": sum(f.sent for f in feeders),
+            "mic_audio_s_per_session": round(sum(f.sent for f in feeders) * CHUNK_MS / 1000.0 / n, 1),
+            "feeder_late_ticks": sum(f.late for f in feeders),
+            "audio_dropped": sum(s.writer.audio_dropped for s in sessions),
+        }
+    checks: list[tuple[str, bool, str]] = [
+        ("0 user-visible conflicts", result["user_visible_conflicts"] == 0,
+         f"visible={result['user_visible_conflicts']} (server races retried: {result['conflicts_retried']})"),
+        ("0 lost intents", result["lost_intents"] == 0, f"lost={result['lost_intents']}"),
+        (f"gate p99 <= {GATE_P99_TARGET_MS:g} ms", result["gate_p99_ms"] is not None
+         and result["gate_p99_ms"] <= GATE_P99_TARGET_MS, f"p99={C.fmt(result['gate_p99_ms'], 3)} ms "
+         f"over {result['gate_samples']} gated creates"),
+    ]
+    if not ns.quick:  # a few seconds are all warm-up: no verdict on memory then
+        checks.append(("steady memory (RSS growth < 1 MB/min per 100 sessions over the second half)",
+                       result["rss_growth_mb_per_min"] is not None and result["rss_growth_mb_per_min"] < n / 100.0,
+                       f"{result['rss_growth_mb_per_min']} MB/min, {result['mb_per_session']} MB/session"))
+    doc = {
+        "benchmark": "scale",
+        "machine": C.machine(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "quick": ns.quick,
+        "targets": [{"target": name, "pass": ok, "detail": d} for name, ok, d in checks],
+        "results": [result],
+        "rss_samples": [(round(t, 2), round(m, 1)) for t, m in rss],
+        "gate_latencies_ms": [round(x, 4) for x in lat],
+    }
+    written = C.write_json(doc, out / "bench_scale.json", ns.json)
+    plt = C.pyplot()
+    if plt is not None:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+        a1.plot([t for t, _ in rss], [m for _, m in rss])
+        a1.axvspan(steady_from, steady_to, alpha=0.15, label="steady (mic + app)")
+        a1.set_xlabel("seconds")
+        a1.set_ylabel("RSS MB")
+        a1.set_title(f"memory, {n} sessions")
+        a1.legend()
+        if lat:
+            vals = sorted(lat)
+            a2.step([max(v, 1e-3) for v in vals], [(i + 1) / len(vals) for i in range(len(vals))], where="post")
+            a2.axvline(GATE_P99_TARGET_MS, color="red", linestyle="--", label="p99 target")
+            a2.set_xscale("log")
+            a2.legend()
+        a2.set_xlabel("gate latency ms")
+        a2.set_title("gate latency CDF (all sessions)")
+        fig.tight_layout()
+        path = out / "scale.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    print()
+    print(C.table([result], [("sessions", "sessions"), ("seconds", "s"), ("server_responses", "responses"),
+                             ("app_creates", "app creates"), ("conflicts", "conflicts"),
+                             ("user_visible_conflicts", "visible"), ("lost_intents", "lost"),
+                             ("gate_p50_ms", "gate p50 ms"), ("gate_p99_ms", "gate p99 ms"),
+                             ("mb_per_session", "MB/session"), ("rss_growth_mb_per_min", "RSS MB/min"),
+                             ("threads_per_session", "threads/session"), ("client_cpu_pct", "client CPU %"),
+                             ("sim_cpu_pct", "sim CPU %")], nd=3))
+    print()
+    for name, ok, detail in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  rtqueue scale: {name}  [{detail}]")
+    print("\nwrote " + ", ".join(written))
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Smoke-run every benchmark with --quick: they still run, write their JSON, and rtqueue keeps its promises.
+
+Benchmarks are not tests: only breakage and rtqueue's correctness figures
+(no user-visible conflict, no lost intent) are checked here, never timings.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.utils import UNIT
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+pytestmark = pytest.mark.timeout(int(30 * UNIT))
+
+
+def run_bench(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / "out"
+    path = tmp_path / f"{script}.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", "--out", str(out), "--json", str(path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=12 * UNIT,
+        cwd=ROOT,
+    )
+    assert path.exists(), f"{script} wrote no JSON (rc={proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    data = json.loads(path.read_text())
+    assert isinstance(data["results"], list) and data["results"]
+    assert isinstance(data["targets"], list) and data["targets"]
+    return data
+
+
+def test_bench_conflicts_quick(tmp_path: Path) -> None:
+    """bench_conflicts --quick: every strategy x workload row, rtqueue with 0 visible conflicts, 0 lost."""
+    data = run_bench("bench_conflicts.py", tmp_path)
+    rows = data["results"]
+    keys = {"strategy", "workload", "latency_ms", "creates", "conflicts_per_1000", "lost_intents", "duplicates",
+            "gate_p50_ms", "gate_p99_ms", "cpu_ms_per_response"}
+    for row in rows:
+        assert keys <= set(row), sorted(keys - set(row))
+        assert "failed" not in row, row
+    strategies = {r["strategy"] for r in rows}
+    assert {"naive", "flag", "poll", "rtqueue"} <= strategies
+    assert "openai-agents" in strategies or "openai-agents" in data["skipped"]
+    assert {r["workload"] for r in rows} == {"handoff", "tools", "bargein", "app_vs_vad"}
+    assert {r["latency_ms"] for r in rows} == {0.0, 40.0}
+    mine = [r for r in rows if r["strategy"] == "rtqueue"]
+    assert len(mine) == 8
+    for r in mine:
+        assert r["user_visible_conflicts"] == 0, r
+        assert r["lost_intents"] == 0, r
+        assert r["creates"] > 0 and r["responses"] > 0
+    assert (tmp_path / "out" / "conflicts.png").stat().st_size > 0
+    assert (tmp_path / "out" / "gate_latency.png").stat().st_size > 0
+
+
+def test_bench_reader_quick(tmp_path: Path) -> None:
+    """bench_reader --quick: rtqueue's reader and the floor are both measured against real time."""
+    data = run_bench("bench_reader.py", tmp_path)
+    rows = data["results"]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["x_realtime"] > 0 and row["frames"] > 0 and row["audio_s"] > 0
+
+
+def test_bench_scale_quick(tmp_path: Path) -> None:
+    """bench_scale --quick: sessions stream audio with no visible conflict, no lost intent, all threads ended."""
+    data = run_bench("bench_scale.py", tmp_path)
+    (row,) = data["results"]
+    assert row["sessions"] > 0 and row["server_responses"] > 0
+    assert row["user_visible_conflicts"] == 0
+    assert row["lost_intents"] == 0
+    assert row["threads_left_after_close"] <= 1  # the RSS sampler may still be ending
+    assert row["mb_per_session"] is not None and row["threads_per_session"] > 0
