@@ -29,6 +29,32 @@ def no_thread_leaks() -> Iterator[None]:
     assert not leaked, f"threads still alive after the test: {[t.name for t in leaked]}"
 
 
+@pytest.fixture(scope="module")
+def pulse() -> Iterator[object]:
+    """A private PulseAudio: null sink rtq is the default output, its monitor the default input.
+
+    Skips (with the reason) when pulseaudio, PortAudio or ALSA's pulse plugin
+    is missing; ``.ci/run`` installs them.
+    """
+    from tests.pulse import PulseServer, PulseUnavailable
+
+    try:
+        server = PulseServer.start()
+    except PulseUnavailable as exc:
+        pytest.skip(f"private PulseAudio unavailable: {exc}")
+    try:
+        try:
+            import sounddevice as sd
+        except (OSError, ImportError) as exc:
+            pytest.skip(f"sounddevice/PortAudio unavailable: {exc}")
+        devices = sd.query_devices()
+        if not any(d["max_output_channels"] for d in devices) or not any(d["max_input_channels"] for d in devices):
+            pytest.skip("PortAudio sees no ALSA 'pulse'/'default' device (apt-get install libasound2-plugins)")
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def sim() -> Iterator[object]:
     """A fast simulator (no pacing) on a free loopback port."""

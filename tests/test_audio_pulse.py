@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import threading
 import wave
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +20,12 @@ import numpy as np
 import pytest
 
 from rtqueue.audio import Microphone, Speaker, float_to_pcm16, pcm16_to_float
-
-try:
-    from pulse import PulseServer, PulseUnavailable
-except ImportError:  # tests/ imported as a package
-    from tests.pulse import PulseServer, PulseUnavailable
+from tests.pulse import PulseServer
 
 UNIT = 10.0
 TONE_HZ = 440.0
 AMP = 0.5
 THRESHOLD = 0.05  # |sample| above this counts as tone (the tone peaks at 0.5)
-
-
-@pytest.fixture(scope="module")
-def pulse() -> Iterator[PulseServer]:
-    """A private PulseAudio with null sink rtq as default sink and rtq.monitor as default source."""
-    try:
-        server = PulseServer.start()
-    except PulseUnavailable as exc:
-        pytest.skip(f"private PulseAudio unavailable: {exc}")
-    try:
-        try:
-            import sounddevice as sd
-        except (OSError, ImportError) as exc:
-            pytest.skip(f"sounddevice/PortAudio unavailable: {exc}")
-        devices = sd.query_devices()
-        if not any(d["max_output_channels"] for d in devices) or not any(d["max_input_channels"] for d in devices):
-            pytest.skip("PortAudio sees no ALSA 'pulse'/'default' device (apt-get install libasound2-plugins)")
-        yield server
-    finally:
-        server.stop()
 
 
 class Recorder:

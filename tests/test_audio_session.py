@@ -46,7 +46,7 @@ from rtqueue.audio_session import AudioLink, Interruption
 from rtqueue.errors import AudioUnavailable, ConnectionLost
 from rtqueue.protocol import METADATA_KEY
 from rtqueue.sim import synthesize
-from tests.pulse import PulseServer, PulseUnavailable
+from tests.pulse import PulseServer
 from tests.utils import UNIT, silence_pcm, speech_pcm
 
 # -- a transport the test drives -------------------------------------------------------------
@@ -558,26 +558,6 @@ def test_voice_chat_without_portaudio_says_what_to_install(monkeypatch: pytest.M
 
 
 # -- real devices on a PulseAudio null sink -------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pulse() -> Iterator[PulseServer]:
-    """A private PulseAudio: null sink rtq is the default output, its monitor the default input."""
-    try:
-        server = PulseServer.start()
-    except PulseUnavailable as exc:
-        pytest.skip(f"private PulseAudio unavailable: {exc}")
-    try:
-        try:
-            import sounddevice as sd
-        except (OSError, ImportError) as exc:
-            pytest.skip(f"sounddevice/PortAudio unavailable: {exc}")
-        devices = sd.query_devices()
-        if not any(d["max_output_channels"] for d in devices) or not any(d["max_input_channels"] for d in devices):
-            pytest.skip("PortAudio sees no ALSA 'pulse'/'default' device (apt-get install libasound2-plugins)")
-        yield server
-    finally:
-        server.stop()
 
 
 def test_speaker_plays_the_session_audio(pulse: PulseServer):
