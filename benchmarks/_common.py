@@ -24,12 +24,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
+
+from rtqueue.sim.synth import hum, silence  # noqa: E402 - needs the path above
 
 CONFLICT = "conversation_already_has_active_response"
 
@@ -85,16 +85,9 @@ def machine() -> dict[str, Any]:
 # -- audio ---------------------------------------------------------------------------------
 
 
-def speech_pcm(ms: int, *, amp: float = 0.3, freq: float = 220.0) -> bytes:
-    """Voiced-sounding PCM16 at 24 kHz, loud enough for server VAD."""
-    t = np.arange(int(24 * ms)) / 24000.0
-    wave = amp * np.sin(2 * np.pi * freq * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
-    return (wave * 32767).astype("<i2").tobytes()
-
-
-def silence_pcm(ms: int) -> bytes:
-    """Digital silence, PCM16 at 24 kHz."""
-    return b"\x00\x00" * (24 * ms)
+# The user's voice in workloads: the same hum the tests use (rtqueue.sim.synth).
+speech_pcm = hum
+silence_pcm = silence
 
 
 # -- the simulator in its own process ---------------------------------------------------------

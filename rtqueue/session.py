@@ -820,14 +820,9 @@ class Session:
             self._replies_cond.notify_all()
 
     def _on_created(self, event: dict[str, Any]) -> None:
-        resp = event.get("response")
-        if not isinstance(resp, dict) or not isinstance(resp.get("id"), str):
-            raise ProtocolError("response.created without response.id", frame=str(event)[:200])
-        rid = resp["id"]
-        meta = resp.get("metadata")
-        eid = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
+        resp, rid, eid = _response_ids(event)
         hint = (resp["conversation_id"] is not None) if "conversation_id" in resp else None
-        self.gate.on_created(rid, eid if isinstance(eid, str) else None, in_band=hint)
+        self.gate.on_created(rid, eid, in_band=hint)
         agent = self._agent.name if self._agent is not None else None
         with self._lock:
             self._streams[rid] = _Stream(agent)
@@ -856,13 +851,7 @@ class Session:
                 stream.audio_bytes += _b64_len(delta)
 
     def _on_done(self, event: dict[str, Any]) -> None:
-        resp = event.get("response")
-        if not isinstance(resp, dict) or not isinstance(resp.get("id"), str):
-            raise ProtocolError("response.done without response.id", frame=str(event)[:200])
-        rid = resp["id"]
-        meta = resp.get("metadata")
-        eid = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
-        eid = eid if isinstance(eid, str) else None
+        _resp, rid, eid = _response_ids(event)
         with self._lock:  # before the gate wakes the writer: a cancel queued for rid is now moot
             self._finished[rid] = None
             while len(self._finished) > 1000:
@@ -1092,6 +1081,16 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def _response_ids(event: dict[str, Any]) -> tuple[dict[str, Any], str, str | None]:
+    """``(response, response id, our create's event id or None)`` of a response.* event."""
+    resp = event.get("response")
+    if not isinstance(resp, dict) or not isinstance(resp.get("id"), str):
+        raise ProtocolError(f"{event['type']} without response.id", frame=str(event)[:200])
+    meta = resp.get("metadata")
+    eid = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
+    return resp, resp["id"], eid if isinstance(eid, str) else None
 
 
 def _remaining(deadline: float | None) -> float | None:

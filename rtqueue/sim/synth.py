@@ -99,6 +99,14 @@ def silence(ms: float) -> bytes:
     return bytes(2 * int(ms * SAMPLE_RATE / 1000))
 
 
+def hum(ms: float, *, amp: float = 0.3, freq: float = 220.0) -> bytes:
+    """A voiced hum of ``ms`` milliseconds (4 Hz syllable-like swell): the simplest
+    stand-in for a user speaking, loud enough for server VAD at default settings."""
+    t = np.arange(int(ms * SAMPLE_RATE / 1000)) / SAMPLE_RATE
+    wave = amp * np.sin(2 * np.pi * freq * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    return _to_pcm16(wave)
+
+
 def noise(ms: float, *, level_dbfs: float = -60.0, seed: int = 0) -> bytes:
     """White noise at ``level_dbfs`` RMS (default: a quiet room microphone).
 
