@@ -244,11 +244,9 @@ class Soak:
         self.sim_memory: list[tuple[float, float]] = []  # the same for the simulator's process
         self.threads: list[tuple[float, int]] = []
         self.events: Counter[str] = Counter()
-        self.handles: list[rtqueue.SendHandle] = []
         self.wall_truncated = False
         self.held: dict[str, int] = {}
         self.history: list[tuple[float, float]] = []  # (simulated minutes, MB held in the session's history)
-        self.handles_resolved = 0
 
     # -- clocks ------------------------------------------------------------------------------
 
@@ -271,7 +269,6 @@ class Soak:
                 turn_detection=None, reconnect=policy, response_timeout=max(2.0, 120.0 / self.speed),
                 tool_timeout=10.0,
             )
-            self._record_handles(session)
             session.on("*", self._count_event)
             self.t0 = time.monotonic()
             chaos = threading.Thread(target=self._chaos, args=(sim, session), name="soak-chaos", daemon=True)
@@ -297,27 +294,9 @@ class Soak:
                              "errors_by_eid": len(session._errors_by_eid)}
                 session.close()
             sim_stats = sim.stats()
-        unresolved = [h.event.get("type") for h in self.handles if not h.sent() and h.error is None]
+        unresolved = [h.event.get("type") for h in session.unresolved()]
         return self._report(final_stats, sim_stats, speaker.stats(), idle, gate_depth, pending, unresolved,
                             threads_left=len(session.threads()))
-
-    def _record_handles(self, session: Session) -> None:
-        inner_send, inner_create = session.send, session._queue_create
-
-        def send(event: Any) -> rtqueue.SendHandle:
-            h = inner_send(event)
-            with self.lock:
-                self.handles.append(h)
-            return h
-
-        def queue_create(event: dict[str, Any], deadline: float | None) -> rtqueue.ResponseHandle:
-            h = inner_create(event, deadline)
-            with self.lock:
-                self.handles.append(h)
-            return h
-
-        session.send = send  # type: ignore[method-assign]
-        session._queue_create = queue_create  # type: ignore[method-assign]
 
     def _count_event(self, ev: rtqueue.Event) -> None:
         self.events[ev.type] += 1
@@ -331,9 +310,6 @@ class Soak:
             held = history_mb(session)
             if held == held:  # not NaN
                 self.history.append((now, held))
-            with self.lock:  # a handle once sent or failed stays so: keep only the open ones
-                self.handles_resolved += sum(1 for h in self.handles if h.sent() or h.error is not None)
-                self.handles = [h for h in self.handles if not (h.sent() or h.error is not None)]
             if self.stop.wait(60.0 / self.speed):  # once per simulated minute
                 break
         self.memory.append((self.sim_min(), C.rss_mb()))
@@ -451,7 +427,7 @@ class Soak:
             "lost_detail": self.lost,
             "hung_waits": self.hangs,
             "unresolved_handles": len(unresolved),
-            "handles_tracked": len(self.handles) + self.handles_resolved,
+            "handles_tracked": st["handles_issued"],
             "conflicts": sim_stats["conflicts"],
             "gate_retried": st["retried"],
             "reconnects": st.get("reconnects", 0),

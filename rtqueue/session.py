@@ -22,6 +22,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -148,6 +149,10 @@ class Session:
         self.context: Any = None  # the app's object, passed to agent instructions and tools
         self._secret: Secret | None = None
         self._evict_check = 0.0
+        # Every handle given out, weakly: a queued one is held by the writer, so
+        # the set still has it; a resolved one may go when the app drops it.
+        self._issued: weakref.WeakSet[SendHandle] = weakref.WeakSet()
+        self._issued_count = 0
         self._fatal_error: ServerError | None = None  # invalid_api_key & co. seen on this connection
         self._lost_rids: OrderedDict[str, BaseException] = OrderedDict()  # responses a reconnect cut off
         self._finished: OrderedDict[str, None] = OrderedDict()  # response ids whose response.done was read
@@ -478,10 +483,21 @@ class Session:
             audio_sent_while_held=self.writer.audio_sent_while_held,
             events_dropped=self.dispatcher.dropped_audio,
             callback_errors=self.dispatcher.callback_errors,
+            handles_issued=self._issued_count,
         )
         if self._reconnect is not None:
             out.update(self._reconnect.stats())
         return out
+
+    def unresolved(self) -> list[SendHandle]:
+        """Handles of client events neither sent nor failed yet (after ``close()``: none).
+
+        The promise "every event the app queued is sent or reported as failed"
+        is checkable with this: it is empty once the session is idle or closed.
+        """
+        with self._lock:
+            handles = list(self._issued)
+        return [h for h in handles if not h.sent() and h.error is None]
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until nothing is queued or in flight; ``False`` on timeout."""
@@ -639,6 +655,10 @@ class Session:
         return handle
 
     def _enqueue(self, item: Outbound, *, front: bool = False) -> None:
+        with self._lock:
+            if item.handle not in self._issued:  # a retried create comes back through here
+                self._issued.add(item.handle)
+                self._issued_count += 1
         if self._closing:
             item.handle._fail_send(SessionClosed("session is closed"))
             self._forget(item.handle)

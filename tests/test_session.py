@@ -316,3 +316,21 @@ def test_api_key_never_leaks(sim: Simulator, caplog: pytest.LogCaptureFixture):
         Session.connect(url="ws://127.0.0.1:9/v1/realtime", api_key=key, reconnect=False, connect_timeout=2)
     assert key not in str(info.value) and key not in repr(info.value)
     assert key not in caplog.text
+
+
+def test_unresolved_lists_only_events_neither_sent_nor_failed(sim: Simulator):
+    """unresolved() holds queued events until they are sent; after close() nothing is left open."""
+    session = Session.connect(url=sim.url)
+    try:
+        first = session.create_response(instructions="[len: 30]")
+        held = session.create_response()
+        assert held in session.unresolved()  # waiting in the gate behind the first
+        first.wait(UNIT)
+        held.wait(UNIT)
+        assert session.wait_idle(UNIT) and session.unresolved() == []
+        queued = [session.create_response() for _ in range(3)]
+    finally:
+        session.close()
+    assert session.unresolved() == []
+    assert all(h.sent() or isinstance(h.error, SessionClosed) for h in queued)
+    assert session.stats()["handles_issued"] >= 5
