@@ -1,6 +1,6 @@
 """Scale: many concurrent rtqueue sessions in one process against one simulator.
 
-    python benchmarks/bench_scale.py [--quick] [--sessions N] [--seconds S] [--out DIR] [--json FILE]
+    python benchmarks/bench_scale.py [--quick] [--sessions N] [--seconds S] [--aligned] [--out DIR] [--json FILE]
 
 One process holds N :class:`rtqueue.Session` objects (default 200), all
 connected to one simulator running in a second process (the two processes
@@ -14,12 +14,18 @@ share this machine's cores). Each session:
   the gate must order against the VAD's own responses.
 
 A few feeder threads stand in for the audio callbacks (one per 50 sessions),
-and one timer thread plays the app. Measured: server-counted conflicts, lost
-app intents (handles that failed or never finished), gate latency
-(``response.done`` read -> next create written, pooled over all sessions),
-RSS sampled every half second (MB per session = steady RSS minus the RSS
-before connecting, divided by N; growth over the steady part in MB/min),
-threads per session, and the CPU share of both processes.
+each session's chunks at its own phase within the 100 ms period (``--aligned``
+sends them all at one instant instead, a worst case), and one timer thread
+plays the app. Measured: server-counted conflicts, lost app intents (handles
+that failed or never finished), gate latency (``response.done`` read -> next
+create written, pooled over all sessions), threads per session, the CPU share
+of both processes, and memory: RSS sampled every half second, MB per session
+(steady RSS minus the RSS before connecting, divided by N) and growth in MB/min
+fitted over the second half of the steady phase. The growth is split into the
+conversation history each session keeps for re-seeding (capped at 500 items;
+items counted every 5 s, times their measured size) and everything else: the
+history grows until its cap by design (a 60 s run is far from it; the plateau
+is printed), everything else must not grow.
 """
 
 from __future__ import annotations
@@ -31,11 +37,16 @@ import statistics
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import _common as C
+
+import rtqueue.gate as _G
+import rtqueue.session as _S
 
 CHUNK_MS = 100
 GATE_P99_TARGET_MS = 5.0
@@ -51,10 +62,84 @@ def proc_cpu_s(pid: int) -> float:
         return 0.0
 
 
-class Feeder:
-    """One thread feeding real-time mic audio to a group of sessions, 100 ms at a time."""
+def slope_per_min(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, value) points, per minute (``None`` under 4 points)."""
+    if len(points) < 4:
+        return None
+    xs, ys = [t for t, _ in points], [v for _, v in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    return 60.0 * cov / den if den else None
 
-    def __init__(self, k: int, sessions: list[Any], seed: int, stop: threading.Event) -> None:
+
+def deep_size(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes held by ``obj`` and everything it references (containers and slotted objects)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple, set, frozenset, deque)):
+        size += sum(deep_size(x, seen) for x in obj)
+    elif hasattr(obj, "__slots__"):
+        size += sum(deep_size(getattr(obj, k), seen) for k in obj.__slots__ if hasattr(obj, k))
+    return size
+
+
+# Per-session state that grows by design until its cap: how to reach it, and the cap.
+STORES: dict[str, tuple[Callable[[Any], Any], int]] = {
+    "history": (lambda s: s._history._records, _S._HISTORY_ITEMS),  # conversation items kept for re-seeding
+    "recent_responses": (lambda s: s._done, _S._RECENT_RESPONSES),  # Responses for cancel()/interrupt() waiters
+    "done_ids": (lambda s: s._finished, _S._RECENT_DONE_IDS),  # response ids whose done was read
+    "server_errors": (lambda s: s._errors_by_eid, _S._RECENT_ERRORS),  # error replies by client event id
+    "gate_samples": (lambda s: (s.gate._waits, s.gate._latencies), 2 * _G._SAMPLES),  # percentile reservoirs
+}
+
+
+def _entries(holder: Any) -> int:
+    return sum(len(h) for h in holder) if isinstance(holder, tuple) else len(holder)
+
+
+def store_counts(sessions: list[Any]) -> dict[str, int]:
+    """Entries in each capped store, summed over ``sessions`` (cheap: lengths only)."""
+    return {name: sum(_entries(get(s)) for s in sessions) for name, (get, _) in STORES.items()}
+
+
+def _marginal_bytes(holder: Any) -> int:
+    """Bytes the entries of a store add: its deep size minus an empty store's of the same type."""
+    if isinstance(holder, tuple):
+        return sum(_marginal_bytes(h) for h in holder)
+    empty = type(holder)(maxlen=holder.maxlen) if isinstance(holder, deque) else type(holder)()
+    return deep_size(holder) - deep_size(empty)
+
+
+def store_entry_bytes(sessions: list[Any]) -> dict[str, float]:
+    """Mean bytes per entry of each capped store, measured on ``sessions``."""
+    out: dict[str, float] = {}
+    for name, (get, _) in STORES.items():
+        entries = sum(_entries(get(s)) for s in sessions)
+        out[name] = sum(_marginal_bytes(get(s)) for s in sessions) / entries if entries else 0.0
+    return out
+
+
+class Feeder:
+    """One thread feeding real-time mic audio to a group of sessions, 100 ms at a time.
+
+    Each session gets its own phase within the 100 ms period (as separate
+    calls' audio callbacks would, each on its own device or network clock),
+    so the chunks are spread over the period in ``_SLOTS`` slots instead of
+    arriving for all sessions at one instant. ``aligned=True`` sends every
+    session's chunk at the same instant instead (a worst case no real set of
+    independent streams produces; kept to measure it).
+    """
+
+    _SLOTS = 20
+
+    def __init__(self, k: int, sessions: list[Any], seed: int, stop: threading.Event, *,
+                 aligned: bool = False) -> None:
         self._sessions = sessions
         self._stop = stop
         self._rng = random.Random(f"{seed}|feeder|{k}")
@@ -62,28 +147,73 @@ class Feeder:
         self._silence = C.silence_pcm(CHUNK_MS)
         # per session: chunks left in the current phase, and whether it is speech
         self._phase = [[self._rng.randint(1, 20), False] for _ in sessions]
+        slots = 1 if aligned else self._SLOTS
+        self._slots: list[list[int]] = [[] for _ in range(slots)]
+        for i in range(len(sessions)):
+            self._slots[self._rng.randrange(slots)].append(i)
         self.sent = 0
         self.late = 0
         self.thread = threading.Thread(target=self._run, name=f"bench-feeder-{k}", daemon=True)
 
     def _run(self) -> None:
-        period = CHUNK_MS / 1000.0
+        tick = CHUNK_MS / 1000.0 / len(self._slots)
         t_next = time.monotonic()
+        slot = 0
         while not self._stop.is_set():
-            for s, ph in zip(self._sessions, self._phase, strict=True):
+            for i in self._slots[slot]:
+                ph = self._phase[i]
                 ph[0] -= 1
                 if ph[0] <= 0:
                     ph[1] = not ph[1]
                     # a turn: 0.5-1.5 s of speech, then 3-6 s of silence (the answer plays meanwhile)
                     ph[0] = self._rng.randint(5, 15) if ph[1] else self._rng.randint(30, 60)
-                s.append_audio(self._speech if ph[1] else self._silence)
+                self._sessions[i].append_audio(self._speech if ph[1] else self._silence)
                 self.sent += 1
-            t_next += period
+            slot = (slot + 1) % len(self._slots)
+            t_next += tick
             delay = t_next - time.monotonic()
             if delay > 0:
                 self._stop.wait(delay)
             else:
                 self.late += 1
+
+
+class AppIntents:
+    """The app's ``create_response`` handles: outcomes tallied as they finish.
+
+    Only unfinished handles are kept, so the benchmark's own bookkeeping does
+    not grow with the run and blur the memory figure (a finished handle holds
+    its whole :class:`~rtqueue.Response`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[int, Any] = {}
+        self.created = 0
+        self.ok = 0
+        self.failed = 0
+        self.rejected = 0
+
+    def add(self, handle: Any) -> None:
+        with self._lock:
+            self._pending[id(handle)] = handle
+            self.created += 1
+        handle.add_done_callback(self.finished)
+
+    def finished(self, handle: Any) -> None:
+        """Tally a finished handle (idempotent)."""
+        with self._lock:
+            if self._pending.pop(id(handle), None) is None:
+                return
+            if handle.error is None:
+                self.ok += 1
+            else:
+                self.failed += 1
+                self.rejected += type(handle.error).__name__ == "ResponseRejected"
+
+    def pending(self) -> list[Any]:
+        with self._lock:
+            return list(self._pending.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="steady-state duration")
     p.add_argument("--latency-ms", type=float, default=0.0, help="one-way simulated latency")
     p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--aligned", action="store_true",
+                   help="send every session's mic chunk at the same instant (worst case) instead of "
+                        "at per-session phases")
     p.add_argument("--gate-slice-ms", type=float, default=None,
                    help="experiment: override the writer's gate wait slice (rtqueue's default is 50 ms)")
     ns = p.parse_args(argv)
@@ -115,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     threads_before = threading.active_count()
     rss_before = C.rss_mb()
     sessions: list[Any] = []
-    handles: list[Any] = []
+    intents = AppIntents()
     stop = threading.Event()
     result: dict[str, Any] = {}
     with C.SimProcess(latency_ms=ns.latency_ms, speed=1.0, seed=ns.seed, record=False, senders=8) as sim:
@@ -137,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         per_session_threads = statistics.mean(len(s.threads()) for s in sessions)
         C.progress(f"  connected in {connect_s:.1f} s; RSS {rss_before:.0f} -> {rss_connected:.0f} MB; "
                    f"threads +{threads_after - threads_before}")
-        feeders = [Feeder(k, sessions[i : i + 50], ns.seed, stop) for k, i in enumerate(range(0, n, 50))]
+        feeders = [Feeder(k, sessions[i : i + 50], ns.seed, stop, aligned=ns.aligned)
+                   for k, i in enumerate(range(0, n, 50))]
         rng = random.Random(f"{ns.seed}|app")
         cpu0, sim_cpu0, t_steady = time.process_time(), proc_cpu_s(sim.pid), time.monotonic()
         for f in feeders:
@@ -148,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         heapq.heapify(due)
         end = time.monotonic() + seconds
         next_report = time.monotonic() + 5.0
+        counts: list[tuple[float, dict[str, int]]] = [(steady_from, store_counts(sessions))]
         while time.monotonic() < end:
             t_due, i = due[0]
             wait = min(t_due, end, next_report) - time.monotonic()
@@ -156,50 +291,61 @@ def main(argv: list[str] | None = None) -> int:
             now = time.monotonic()
             while due and due[0][0] <= now:
                 _, i = heapq.heappop(due)
-                handles.append(sessions[i].create_response(metadata={"bench_intent": f"app:{i}:{len(handles)}"}))
+                intents.add(sessions[i].create_response(metadata={"bench_intent": f"app:{i}:{intents.created}"}))
                 heapq.heappush(due, (now + rng.uniform(10.0, 20.0), i))
             if now >= next_report:
                 next_report += 5.0
-                done = sum(s.gate.stats().done for s in sessions)
-                retried = sum(s.gate.stats().retried for s in sessions)
+                # counters only: stats() sorts each gate's samples for percentiles, and 200 of
+                # those on this thread would stall everyone else's GIL for a few ms
+                done = sum(s.gate.counts()["done"] for s in sessions)
+                retried = sum(s.gate.counts()["retried"] for s in sessions)
+                counts.append((now - t0, store_counts(sessions)))
                 C.progress(f"  t={now - t_steady:5.1f}s RSS {C.rss_mb():.0f} MB, responses done {done}, "
-                           f"server races retried {retried}, app creates {len(handles)}")
+                           f"server races retried {retried}, app creates {intents.created}")
         stop.set()
         for f in feeders:
             f.thread.join(5.0)
         steady_to = time.monotonic() - t0
+        counts.append((steady_to, store_counts(sessions)))
         cpu = time.process_time() - cpu0
         sim_cpu = proc_cpu_s(sim.pid) - sim_cpu0
         wall = time.monotonic() - t_steady
         C.progress("draining: waiting for app responses to finish ...")
         deadline = time.monotonic() + 120.0
-        for h in handles:
+        for h in intents.pending():
             try:
                 h.wait(max(0.0, deadline - time.monotonic()))
             except Exception:
                 pass
         stats = sim.stats()
+        # what each entry of the capped stores weighs, from a sample of sessions
+        entry_bytes = store_entry_bytes(sessions[: min(20, n)])
         lat = [x for s in sessions for x in s.gate.latencies_ms()]
-        gstats = [s.gate.stats() for s in sessions]
-        failed = [h for h in handles if h.done() and h.error is not None]
-        unfinished = [h for h in handles if not h.done()]
-        rejected = sum(1 for h in failed if type(h.error).__name__ == "ResponseRejected")
+        gstats = [s.gate.counts() for s in sessions]
+        for h in intents.pending():  # done, but its callback (on a dispatcher) not run yet
+            if h.done():
+                intents.finished(h)
+        unfinished = intents.pending()
         for s in sessions:
             s.close()
         stop_sampling.set()
         sampler.join(2.0)
         threads_left = threading.active_count() - threads_before
-        steady = [m for t, m in rss if steady_from + (steady_to - steady_from) / 2 <= t <= steady_to]
-        # growth is fitted over the second half of the steady phase (the first half warms up)
-        steady_all = [(t, m) for t, m in rss if steady_from + (steady_to - steady_from) / 2 <= t <= steady_to]
-        growth = None
-        if len(steady_all) >= 4:
-            xs = [t for t, _ in steady_all]
-            ys = [m for _, m in steady_all]
-            mx, my = statistics.mean(xs), statistics.mean(ys)
-            den = sum((x - mx) ** 2 for x in xs)
-            cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-            growth = round(60.0 * cov / den, 2) if den else None
+        half = steady_from + (steady_to - steady_from) / 2  # fits use the second half (the first warms up)
+        steady = [m for t, m in rss if half <= t <= steady_to]
+        growth = slope_per_min([(t, m) for t, m in rss if half <= t <= steady_to])
+        stores: dict[str, dict[str, Any]] = {}
+        for name, (_, cap) in STORES.items():
+            per_min = slope_per_min([(t, float(c[name])) for t, c in counts if half <= t <= steady_to])
+            stores[name] = {
+                "entries_per_session": round(counts[-1][1][name] / n, 1),
+                "cap_per_session": cap,
+                "bytes_per_entry": round(entry_bytes[name]),
+                "growth_mb_per_min": None if per_min is None else round(per_min * entry_bytes[name] / 2**20, 3),
+                "plateau_mb": round(cap * entry_bytes[name] * n / 2**20, 1),
+            }
+        store_growth = sum(v["growth_mb_per_min"] or 0.0 for v in stores.values())
+        other_growth = None if growth is None else growth - store_growth
         rss_steady = statistics.median(steady) if steady else C.rss_mb()
         gl = C.latency_summary(lat)
         result = {
@@ -210,12 +356,12 @@ def main(argv: list[str] | None = None) -> int:
             "server_responses": stats["responses"],
             "server_cancelled": stats["cancelled"],
             "vad_speech_started": stats["vad_speech_started"],
-            "app_creates": len(handles),
+            "app_creates": intents.created,
             "creates_on_wire": stats["client_events"].get("response.create", 0),
             "conflicts": stats["conflicts"],
-            "conflicts_retried": sum(g.retried for g in gstats),
-            "user_visible_conflicts": rejected,
-            "lost_intents": len(failed) + len(unfinished),
+            "conflicts_retried": sum(g["retried"] for g in gstats),
+            "user_visible_conflicts": intents.rejected,
+            "lost_intents": intents.failed + len(unfinished),
             "cancel_not_active": stats["cancel_not_active"],
             "truncate_errors": stats["truncate_errors"],
             "server_errors": stats["errors"],
@@ -227,7 +373,11 @@ def main(argv: list[str] | None = None) -> int:
             "rss_connected_mb": round(rss_connected, 1),
             "rss_steady_mb": round(rss_steady, 1),
             "mb_per_session": round((rss_steady - rss_before) / n, 3),
-            "rss_growth_mb_per_min": growth,
+            "rss_growth_mb_per_min": None if growth is None else round(growth, 2),
+            "capped_stores": stores,
+            "capped_growth_mb_per_min": round(store_growth, 2),
+            "capped_plateau_mb": round(sum(v["plateau_mb"] for v in stores.values()), 1),
+            "other_growth_mb_per_min": None if other_growth is None else round(other_growth, 2),
             "threads_per_session": round((threads_after - threads_before) / n, 2),
             "session_threads_per_session": round(per_session_threads, 2),
             "threads_left_after_close": threads_left,
@@ -247,9 +397,15 @@ def main(argv: list[str] | None = None) -> int:
          f"over {result['gate_samples']} gated creates"),
     ]
     if not ns.quick:  # a few seconds are all warm-up: no verdict on memory then
-        checks.append(("steady memory (RSS growth < 1 MB/min per 100 sessions over the second half)",
-                       result["rss_growth_mb_per_min"] is not None and result["rss_growth_mb_per_min"] < n / 100.0,
-                       f"{result['rss_growth_mb_per_min']} MB/min, {result['mb_per_session']} MB/session"))
+        hist = result["capped_stores"]["history"]
+        checks.append((
+            "steady memory (RSS growth besides the capped per-session stores < 1 MB/min per 100 sessions)",
+            result["other_growth_mb_per_min"] is not None and result["other_growth_mb_per_min"] < n / 100.0,
+            f"RSS {result['rss_growth_mb_per_min']} MB/min = capped stores {result['capped_growth_mb_per_min']} "
+            f"(history {hist['entries_per_session']} of {hist['cap_per_session']} items/session, "
+            f"{hist['bytes_per_entry']} B each; all stores full: {result['capped_plateau_mb']} MB) "
+            f"+ other {result['other_growth_mb_per_min']}; {result['mb_per_session']} MB/session",
+        ))
     doc = {
         "benchmark": "scale",
         "machine": C.machine(),

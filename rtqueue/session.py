@@ -44,6 +44,7 @@ from .errors import (
 )
 from .gate import ResponseGate, Verdict
 from .handles import ResponseHandle, SendHandle, _check_timeout
+from .history import History
 from .protocol import METADATA_KEY, new_event_id
 from .secrets import Secret, redact
 from .transport import Transport, WebSocketTransport
@@ -60,6 +61,14 @@ log = logging.getLogger("rtqueue")
 _ids = itertools.count(1)
 
 #: Client events that must not wait behind a held ``response.create``.
+# Recent response.done bookkeeping. Waiters (cancel, interrupt) look a response
+# up right after its done; a session has one in-band response at a time, so a
+# few dozen cover any waiter, and the caps keep a long call's memory flat.
+_RECENT_RESPONSES = 16  # Response objects (each holds its output items)
+_RECENT_DONE_IDS = 256  # response ids only (a queued cancel for one of them is moot)
+_RECENT_ERRORS = 256  # error replies by client event id, for update() and send() waiters
+_HISTORY_ITEMS = 500  # conversation items kept for items and re-seeding (max_reseed_items)
+
 URGENT = frozenset({"response.cancel", "conversation.item.truncate", "output_audio_buffer.clear"})
 
 _TEXT_DELTAS = ("response.output_text.delta", "response.output_audio_transcript.delta")
@@ -124,7 +133,7 @@ class Session:
         self._session_config: dict[str, Any] = {}
         self._desired: dict[str, Any] = {"type": "realtime"}  # every session field we asked for
         self._config_version = 0
-        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()  # conversation, for re-seeding
+        self._history = History(_HISTORY_ITEMS)  # the conversation, for items and re-seeding
         self._turn_seq = 0  # bumped whenever the user starts a new turn
         self._produced_audio = False
         self._closing = False
@@ -470,9 +479,14 @@ class Session:
 
     @property
     def items(self) -> list[dict[str, Any]]:
-        """The conversation items this session has seen, in order."""
-        with self._lock:
-            return list(self._items.values())
+        """The conversation items this session has seen, in order (at most the newest 500).
+
+        Fresh dicts in the server's item shape, holding what re-seeding uses:
+        ``id``, ``type``, ``role``, ``status``, ``content`` parts with their
+        ``text`` or ``transcript``, and function-call fields. Audio, images and
+        unknown fields are not kept (see :mod:`rtqueue.history`).
+        """
+        return self._history.items()
 
     def stats(self) -> dict[str, Any]:
         """Gate stats plus writer, dispatcher and reconnect counters."""
@@ -695,8 +709,7 @@ class Session:
             return isinstance(rid, str) and rid in self._finished
 
     def _has_item(self, item_id: str) -> bool:
-        with self._lock:
-            return item_id in self._items
+        return item_id in self._history
 
     def _send_text(self, text: str) -> None:
         transport = self._transport
@@ -874,7 +887,7 @@ class Session:
         _resp, rid, eid = _response_ids(event)
         with self._lock:  # before the gate wakes the writer: a cancel queued for rid is now moot
             self._finished[rid] = None
-            while len(self._finished) > 1000:
+            while len(self._finished) > _RECENT_DONE_IDS:
                 self._finished.popitem(last=False)
         if self.gate.on_done(rid, eid):
             # Hand the GIL to a writer woken by this release: without it, the
@@ -897,7 +910,7 @@ class Session:
         )
         with self._done_cond:
             self._done[rid] = response
-            while len(self._done) > 64:
+            while len(self._done) > _RECENT_RESPONSES:
                 self._done.popitem(last=False)
             self._done_cond.notify_all()
         if self._turns is not None and response.function_calls:
@@ -913,7 +926,7 @@ class Session:
         if eid is not None:
             with self._replies_cond:
                 self._errors_by_eid[eid] = err
-                while len(self._errors_by_eid) > 256:
+                while len(self._errors_by_eid) > _RECENT_ERRORS:
                     self._errors_by_eid.popitem(last=False)
                 self._replies_cond.notify_all()
         verdict = self.gate.on_error(eid, err.code)
@@ -946,26 +959,18 @@ class Session:
 
     def _on_item(self, event: dict[str, Any]) -> None:
         item = event.get("item")
-        if isinstance(item, dict) and isinstance(item.get("id"), str):
-            with self._lock:
-                self._items[item["id"]] = item
-                while len(self._items) > 500:  # what a reconnect can re-seed (max_reseed_items)
-                    self._items.popitem(last=False)
+        if isinstance(item, dict):
+            self._history.put(item)
 
     def _on_item_deleted(self, event: dict[str, Any]) -> None:
         iid = event.get("item_id")
         if isinstance(iid, str):
-            with self._lock:
-                self._items.pop(iid, None)
+            self._history.delete(iid)
 
     def _on_transcription(self, event: dict[str, Any]) -> None:
         iid, transcript = event.get("item_id"), event.get("transcript")
-        with self._lock:
-            item = self._items.get(iid) if isinstance(iid, str) else None
-            if item is not None and isinstance(transcript, str):
-                for c in item.get("content") or []:
-                    if isinstance(c, dict) and c.get("type") == "input_audio":
-                        c["transcript"] = transcript
+        if isinstance(iid, str) and isinstance(transcript, str):
+            self._history.set_transcript(iid, transcript)
 
     _HANDLERS: dict[str, Callable[[Session, dict[str, Any]], None]] = {
         "session.created": _on_session,

@@ -1,0 +1,172 @@
+"""The socket boundary: chunked reads and pooled mask keys over a real loopback server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from websockets.sync.server import ServerConnection, serve
+
+from rtqueue.errors import ConnectionLost
+from rtqueue.transport import WebSocketTransport, _BufferedWebSocket, _MaskKeys
+
+
+@contextmanager
+def server(handler: Callable[[ServerConnection], None]) -> Iterator[str]:
+    """A websockets server on 127.0.0.1 running ``handler`` per connection; yields its URL."""
+    with serve(handler, "127.0.0.1", 0, max_size=None) as srv:
+        t = threading.Thread(target=srv.serve_forever, name="test-ws-server", daemon=True)
+        t.start()
+        try:
+            yield f"ws://127.0.0.1:{srv.socket.getsockname()[1]}/"
+        finally:
+            srv.shutdown()
+            t.join(5.0)
+
+
+# Sizes around every websocket length encoding and the read chunk (16 KiB).
+SIZES = [0, 1, 125, 126, 127, 4000, 16383, 16384, 16385, 65535, 65536, 200_000]
+
+
+def _text(n: int, k: int) -> str:
+    return (f"<{k}>" + "abcdefghijklmnopqrstuvwxyz" * (n // 26 + 1))[:n] if n else ""
+
+
+def test_frames_of_every_size_arrive_whole_and_in_order() -> None:
+    expected: list[str | bytes] = []
+    for k, n in enumerate(SIZES):
+        expected.append(_text(n, k))
+        expected.append(os.urandom(n))
+    # a fragmented message: three frames, one message
+    expected.append("first-second-third")
+
+    def handler(ws: ServerConnection) -> None:
+        for m in expected[:-1]:
+            ws.send(m)
+        ws.send(iter(["first-", "second-", "third"]))
+        ws.ping(b"are you there")  # the library answers pings from inside recv
+        ws.close(4001, "done here")
+
+    with server(handler) as url:
+        t = WebSocketTransport.connect(url, [], timeout=5.0)
+        try:
+            got = [t.recv() for _ in expected]
+            assert got == expected
+            assert t.recv() is None  # the close frame
+            assert (t.close_code, t.close_reason) == (4001, "done here")
+        finally:
+            t.shutdown()
+
+
+def test_many_queued_frames_take_few_reads() -> None:
+    """The point of the buffer: frames already in the kernel cost no read each."""
+    sent = threading.Event()
+    messages = [f'{{"type": "x", "n": {i}}}' for i in range(200)]
+
+    def handler(ws: ServerConnection) -> None:
+        for m in messages:
+            ws.send(m)
+        sent.set()
+        ws.recv()  # hold the connection open until the client is done
+
+    with server(handler) as url:
+        t = WebSocketTransport.connect(url, [], timeout=5.0)
+        ws = t._ws
+        assert isinstance(ws, _BufferedWebSocket)
+        reads = 0
+        fill = ws._fill
+
+        def counting_fill() -> int:
+            nonlocal reads
+            reads += 1
+            return fill()
+
+        ws._fill = counting_fill  # type: ignore[method-assign]
+        try:
+            assert sent.wait(5.0)
+            assert [t.recv() for _ in messages] == messages
+            # ~6 KB of frames: a read or two, where unbuffered reading took 2 per frame
+            assert reads <= 5, reads
+            t.send("bye")
+        finally:
+            t.shutdown()
+
+
+def test_peer_vanishing_mid_frame_is_connection_lost() -> None:
+    def handler(ws: ServerConnection) -> None:
+        ws.send("whole")
+        # a header promising 1000 bytes, then only 10, then the TCP connection ends
+        ws.socket.sendall(bytes([0x81, 126, 0x03, 0xE8]) + b"x" * 10)
+        ws.socket.shutdown(socket.SHUT_RDWR)
+
+    with server(handler) as url:
+        t = WebSocketTransport.connect(url, [], timeout=5.0)
+        try:
+            assert t.recv() == "whole"
+            with pytest.raises(ConnectionLost):
+                t.recv()
+        finally:
+            t.shutdown()
+
+
+def test_client_frames_are_masked_with_pooled_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server unmasks 3000 client frames correctly; keys come from few urandom draws."""
+    draws: list[int] = []
+    real = os.urandom
+
+    def counting_urandom(n: int) -> bytes:
+        draws.append(n)
+        return real(n)
+
+    echoed: list[str] = []
+
+    def handler(ws: ServerConnection) -> None:
+        for _ in range(3000):
+            echoed.append(str(ws.recv()))
+        ws.send("ok")
+
+    with server(handler) as url:
+        t = WebSocketTransport.connect(url, [], timeout=5.0)
+        monkeypatch.setattr(os, "urandom", counting_urandom)
+        try:
+            frames = [f"frame {i} " + "y" * (i % 300) for i in range(3000)]
+            for f in frames:
+                t.send(f)
+            assert t.recv() == "ok"
+        finally:
+            monkeypatch.undo()
+            t.shutdown()
+    assert echoed == frames
+    # 3000 frames x 4-byte keys = 12000 bytes: three 4 KiB draws, not 3000 calls
+    assert len(draws) == 3 and all(n == 4096 for n in draws)
+
+
+def test_mask_keys_are_thread_safe_and_never_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pool of numbered 4-byte words: a key handed to two threads would show up twice.
+    counter = iter(range(1 << 30))
+    draws: list[int] = []
+
+    def numbered(n: int) -> bytes:
+        draws.append(n)
+        return b"".join(next(counter).to_bytes(4, "big") for _ in range(n // 4))
+
+    monkeypatch.setattr(os, "urandom", numbered)
+    keys = _MaskKeys()
+    out: list[list[bytes]] = [[] for _ in range(4)]
+
+    def take(i: int) -> None:
+        out[i].extend(keys(4) for _ in range(5000))
+
+    threads = [threading.Thread(target=take, args=(i,), name=f"test-mask-{i}") for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10.0)
+    flat = [k for part in out for k in part]
+    assert len(flat) == 20_000 and all(len(k) == 4 for k in flat)
+    assert len(set(flat)) == 20_000  # no key given out twice
+    assert len(draws) == 20  # 1024 keys per 4 KiB draw
