@@ -61,19 +61,29 @@ def report(folder: Path) -> str:
             ("x_realtime_cpu", "x real time (thread CPU)"),
         ], nd=1) + "\n")
         parts.append(_targets(reader) + "\n")
-    scale = _load(folder, "scale")
-    if scale is not None:
+    for path in sorted(folder.glob("bench_scale*.json")):
+        scale = json.loads(path.read_text())
         m = scale["machine"]
-        parts.append(f"### Scale\n\n`{scale['command']}` on {m['date']}, load average (1/5/15 min) when it "
-                     f"ended {_loadavg(m)}.\n")
+        parts.append(f"### Scale ({path.name})\n\n`{scale['command']}` on {m['date']}, load average (1/5/15 min) "
+                     f"when it ended {_loadavg(m)}.\n")
         parts.append(C.table(scale["results"], [
             ("sessions", "sessions"), ("seconds", "steady s"), ("mic_audio_s_per_session", "mic audio s/session"),
             ("server_responses", "responses"), ("app_creates", "app creates"), ("conflicts", "server conflicts"),
             ("user_visible_conflicts", "visible"), ("lost_intents", "lost"), ("gate_p50_ms", "gate p50 ms"),
-            ("gate_p99_ms", "gate p99 ms"), ("mb_per_session", "MB/session"),
-            ("rss_growth_mb_per_min", "RSS growth MB/min"), ("threads_per_session", "threads/session"),
+            ("gate_p99_ms", "gate p99 ms"), ("gate_max_ms", "gate max ms"), ("mb_per_session", "MB/session"),
+            ("rss_growth_mb_per_min", "RSS growth MB/min"), ("capped_growth_mb_per_min", "of which capped stores"),
+            ("other_growth_mb_per_min", "other"), ("threads_per_session", "threads/session"),
             ("client_cpu_pct", "client CPU %"), ("sim_cpu_pct", "simulator CPU %"),
         ], nd=2) + "\n")
+        stores = scale["results"][0].get("capped_stores")
+        if stores:
+            rows = [{"store": k, **v} for k, v in stores.items()]
+            parts.append("Capped per-session stores at the end of the run (growth fitted over the second half):\n")
+            parts.append(C.table(rows, [
+                ("store", "store"), ("entries_per_session", "entries/session"), ("cap_per_session", "cap"),
+                ("bytes_per_entry", "bytes/entry"), ("growth_mb_per_min", "growth MB/min"),
+                ("plateau_mb", "all sessions full, MB"),
+            ], nd=3) + "\n")
         parts.append(_targets(scale) + "\n")
     return "\n".join(parts)
 

@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="steady-state duration")
     p.add_argument("--latency-ms", type=float, default=0.0, help="one-way simulated latency")
     p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="set this process's sys.setswitchinterval (CPython's default is 5 ms), a deployment "
+                        "knob for many threads: how long a woken thread may wait for the GIL before asking for it")
     p.add_argument("--aligned", action="store_true",
                    help="send every session's mic chunk at the same instant (worst case) instead of "
                         "at per-session phases")
@@ -234,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from rtqueue import Session
+
+    if ns.switch_interval_ms is not None:
+        sys.setswitchinterval(ns.switch_interval_ms / 1000.0)
 
     rss: list[tuple[float, float]] = []
     stop_sampling = threading.Event()
@@ -350,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         gl = C.latency_summary(lat)
         result = {
             "sessions": n,
+            "switch_interval_ms": round(sys.getswitchinterval() * 1000.0, 3),
+            "mic_phases": "aligned" if ns.aligned else "per-session",
             "seconds": round(wall, 1),
             "latency_ms_one_way": ns.latency_ms,
             "connect_s": round(connect_s, 2),

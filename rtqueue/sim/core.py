@@ -295,6 +295,7 @@ class SimSession:
     _session: dict[str, Any] = attrs.field(init=False)
     _conversation_id: str = attrs.field(init=False)
     _order: list[str] = attrs.field(init=False, factory=list)
+    _turn_cache: dict[str, tuple[Any, Any, Turn, int]] = attrs.field(init=False, factory=dict)
     _items: dict[str, dict[str, Any]] = attrs.field(init=False, factory=dict)
     _messages: dict[str, _Message] = attrs.field(init=False, factory=dict)
     _user_audio_ms: dict[str, int] = attrs.field(init=False, factory=dict)
@@ -915,6 +916,7 @@ class SimSession:
         if item_id not in self._items:
             raise _Reject("item_delete_invalid_item_id", f"Invalid 'item_id': no item with id '{item_id}'.", "item_id")
         self._order.remove(item_id)
+        self._turn_cache.pop(item_id, None)
         del self._items[item_id]
         self._emit("conversation.item.deleted", item_id=item_id)
 
@@ -1022,7 +1024,7 @@ class SimSession:
         raw_input = params.get("input")
         items: list[dict[str, Any]] = []
         if raw_input is None:
-            items = [self._items[i] for i in self._order]
+            return self._conversation_turns()
         else:
             if not isinstance(raw_input, list):
                 raise _bad_type("response.input", "an array", raw_input)
@@ -1044,9 +1046,25 @@ class SimSession:
                         self._user_audio_ms[item["id"]] = audio_ms
                     items.append(item)
         turns = [self._turn(it) for it in items]
+        return turns, sum(_turn_tokens(t) for t in turns)
+
+    def _conversation_turns(self) -> tuple[list[Turn], int]:
+        # Every response reads the whole conversation; converting each item anew
+        # made a long session's responses cost O(items) of string work each (a
+        # 200-session, 15-minute benchmark slowed the simulator down as it went).
+        # An item's turn is reused while the item and its content are the same
+        # objects: every change here replaces one or the other.
+        turns: list[Turn] = []
         tokens = 0
-        for t in turns:
-            tokens += math.ceil(len((t.text or t.arguments or t.output).split()) * _TEXT_TOKENS_PER_WORD) + 4
+        cache = self._turn_cache
+        for iid in self._order:
+            item = self._items[iid]
+            hit = cache.get(iid)
+            if hit is None or hit[0] is not item or hit[1] is not item.get("content"):
+                turn = self._turn(item)
+                hit = cache[iid] = (item, item.get("content"), turn, _turn_tokens(turn))
+            turns.append(hit[2])
+            tokens += hit[3]
         return turns, tokens
 
     def _turn(self, item: Mapping[str, Any]) -> Turn:
@@ -1555,3 +1573,8 @@ def _split_args(arguments: str) -> list[str]:
     n = 3
     size = math.ceil(len(arguments) / n)
     return [arguments[i : i + size] for i in range(0, len(arguments), size)]
+
+
+def _turn_tokens(turn: Turn) -> int:
+    """Input-token estimate of one turn (words x tokens per word, plus per-item overhead)."""
+    return math.ceil(len((turn.text or turn.arguments or turn.output).split()) * _TEXT_TOKENS_PER_WORD) + 4
