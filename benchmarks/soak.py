@@ -172,17 +172,18 @@ def deep_size(obj: Any, seen: set[int] | None = None) -> int:
         size += sum(deep_size(x, seen) for x in list(obj))
     elif attrs.has(type(obj)):
         size += sum(deep_size(getattr(obj, f.name), seen) for f in attrs.fields(type(obj)))
+    elif hasattr(type(obj), "__slots__"):
+        size += sum(deep_size(getattr(obj, k), seen) for k in type(obj).__slots__ if hasattr(obj, k))
     return size
 
 
 def history_mb(session: Session) -> float:
     """MB held in the conversation history the session keeps (items for re-seeding, recent responses)."""
-    with session._lock:
-        items = list(session._items.values())
+    records = list(session._history._records.values())  # compact records (rtqueue/history.py)
     with session._done_cond:
         done = list(session._done.values())
     try:
-        return (deep_size(items) + deep_size(done)) / 2**20
+        return (deep_size(records) + deep_size(done)) / 2**20
     except RuntimeError:  # a dict changed size while we walked it: skip this sample
         return float("nan")
 
@@ -290,7 +291,7 @@ class Soak:
                 final_stats = session.stats()
                 gate_depth = session.gate.depth()
                 pending = len(session.writer.pending())
-                self.held = {"items": len(session._items), "done_responses": len(session._done),
+                self.held = {"items": len(session._history), "done_responses": len(session._done),
                              "errors_by_eid": len(session._errors_by_eid)}
                 session.close()
             sim_stats = sim.stats()

@@ -60,7 +60,6 @@ log = logging.getLogger("rtqueue")
 
 _ids = itertools.count(1)
 
-#: Client events that must not wait behind a held ``response.create``.
 # Recent response.done bookkeeping. Waiters (cancel, interrupt) look a response
 # up right after its done; a session has one in-band response at a time, so a
 # few dozen cover any waiter, and the caps keep a long call's memory flat.
@@ -69,6 +68,7 @@ _RECENT_DONE_IDS = 256  # response ids only (a queued cancel for one of them is 
 _RECENT_ERRORS = 256  # error replies by client event id, for update() and send() waiters
 _HISTORY_ITEMS = 500  # conversation items kept for items and re-seeding (max_reseed_items)
 
+#: Client events that must not wait behind a held ``response.create``.
 URGENT = frozenset({"response.cancel", "conversation.item.truncate", "output_audio_buffer.clear"})
 
 _TEXT_DELTAS = ("response.output_text.delta", "response.output_audio_transcript.delta")

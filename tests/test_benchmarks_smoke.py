@@ -23,6 +23,14 @@ pytestmark = pytest.mark.timeout(int(30 * UNIT))
 
 
 def run_bench(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    data = run_script(script, tmp_path, *extra)
+    assert isinstance(data["results"], list) and data["results"]
+    assert isinstance(data["targets"], list) and data["targets"]
+    return data
+
+
+def run_script(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    """Run ``benchmarks/<script> --quick`` and return the JSON it wrote."""
     out = tmp_path / "out"
     path = tmp_path / f"{script}.json"
     proc = subprocess.run(
@@ -34,10 +42,7 @@ def run_bench(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     )
     assert path.exists(), f"{script} wrote no JSON (rc={proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    data = json.loads(path.read_text())
-    assert isinstance(data["results"], list) and data["results"]
-    assert isinstance(data["targets"], list) and data["targets"]
-    return data
+    return json.loads(path.read_text())
 
 
 def test_bench_conflicts_quick(tmp_path: Path) -> None:
@@ -82,3 +87,18 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     assert row["lost_intents"] == 0
     assert row["threads_left_after_close"] <= 1  # the RSS sampler may still be ending
     assert row["mb_per_session"] is not None and row["threads_per_session"] > 0
+    stores = row["capped_stores"]
+    assert set(stores) == {"history", "recent_responses", "done_ids", "server_errors", "gate_samples"}
+    assert stores["history"]["entries_per_session"] > 0 and stores["history"]["bytes_per_entry"] > 0
+    assert row["other_growth_mb_per_min"] is None or isinstance(row["other_growth_mb_per_min"], float)
+
+
+def test_soak_quick(tmp_path: Path) -> None:
+    """soak --quick: a reconnecting, fault-injected session loses nothing and leaves no thread behind."""
+    row = run_script("soak.py", tmp_path)
+    assert row["lost_intents"] == 0, row["lost_detail"]
+    assert row["hung_waits"] == 0 and row["unresolved_handles"] == 0
+    assert row["reconnects"] >= 1 and row["conflicts"] == 0
+    assert row["threads_left_after_close"] <= 1
+    assert row["session_tables_at_end"]["items"] > 0
+    assert row["history_mb"]["end"] > 0
