@@ -19,7 +19,7 @@ import select
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,30 @@ def latency_summary(values_ms: Sequence[float] | None) -> dict[str, float | int 
         "max": max(values_ms) if values_ms else None,
         "n": len(values_ms),
     }
+
+
+def deep_size(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes held by ``obj`` and everything it references, each object once.
+
+    Follows dicts, sequences, sets, deques, attrs classes and ``__slots__``
+    objects (what the session's stores are made of).
+    """
+    import attrs
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in list(obj.items()))
+    elif isinstance(obj, (list, tuple, set, frozenset, deque)):
+        size += sum(deep_size(x, seen) for x in list(obj))
+    elif attrs.has(type(obj)):
+        size += sum(deep_size(getattr(obj, f.name), seen) for f in attrs.fields(type(obj)))
+    elif hasattr(type(obj), "__slots__"):
+        size += sum(deep_size(getattr(obj, k), seen) for k in type(obj).__slots__ if hasattr(obj, k))
+    return size
 
 
 def rss_mb() -> float:

@@ -73,22 +73,6 @@ def slope_per_min(points: list[tuple[float, float]]) -> float | None:
     return 60.0 * cov / den if den else None
 
 
-def deep_size(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes held by ``obj`` and everything it references (containers and slotted objects)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    size = sys.getsizeof(obj)
-    if isinstance(obj, dict):
-        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple, set, frozenset, deque)):
-        size += sum(deep_size(x, seen) for x in obj)
-    elif hasattr(obj, "__slots__"):
-        size += sum(deep_size(getattr(obj, k), seen) for k in obj.__slots__ if hasattr(obj, k))
-    return size
-
-
 # Per-session state that grows by design until its cap: how to reach it, and the cap.
 STORES: dict[str, tuple[Callable[[Any], Any], int]] = {
     "history": (lambda s: s._history._records, _S._HISTORY_ITEMS),  # conversation items kept for re-seeding
@@ -113,7 +97,7 @@ def _marginal_bytes(holder: Any) -> int:
     if isinstance(holder, tuple):
         return sum(_marginal_bytes(h) for h in holder)
     empty = type(holder)(maxlen=holder.maxlen) if isinstance(holder, deque) else type(holder)()
-    return deep_size(holder) - deep_size(empty)
+    return C.deep_size(holder) - C.deep_size(empty)
 
 
 def store_entry_bytes(sessions: list[Any]) -> dict[str, float]:

@@ -157,33 +157,13 @@ class SimChild:
 # -- measuring what the session holds ------------------------------------------------------------
 
 
-def deep_size(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of ``obj`` and everything it holds (dicts, sequences, attrs values), each object once."""
-    import attrs
-
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    size = sys.getsizeof(obj)
-    if isinstance(obj, dict):
-        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in list(obj.items()))
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        size += sum(deep_size(x, seen) for x in list(obj))
-    elif attrs.has(type(obj)):
-        size += sum(deep_size(getattr(obj, f.name), seen) for f in attrs.fields(type(obj)))
-    elif hasattr(type(obj), "__slots__"):
-        size += sum(deep_size(getattr(obj, k), seen) for k in type(obj).__slots__ if hasattr(obj, k))
-    return size
-
-
 def history_mb(session: Session) -> float:
     """MB held in the conversation history the session keeps (items for re-seeding, recent responses)."""
     records = list(session._history._records.values())  # compact records (rtqueue/history.py)
     with session._done_cond:
         done = list(session._done.values())
     try:
-        return (deep_size(records) + deep_size(done)) / 2**20
+        return (C.deep_size(records) + C.deep_size(done)) / 2**20
     except RuntimeError:  # a dict changed size while we walked it: skip this sample
         return float("nan")
 

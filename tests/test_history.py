@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
-import sys
+import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -100,19 +102,17 @@ def test_delete_limit_and_junk() -> None:
         History(limit=-1)
 
 
-def _deep_size(o: Any, seen: set[int] | None = None) -> int:
-    seen = set() if seen is None else seen
-    if id(o) in seen:
-        return 0
-    seen.add(id(o))
-    n = sys.getsizeof(o)
-    if isinstance(o, dict):
-        n += sum(_deep_size(k, seen) + _deep_size(v, seen) for k, v in o.items())
-    elif isinstance(o, (list, tuple)):
-        n += sum(_deep_size(x, seen) for x in o)
-    elif hasattr(o, "__slots__"):
-        n += sum(_deep_size(getattr(o, k), seen) for k in o.__slots__)
-    return n
+def _allocated(build: Callable[[], Any]) -> tuple[Any, int]:
+    """What ``build()`` returns, and the bytes still allocated for it once it returned (tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = build()
+        gc.collect()
+        return kept, tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
 
 
 def test_the_store_is_several_times_smaller_than_parsed_items() -> None:
@@ -125,10 +125,14 @@ def test_the_store_is_several_times_smaller_than_parsed_items() -> None:
         frames.append(json.dumps({"type": "conversation.item.done", "event_id": f"ev{k}", "item": {
             "id": f"item_{k:020d}", "object": "realtime.item", "type": "message", "role": role,
             "status": "completed", "content": [part]}}))
-    parsed = [json.loads(f)["item"] for f in frames]  # what the session used to keep
-    h = History()
-    for f in frames:
-        h.put(json.loads(f)["item"])
-    raw_size = _deep_size(parsed)
-    store_size = _deep_size(h._records)
-    assert store_size * 2.5 < raw_size, (store_size, raw_size)
+
+    def store() -> History:
+        h = History()
+        for f in frames:
+            h.put(json.loads(f)["item"])
+        return h
+
+    parsed, raw_bytes = _allocated(lambda: [json.loads(f)["item"] for f in frames])  # what the session used to keep
+    h, store_bytes = _allocated(store)
+    assert len(parsed) == len(h) == 300
+    assert store_bytes * 2.5 < raw_bytes, (store_bytes, raw_bytes)
