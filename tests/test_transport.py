@@ -9,10 +9,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+import websocket
 from websockets.sync.server import ServerConnection, serve
 
 from rtqueue.errors import ConnectionLost
-from rtqueue.transport import WebSocketTransport, _BufferedWebSocket, _MaskKeys
+from rtqueue.transport import WebSocketTransport, _BufferedWebSocket, _MaskKeys, _xor_mask
 
 
 @contextmanager
@@ -143,6 +144,14 @@ def test_client_frames_are_masked_with_pooled_keys(monkeypatch: pytest.MonkeyPat
     assert echoed == frames
     # 3000 frames x 4-byte keys = 12000 bytes: three 4 KiB draws, not 3000 calls
     assert len(draws) == 3 and all(n == 4096 for n in draws)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 7, 125, 126, 127, 6473, 65535, 65536, 70001])
+def test_xor_mask_matches_the_library(n: int) -> None:
+    data, key = os.urandom(n), os.urandom(4)
+    masked = _xor_mask(key, data)
+    assert masked == websocket.ABNF.mask(key, data)
+    assert _xor_mask(key, masked) == data  # masking is its own inverse
 
 
 def test_mask_keys_are_thread_safe_and_never_reused(monkeypatch: pytest.MonkeyPatch) -> None:
