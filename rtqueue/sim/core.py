@@ -314,8 +314,10 @@ class SimSession:
     _counts: Counter[str] = attrs.field(init=False, factory=Counter)
     _errors: Counter[str] = attrs.field(init=False, factory=Counter)
     _client_events: Counter[str] = attrs.field(init=False, factory=Counter)
+    _handler_table: dict[str, Callable[[dict[str, Any], str | None, float], None]] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._handler_table = self._handlers()  # built once: receive() runs per mic chunk
         self._ids = random.Random(f"ids|{self.seed}|{self.index}")
         self._model = ScriptedModel(seed=self.seed)
         self._last_now = self.now
@@ -403,7 +405,7 @@ class SimSession:
         raw_eid = event.get("event_id")
         eid = raw_eid if isinstance(raw_eid, str) else None
         self._client_events[etype if isinstance(etype, str) else "<missing>"] += 1
-        handler = self._handlers().get(etype) if isinstance(etype, str) else None
+        handler = self._handler_table.get(etype) if isinstance(etype, str) else None
         try:
             if etype is None:
                 raise _missing("type")
