@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 import os
 import random
+import re
 import statistics
 import sys
 import threading
@@ -60,6 +61,67 @@ def proc_cpu_s(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def schedstat(pid: int, kinds: dict[int, str] | None = None) -> dict[str, list[int]] | None:
+    """Linux scheduler counters of a process's threads, summed per thread kind.
+
+    Per kind: ``[ns on a CPU, ns runnable but waiting for a CPU, times
+    scheduled in]`` from ``/proc/<pid>/task/*/schedstat``. ``kinds`` maps
+    native thread ids to kinds (threads not in it count as "other"; without
+    it everything is "all"). ``None`` where the kernel does not expose it.
+    """
+    out: dict[str, list[int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                vals = [int(x) for x in f.read().split()[:3]]
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+        kind = "all" if kinds is None else kinds.get(int(tid), "other")
+        acc = out.setdefault(kind, [0, 0, 0])
+        for i, v in enumerate(vals):
+            acc[i] += v
+    return out or None
+
+
+def thread_kinds() -> dict[int, str]:
+    """This process's threads by native id: name without its trailing number ("rtqueue-writer")."""
+    return {t.native_id: re.sub(r"-\d+$", "", t.name) for t in threading.enumerate() if t.native_id is not None}
+
+
+def scheduler_pressure(before: dict[str, list[int]] | None, after: dict[str, list[int]] | None,
+                       wall_s: float) -> dict[str, dict[str, float]] | None:
+    """Per kind (and "total"): CPU %, run-queue wait (% of a CPU), switches in per second, wait per switch.
+
+    Run-queue wait is time a thread was ready to run but no CPU was free: on
+    a machine this busy it, not the GIL alone, delays a woken writer.
+    """
+    if before is None or after is None or wall_s <= 0:
+        return None
+    out: dict[str, dict[str, float]] = {}
+    total = [0, 0, 0]
+    for kind, (run, wait, n) in sorted(after.items()):
+        b = before.get(kind, [0, 0, 0])
+        d = [run - b[0], wait - b[1], n - b[2]]
+        total = [x + y for x, y in zip(total, d, strict=True)]
+        out[kind] = _pressure(d, wall_s)
+    out["total"] = _pressure(total, wall_s)
+    return out
+
+
+def _pressure(d: list[int], wall_s: float) -> dict[str, float]:
+    run, wait, n = d
+    return {
+        "cpu_pct": round(run / wall_s / 1e7, 1),
+        "runq_wait_pct": round(wait / wall_s / 1e7, 1),
+        "switches_in_per_s": round(n / wall_s),
+        "wait_per_switch_us": round(wait / n / 1e3, 1) if n > 0 else 0.0,
+    }
 
 
 def slope_per_min(points: list[tuple[float, float]]) -> float | None:
@@ -267,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu0, sim_cpu0, t_steady = time.process_time(), proc_cpu_s(sim.pid), time.monotonic()
         for f in feeders:
             f.thread.start()
+        kinds = thread_kinds()
+        sched0 = (schedstat(os.getpid(), kinds), schedstat(sim.pid), time.monotonic())
         steady_from = time.monotonic() - t0
         # The app: a timer per session, all on this thread (a heap of due times).
         due = [(time.monotonic() + rng.uniform(1.0, 15.0), i) for i in range(n)]
@@ -293,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 counts.append((now - t0, store_counts(sessions)))
                 C.progress(f"  t={now - t_steady:5.1f}s RSS {C.rss_mb():.0f} MB, responses done {done}, "
                            f"server races retried {retried}, app creates {intents.created}")
+        sched1 = (schedstat(os.getpid(), kinds), schedstat(sim.pid), time.monotonic())
         stop.set()
         for f in feeders:
             f.thread.join(5.0)
@@ -380,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
             "mic_audio_s_per_session": round(sum(f.sent for f in feeders) * CHUNK_MS / 1000.0 / n, 1),
             "feeder_late_ticks": sum(f.late for f in feeders),
             "audio_dropped": sum(s.writer.audio_dropped for s in sessions),
+            "scheduler": {
+                "client": scheduler_pressure(sched0[0], sched1[0], sched1[2] - sched0[2]),
+                "sim": scheduler_pressure(sched0[1], sched1[1], sched1[2] - sched0[2]),
+            },
         }
     checks: list[tuple[str, bool, str]] = [
         ("0 user-visible conflicts", result["user_visible_conflicts"] == 0,
@@ -440,6 +509,16 @@ def main(argv: list[str] | None = None) -> int:
                              ("mb_per_session", "MB/session"), ("rss_growth_mb_per_min", "RSS MB/min"),
                              ("threads_per_session", "threads/session"), ("client_cpu_pct", "client CPU %"),
                              ("sim_cpu_pct", "sim CPU %")], nd=3))
+    sched = result["scheduler"]
+    if sched["client"] is not None:
+        rows = [{"process": proc, "threads": kind, **vals}
+                for proc in ("client", "sim") for kind, vals in (sched[proc] or {}).items()
+                if (proc == "client" or kind == "total") and vals["switches_in_per_s"] > 0]
+        print("\nscheduler pressure over the steady phase (Linux schedstat; run-queue wait = ready, no free CPU):")
+        print(C.table(rows, [("process", "process"), ("threads", "threads"), ("cpu_pct", "CPU %"),
+                             ("runq_wait_pct", "run-queue wait % of a CPU"),
+                             ("switches_in_per_s", "switches in /s"),
+                             ("wait_per_switch_us", "wait per switch us")], nd=1))
     print()
     for name, ok, detail in checks:
         print(f"{'PASS' if ok else 'FAIL'}  rtqueue scale: {name}  [{detail}]")

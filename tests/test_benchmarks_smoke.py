@@ -91,6 +91,10 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     assert set(stores) == {"history", "recent_responses", "done_ids", "server_errors", "gate_samples"}
     assert stores["history"]["entries_per_session"] > 0 and stores["history"]["bytes_per_entry"] > 0
     assert row["other_growth_mb_per_min"] is None or isinstance(row["other_growth_mb_per_min"], float)
+    client = row["scheduler"]["client"]  # Linux schedstat, per thread kind
+    assert client["rtqueue-reader"]["switches_in_per_s"] > 0 and client["rtqueue-writer"]["cpu_pct"] > 0
+    assert client["total"]["switches_in_per_s"] >= client["rtqueue-writer"]["switches_in_per_s"]
+    assert row["scheduler"]["sim"]["total"]["cpu_pct"] > 0
 
 
 def test_soak_quick(tmp_path: Path) -> None:
