@@ -346,3 +346,15 @@ def pyplot() -> Any:
 def progress(msg: str) -> None:
     """One progress line, flushed at once."""
     print(msg, flush=True)
+
+
+def scheduler_table(sched: dict[str, Any] | None) -> str | None:
+    """bench_scale's ``scheduler`` figures as a Markdown table (client per thread kind, simulator total)."""
+    if not sched or sched.get("client") is None:
+        return None
+    rows = [{"process": proc, "threads": kind, **vals}
+            for proc in ("client", "sim") for kind, vals in (sched.get(proc) or {}).items()
+            if (proc == "client" or kind == "total") and vals["switches_in_per_s"] > 0]
+    return table(rows, [("process", "process"), ("threads", "threads"), ("cpu_pct", "CPU %"),
+                        ("runq_wait_pct", "run-queue wait, % of a CPU"), ("switches_in_per_s", "switches in /s"),
+                        ("wait_per_switch_us", "wait per switch us")], nd=1)

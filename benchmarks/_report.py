@@ -84,6 +84,11 @@ def report(folder: Path) -> str:
                 ("bytes_per_entry", "bytes/entry"), ("growth_mb_per_min", "growth MB/min"),
                 ("plateau_mb", "all sessions full, MB"),
             ], nd=3) + "\n")
+        sched = C.scheduler_table(scale["results"][0].get("scheduler"))
+        if sched is not None:
+            parts.append("Scheduler pressure over the steady phase (Linux schedstat; run-queue wait: ready to run, "
+                         "no CPU free):\n")
+            parts.append(sched + "\n")
         parts.append(_targets(scale) + "\n")
     return "\n".join(parts)
 

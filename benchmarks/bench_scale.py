@@ -509,16 +509,10 @@ def main(argv: list[str] | None = None) -> int:
                              ("mb_per_session", "MB/session"), ("rss_growth_mb_per_min", "RSS MB/min"),
                              ("threads_per_session", "threads/session"), ("client_cpu_pct", "client CPU %"),
                              ("sim_cpu_pct", "sim CPU %")], nd=3))
-    sched = result["scheduler"]
-    if sched["client"] is not None:
-        rows = [{"process": proc, "threads": kind, **vals}
-                for proc in ("client", "sim") for kind, vals in (sched[proc] or {}).items()
-                if (proc == "client" or kind == "total") and vals["switches_in_per_s"] > 0]
+    sched = C.scheduler_table(result["scheduler"])
+    if sched is not None:
         print("\nscheduler pressure over the steady phase (Linux schedstat; run-queue wait = ready, no free CPU):")
-        print(C.table(rows, [("process", "process"), ("threads", "threads"), ("cpu_pct", "CPU %"),
-                             ("runq_wait_pct", "run-queue wait % of a CPU"),
-                             ("switches_in_per_s", "switches in /s"),
-                             ("wait_per_switch_us", "wait per switch us")], nd=1))
+        print(sched)
     print()
     for name, ok, detail in checks:
         print(f"{'PASS' if ok else 'FAIL'}  rtqueue scale: {name}  [{detail}]")
