@@ -361,9 +361,7 @@ class ResponseGate:
             waits = [w * 1000 for w in self._waits]
             lats = [v * 1000 for v in self._latencies]
             return GateStats(
-                **self._counts,
-                depth=len(self._queue),
-                oob_depth=len(self._oob),
+                **self._counters(),
                 wait_p50_ms=percentile(waits, 50),
                 wait_p99_ms=percentile(waits, 99),
                 wait_max_ms=max(waits, default=0.0),
@@ -376,7 +374,11 @@ class ResponseGate:
     def counts(self) -> dict[str, int]:
         """The counters of :meth:`stats` alone: cheap (no sorting), for frequent polling."""
         with self._cond:
-            return {**self._counts, "depth": len(self._queue), "oob_depth": len(self._oob)}
+            return self._counters()
+
+    def _counters(self) -> dict[str, int]:
+        # caller holds self._cond
+        return {**self._counts, "depth": len(self._queue), "oob_depth": len(self._oob)}
 
     def latencies_ms(self) -> list[float]:
         """Raw gate latencies (release read -> next create sent), in ms, for benchmarks."""
