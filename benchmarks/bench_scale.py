@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     intents = AppIntents()
     stop = threading.Event()
     result: dict[str, Any] = {}
-    with C.SimProcess(latency_ms=ns.latency_ms, speed=1.0, seed=ns.seed, record=False, senders=8) as sim:
+    with C.SimProcess(latency_ms=ns.latency_ms, speed=1.0, seed=ns.seed, record=False) as sim:
         C.progress(f"connecting {n} sessions to {sim.url} ...")
         t_conn = time.monotonic()
 

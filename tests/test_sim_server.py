@@ -235,6 +235,41 @@ def test_many_concurrent_sessions_and_stats() -> None:
         assert sim.server_events() == [] and sim.client_events() == []
 
 
+def test_one_loop_thread_and_a_client_that_stops_reading_holds_up_no_one() -> None:
+    """One thread serves every session; a client that never reads stalls only its own frames."""
+    with Simulator(speed=None, close_timeout=0.5) as sim:
+        stuck = websocket.create_connection(sim.url, timeout=TIMEOUT)
+        try:
+            stuck.send(
+                json.dumps(
+                    {
+                        "type": "conversation.item.create",
+                        "item": {
+                            "type": "message",
+                            "role": "user",
+                            # ~16 MB of audio deltas: more than loopback buffers hold.
+                            "content": [{"type": "input_text", "text": "go [len: 1000]"}],
+                        },
+                    }
+                )
+            )
+            stuck.send(json.dumps({"type": "response.create"}))
+            assert sim.wait_until(lambda s: s.stats()["server_events"] > 1000, TIMEOUT)
+            others = [connect(sim.url) for _ in range(10)]
+            try:
+                for ws in others:
+                    assert recv_json(ws)["type"] == "session.created"
+                    ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+                    assert recv_until(ws, "input_audio_buffer.cleared")
+                names = [t.name for t in threading.enumerate() if t.name.startswith("rtqueue-sim")]
+                assert names == ["rtqueue-sim-loop"]
+            finally:
+                for ws in others:
+                    ws.close()
+        finally:
+            stuck.abort()
+
+
 def test_recorded_events_per_session_in_order() -> None:
     """client_events/server_events keep each session's frames in wire order."""
     with Simulator(speed=None) as sim:

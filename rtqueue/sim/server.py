@@ -1,34 +1,37 @@
-"""The simulator's WebSocket server: a thin threaded shell around :class:`SimSession`.
+"""The simulator's WebSocket server: a thin asyncio shell around :class:`SimSession`.
 
-Threads (all named ``rtqueue-sim-*``, all ended by :meth:`Simulator.close`):
+One thread, ``rtqueue-sim-loop``, runs an asyncio event loop with
+``websockets``' asyncio server; :meth:`Simulator.close` ends it. Everything
+that touches a connection or a :class:`SimSession` runs on that loop:
 
-- ``rtqueue-sim-server``: accepts connections (``websockets.sync.server``);
-- ``rtqueue-sim-conn-<i>``: one per connection; reads frames and feeds them to
-  the session (after the simulated latency); websockets' own reader thread
-  for the connection is renamed ``rtqueue-sim-recv-<i>``;
-- ``rtqueue-sim-scheduler``: one for all sessions; a heap of wake-up times
-  (paced output, latency-delayed frames, expiry); it calls ``advance`` and
-  queues what is due. It never touches a socket, so a slow client cannot stall
-  the other sessions' clocks;
-- ``rtqueue-sim-sender-<k>``: a small pool that writes queued frames. Only one
-  sender writes a given connection at a time, so per-connection order holds;
-  a client that stops reading ties up one sender, not the simulator.
+- one handler task per connection reads frames and feeds them to the session
+  (after the simulated latency);
+- paced output, latency-delayed frames and expiry are loop timers
+  (``call_at``), one pending timer per connection;
+- a connection's queued frames are written by a short-lived sender task, at
+  most one per connection, so per-connection order holds and a client that
+  stops reading stalls only its own sender.
 
-Each connection has one lock guarding its :class:`SimSession` and queues.
-Locks are only ever taken in the order connection lock, then scheduler lock.
-No user code runs here; nothing but loopback by default.
+Why one loop and not threads: at 200 sessions the threaded server (two
+threads per connection plus a sender pool) made ~36,000 context switches a
+second and kept about two threads waiting for a CPU on a 2-core machine,
+which showed up as scheduling delay in the *client's* gate latency. A loop
+serves every ready socket in one wake-up.
+
+The public methods (``stats``, ``inject``, ``wait_until``, ``close``...) are
+called from other threads: each connection's lock guards its session and
+queues, ``_lock`` the registry. Locks are taken in the order connection lock,
+then ``_lock``, and never held across an ``await``. No user code runs here;
+nothing but loopback by default.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import asyncio
 import json
 import logging
 import os
-import queue
 import random
-import socket
 import threading
 import time
 from collections import Counter, deque
@@ -37,9 +40,9 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import attrs
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.sync.server import Server, ServerConnection, serve
 
 from ..secrets import redact
 from .core import SimSession
@@ -52,6 +55,7 @@ _AUDIO_TYPES = frozenset({"response.output_audio.delta"})
 _MALFORMED = '{"type": "response.output_audio.delta", "event_id": "event_'
 _BINARY = b"\x00\x01rtqueue-sim-binary-frame\xff"
 _AUTH_CLOSE_CODE = 3000
+_CALL_TIMEOUT = 10.0  # a cross-thread call into the loop (inject) gives up after this
 
 
 @attrs.define(eq=False)
@@ -84,6 +88,7 @@ class _Conn:
     sendq: deque[_Frame] = attrs.Factory(deque)
     sending: bool = False
     wake_at: float | None = None
+    timer: asyncio.TimerHandle | None = None
     last_due: float = 0.0
     sent: int = 0
     closed: bool = False
@@ -122,7 +127,6 @@ class Simulator:
             with HTTP 429 (``None``: no limit).
         record: keep every frame for :meth:`client_events` /
             :meth:`server_events` (turn off for soak runs).
-        senders: size of the sender pool.
         close_timeout: seconds to wait for a client's closing handshake.
         session_max_duration_s: when ``session_expired`` is sent (60 min).
     """
@@ -144,7 +148,6 @@ class Simulator:
         min_response_ms: float = 20.0,
         max_sessions: int | None = None,
         record: bool = True,
-        senders: int = 4,
         close_timeout: float = 2.0,
         session_max_duration_s: float = 3600.0,
     ) -> None:
@@ -154,8 +157,8 @@ class Simulator:
             raise ValueError("speed must be positive, 0 or None")
         if audio_chunk_ms <= 0 or words_per_second <= 0:
             raise ValueError("audio_chunk_ms and words_per_second must be positive")
-        if senders < 1:
-            raise ValueError("senders must be >= 1")
+        if close_timeout <= 0:
+            raise ValueError("close_timeout must be positive")
         self._host = host
         self._requested_port = port
         self._latency = latency_ms / 1000.0
@@ -171,7 +174,6 @@ class Simulator:
         self._min_response_ms = min_response_ms
         self._max_sessions = max_sessions
         self._record = record
-        self._n_senders = senders
         self._close_timeout = close_timeout
         self._max_duration = session_max_duration_s
 
@@ -182,21 +184,23 @@ class Simulator:
         self._live: dict[int, _Conn] = {}
         # Totals of finished sessions (one summary, so a long soak stays small).
         self._finished: dict[str, Counter[str]] = {"sums": Counter(), "errors": Counter(), "client_events": Counter()}
-        self._threads: list[threading.Thread] = []
         self._extra: Counter[str] = Counter()
         self._faults_fired: Counter[str] = Counter()
         self._client_log: dict[int, list[tuple[float, dict[str, Any]]]] = {}
         self._server_log: dict[int, list[tuple[float, dict[str, Any]]]] = {}
 
+        # Loop-side state: created in start(), touched only on the loop thread.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._server: Server | None = None
+        self._stop: asyncio.Event | None = None
+        self._senders: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps weak ones
+        self._start_error: BaseException | None = None
         self._port = 0
-        self._sched_cv = threading.Condition()
-        self._heap: list[tuple[float, int, _Conn]] = []
-        self._seq = itertools.count()
-        self._stopping = False
-        self._stop_event = threading.Event()
-        self._jobs: queue.SimpleQueue[_Conn | None] = queue.SimpleQueue()
+
+        # wait_until(): a generation counter, bumped whenever a frame moves.
         self._changed = threading.Condition()
+        self._generation = 0
         self._trace_lock = threading.Lock()
         self._trace_file: IO[str] | None = None
         self._fault_rng = random.Random(f"faults|{seed}")
@@ -211,87 +215,149 @@ class Simulator:
         self.close()
 
     def start(self) -> Simulator:
-        """Bind and start serving; returns self. Raises ``RuntimeError`` if already started."""
+        """Bind and start serving; returns self.
+
+        Raises ``RuntimeError`` if already started, and the ``OSError`` of the
+        bind (e.g. port in use) if the server cannot listen.
+        """
         with self._lock:
             if self._started:
                 raise RuntimeError("Simulator already started")
             self._started = True
         if self._trace_path is not None:
             self._trace_file = open(self._trace_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._server = serve(
-            self._handle,
-            self._host,
-            self._requested_port,
-            process_request=self._process_request,
-            compression=None,
-            ping_interval=None,
-            close_timeout=self._close_timeout,
-            max_size=16 * 2**20,
-            server_header="rtqueue-sim",
-            logger=_RedactingLogger(logging.getLogger("rtqueue.sim.websockets"), self._api_key),
-        )
-        self._port = self._server.socket.getsockname()[1]
-        threads = [threading.Thread(target=self._run_scheduler, name="rtqueue-sim-scheduler", daemon=True)]
-        threads += [
-            threading.Thread(target=self._run_sender, name=f"rtqueue-sim-sender-{k}", daemon=True)
-            for k in range(self._n_senders)
-        ]
-        threads.append(threading.Thread(target=self._server.serve_forever, name="rtqueue-sim-server", daemon=True))
-        with self._lock:
-            self._threads.extend(threads)
-        for t in threads:
-            t.start()
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, args=(ready,), name="rtqueue-sim-loop", daemon=True)
+        self._thread.start()
+        ready.wait()  # set by the loop thread on every path, even a failing one
+        if self._start_error is not None:
+            self._thread.join()
+            with self._lock:
+                self._closed = True
+            self._close_trace()
+            raise self._start_error
         return self
 
     def close(self) -> None:
-        """Stop serving, close every connection (code 1001), end every thread. Idempotent."""
+        """Stop serving, close every connection (code 1001), end the loop thread. Idempotent.
+
+        Bounded: a client that stops reading is cut off after ``close_timeout``.
+        """
         with self._lock:
             if self._closed or not self._started:
                 self._closed = True
                 return
             self._closed = True
-            conns = list(self._live.values())
-        self._stop_event.set()
-        if self._server is not None:
-            self._server.shutdown()
-        closers = [
-            threading.Thread(target=self._close_conn, args=(c,), name=f"rtqueue-sim-close-{c.index}", daemon=True)
-            for c in conns
-        ]
-        for t in closers:
-            t.start()
-        deadline = time.monotonic() + self._close_timeout + 1.0
-        for t, conn in zip(closers, conns, strict=True):
-            t.join(max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
-                # A sender is stuck writing to a client that stopped reading and
-                # holds the connection's mutex, so close() cannot even start.
-                # Shutting the socket down fails that write and frees both.
-                _shutdown(conn)
-                t.join(self._close_timeout + 1.0)
-        with self._sched_cv:
-            self._stopping = True
-            self._sched_cv.notify_all()
-        for _ in range(self._n_senders):
-            self._jobs.put(None)
-        with self._lock:
-            threads = list(self._threads)
-        for t in threads:
-            if t is not threading.current_thread():
-                t.join(self._close_timeout + 2.0)
+        loop, thread, stop = self._loop, self._thread, self._stop
+        assert loop is not None and thread is not None and stop is not None
+        if thread is threading.current_thread():
+            raise RuntimeError("Simulator.close() called from its own loop")
+        try:
+            loop.call_soon_threadsafe(stop.set)
+        except RuntimeError:
+            pass  # the loop already ended
+        thread.join(2 * self._close_timeout + 5.0)
+        self._close_trace()
+        self._notify()
+
+    def _close_trace(self) -> None:
         with self._trace_lock:
             if self._trace_file is not None:
                 self._trace_file.close()
                 self._trace_file = None
-        with self._changed:
-            self._changed.notify_all()
 
-    def _close_conn(self, conn: _Conn) -> None:
+    def _run_loop(self, ready: threading.Event) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
         try:
-            conn.ws.close(1001, "simulator shutting down")
-        except Exception:
+            loop.run_until_complete(self._main(ready))
+        except BaseException as exc:  # reported to start() or logged
+            if not ready.is_set():
+                self._start_error = exc
+            else:
+                logging.getLogger("rtqueue.sim").exception("simulator loop failed")
+        finally:
+            ready.set()
+            try:
+                tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                for t in tasks:
+                    t.cancel()
+                if tasks:
+                    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    async def _main(self, ready: threading.Event) -> None:
+        self._stop = asyncio.Event()
+        try:
+            server = await serve(
+                self._handle,
+                self._host,
+                self._requested_port,
+                process_request=self._process_request,
+                compression=None,
+                ping_interval=None,
+                close_timeout=self._close_timeout,
+                max_size=16 * 2**20,
+                server_header="rtqueue-sim",
+                logger=_RedactingLogger(logging.getLogger("rtqueue.sim.websockets"), self._api_key),
+            )
+        except OSError as exc:
+            self._start_error = exc
+            ready.set()
+            return
+        self._server = server
+        self._port = server.sockets[0].getsockname()[1]
+        ready.set()
+        await self._stop.wait()
+
+        server.close(close_connections=False)  # stop accepting; we close the open ones below
+        with self._lock:
+            conns = list(self._live.values())
+        if conns:
+            await asyncio.gather(*(self._close_conn(c) for c in conns))
+        try:
+            await asyncio.wait_for(server.wait_closed(), self._close_timeout + 1.0)
+        except asyncio.TimeoutError:
+            pass  # whatever is left is cancelled by _run_loop
+
+    async def _close_conn(self, conn: _Conn) -> None:
+        try:
+            # websockets bounds the closing handshake, but not a write blocked
+            # on a client that stopped reading; this bounds both.
+            await asyncio.wait_for(conn.ws.close(1001, "simulator shutting down"), self._close_timeout + 0.5)
+        except (asyncio.TimeoutError, ConnectionClosed, OSError):
             pass
-        conn.ws.close_socket()
+        conn.ws.transport.abort()
+
+    def _call_in_loop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread and wait for it (inline when already there)."""
+        loop = self._loop
+        if loop is None or self._thread is threading.current_thread():
+            fn()
+            return
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # re-raised in the caller's thread
+                failure.append(exc)
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(run)
+        except RuntimeError:
+            return  # the loop has ended: there is no live connection to change
+        if not done.wait(_CALL_TIMEOUT):
+            raise TimeoutError("the simulator's loop did not answer in time")
+        if failure:
+            raise failure[0]
 
     # ------------------------------------------------------------------ public info
 
@@ -318,9 +384,9 @@ class Simulator:
     def inject(self, plan: FaultPlan, session: int | None = None) -> None:
         """Apply ``plan`` from now on to session ``session`` (or every live and future one).
 
-        A session index that has not connected yet gets the plan when it does.
+        It has taken effect when this returns. A session index that has not
+        connected yet gets the plan when it does.
         """
-        now = time.monotonic()
         with self._lock:
             if session is None:
                 self._default_faults = plan
@@ -328,6 +394,11 @@ class Simulator:
             else:
                 self._session_faults[session] = plan
                 targets = [self._live[session]] if session in self._live else []
+        if targets:
+            self._call_in_loop(lambda: self._apply_all(targets, plan))
+
+    def _apply_all(self, targets: list[_Conn], plan: FaultPlan) -> None:
+        now = time.monotonic()
         for conn in targets:
             self._apply_faults(conn, plan, now)
 
@@ -409,15 +480,21 @@ class Simulator:
     def wait_until(self, predicate: Callable[[Simulator], bool], timeout: float = 5.0) -> bool:
         """Block until ``predicate(self)`` is true (re-checked whenever a frame moves).
 
-        Returns False on timeout. For tests: no sleeping to synchronise.
+        Returns False on timeout. For tests: no sleeping to synchronise. The
+        predicate runs in the caller's thread, never holding a lock the
+        simulator's loop needs.
         """
         deadline = time.monotonic() + timeout
         with self._changed:
-            while not predicate(self):
+            seen = self._generation
+        while not predicate(self):
+            with self._changed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._changed.wait(min(left, 0.05))
+                if self._generation == seen:
+                    self._changed.wait(min(left, 0.05))
+                seen = self._generation
         return True
 
     # ------------------------------------------------------------------ connections
@@ -444,23 +521,17 @@ class Simulator:
             return True
         return (headers.get("api-key") or "").strip() == self._api_key
 
-    def _handle(self, ws: ServerConnection) -> None:
+    async def _handle(self, ws: ServerConnection) -> None:
         now = time.monotonic()
-        me = threading.current_thread()
         with self._lock:
             index = self._next_index
             self._next_index += 1
-            me.name = f"rtqueue-sim-conn-{index}"
-            ws.recv_events_thread.name = f"rtqueue-sim-recv-{index}"
-            # Forget finished threads so a long soak does not accumulate them.
-            self._threads = [t for t in self._threads if t.is_alive()]
-            self._threads += [me, ws.recv_events_thread]
             if self._record:
                 self._client_log[index] = []
                 self._server_log[index] = []
             closed = self._closed
         if closed:
-            ws.close(1001, "simulator shutting down")
+            await ws.close(1001, "simulator shutting down")
             return
         core = SimSession(
             now=now,
@@ -476,7 +547,7 @@ class Simulator:
         )
         conn = _Conn(index=index, ws=ws, core=core, last_due=now)
         if not self._authorized(ws):
-            self._reject(conn)
+            await self._reject(conn)
             return
         with self._lock:
             self._live[index] = conn
@@ -485,22 +556,22 @@ class Simulator:
             if plan is not None:
                 self._apply_faults(conn, plan, now)
             self._service(conn, now)
-            self._read_loop(conn)
+            await self._read_loop(conn)
         finally:
             with conn.lock:
                 conn.closed = True
                 final = conn.core.stats()
+                if conn.timer is not None:
+                    # A closed session must not stay in the loop's timer heap
+                    # until its next wake-up (up to the 60-minute expiry).
+                    conn.timer.cancel()
+                    conn.timer = None
             with self._lock:
                 self._live.pop(index, None)
                 self._add_totals(self._finished, final)
-            with self._sched_cv:
-                # A closed session must not stay alive in the heap until its
-                # next wake-up (up to the 60-minute expiry): a long soak would leak.
-                self._heap = [entry for entry in self._heap if entry[2] is not conn]
-                heapq.heapify(self._heap)
             self._notify()
 
-    def _reject(self, conn: _Conn) -> None:
+    async def _reject(self, conn: _Conn) -> None:
         """Refuse a connection with a bad key, as the real service does."""
         event = conn.core.make_error(
             "invalid_api_key",
@@ -511,23 +582,28 @@ class Simulator:
             self._extra["auth_failures"] += 1
         self._record_out(conn, event, time.monotonic())
         try:
-            conn.ws.send(json.dumps(event))
-            conn.ws.close(_AUTH_CLOSE_CODE, "invalid_api_key")
+            await conn.ws.send(json.dumps(event))
+            await conn.ws.close(_AUTH_CLOSE_CODE, "invalid_api_key")
         except ConnectionClosed:
             pass
         self._notify()
 
-    def _read_loop(self, conn: _Conn) -> None:
+    async def _read_loop(self, conn: _Conn) -> None:
         ws = conn.ws
+        stop = self._stop
+        assert stop is not None
         while True:
             st = conn.fault
             if st is not None and st.plan.stall_reading_s > 0 and st.stall_pending:
                 st.stall_pending = False
                 self._count_fault("stall_reading_s")
                 # Waiting on the stop event, not sleeping: close() cuts it short.
-                self._stop_event.wait(st.plan.stall_reading_s)
+                try:
+                    await asyncio.wait_for(stop.wait(), st.plan.stall_reading_s)
+                except asyncio.TimeoutError:
+                    pass
             try:
-                frame = ws.recv()
+                frame = await ws.recv()
             except ConnectionClosed:
                 return
             t = time.monotonic()
@@ -561,13 +637,14 @@ class Simulator:
             if plan.expire_after_s is not None:
                 conn.core.expire_at(now + plan.expire_after_s)
         self._service(conn, now)
-        self._kick(conn)
+        # Injected frames are due now, even with nothing else queued.
+        self._start_sender(conn)
 
     def _count_fault(self, name: str) -> None:
         with self._lock:
             self._faults_fired[name] += 1
 
-    def _fire_faults(self, conn: _Conn) -> bool:
+    async def _fire_faults(self, conn: _Conn) -> bool:
         """Inject the "after N events" frames now due. Returns False if the connection was dropped."""
         st = conn.fault
         if st is None:
@@ -602,7 +679,7 @@ class Simulator:
             self._count_fault(name)
             self._record_out(conn, logged, time.monotonic())
             try:
-                conn.ws.send(data)
+                await conn.ws.send(data)
             except ConnectionClosed:
                 return False
         if drop:
@@ -617,12 +694,12 @@ class Simulator:
             conn.closed = True
             conn.sendq.clear()
             conn.outbox.clear()
-        conn.ws.close_socket()
+        conn.ws.transport.abort()
 
     # ------------------------------------------------------------------ scheduling
 
     def _service(self, conn: _Conn, now: float) -> None:
-        """Feed due inbound frames, collect due output, schedule the next wake-up."""
+        """Feed due inbound frames, collect due output, schedule the next wake-up (loop thread)."""
         kick = False
         with conn.lock:
             if conn.closed:
@@ -644,9 +721,7 @@ class Simulator:
                 conn.outbox.append(_Frame(due=max(conn.last_due, now), data=None, event=None, close=core.close_request))
             while conn.outbox and conn.outbox[0].due <= now:
                 conn.sendq.append(conn.outbox.popleft())
-            if conn.sendq and not conn.sending:
-                conn.sending = True
-                kick = True
+            kick = bool(conn.sendq) and not conn.sending
             candidates = [core.next_due()]
             if conn.inbound:
                 candidates.append(conn.inbound[0][0])
@@ -655,12 +730,19 @@ class Simulator:
             wake = min((c for c in candidates if c is not None), default=None)
             if wake is not None and (conn.wake_at is None or wake < conn.wake_at):
                 conn.wake_at = wake
-                with self._sched_cv:
-                    heapq.heappush(self._heap, (wake, next(self._seq), conn))
-                    if self._heap[0][2] is conn:
-                        self._sched_cv.notify()
+                if conn.timer is not None:
+                    conn.timer.cancel()
+                loop = self._loop
+                assert loop is not None
+                # loop.time() is time.monotonic() for asyncio's loops.
+                conn.timer = loop.call_at(wake, self._on_timer, conn)
         if kick:
-            self._jobs.put(conn)
+            self._start_sender(conn)
+
+    def _on_timer(self, conn: _Conn) -> None:
+        conn.timer = None
+        self._service(conn, time.monotonic())
+        self._notify()
 
     def _enqueue_out(self, conn: _Conn, events: list[dict[str, Any]], now: float) -> None:
         st = conn.fault
@@ -682,64 +764,47 @@ class Simulator:
                 self._count_fault("duplicate_events")
                 conn.outbox.append(_Frame(due=due, data=data, event=ev))
 
-    def _kick(self, conn: _Conn) -> None:
+    def _start_sender(self, conn: _Conn) -> None:
+        """Start ``conn``'s sender task unless one is running (loop thread)."""
         with conn.lock:
             if conn.sending or conn.closed:
                 return
             conn.sending = True
-        self._jobs.put(conn)
+        loop = self._loop
+        assert loop is not None
+        task = loop.create_task(self._run_sender(conn), name=f"rtqueue-sim-send-{conn.index}")
+        self._senders.add(task)
+        task.add_done_callback(self._senders.discard)
 
-    def _run_scheduler(self) -> None:
-        while True:
-            with self._sched_cv:
-                while not self._stopping:
-                    if self._heap:
-                        wait = self._heap[0][0] - time.monotonic()
-                        if wait <= 0:
-                            break
-                        self._sched_cv.wait(wait)
-                    else:
-                        self._sched_cv.wait()
-                if self._stopping:
-                    return
-                now = time.monotonic()
-                due: list[_Conn] = []
-                while self._heap and self._heap[0][0] <= now:
-                    due.append(heapq.heappop(self._heap)[2])
-            for conn in dict.fromkeys(due):
-                self._service(conn, now)
-
-    def _run_sender(self) -> None:
-        while True:
-            conn = self._jobs.get()
-            if conn is None:
-                return
-            alive = self._fire_faults(conn)
+    async def _run_sender(self, conn: _Conn) -> None:
+        try:
+            alive = await self._fire_faults(conn)
             while alive:
                 with conn.lock:
                     if not conn.sendq or conn.closed:
-                        conn.sending = False
                         break
                     batch = list(conn.sendq)
                     conn.sendq.clear()
                 for frame in batch:
-                    if not self._send_frame(conn, frame):
+                    if not await self._send_frame(conn, frame):
                         alive = False
                         break
-            if not alive:
-                with conn.lock:
-                    conn.sending = False
+        finally:
+            # No await between the empty check above and this: a frame queued
+            # meanwhile would otherwise find `sending` set and no sender.
+            with conn.lock:
+                conn.sending = False
             self._notify()
 
-    def _send_frame(self, conn: _Conn, frame: _Frame) -> bool:
+    async def _send_frame(self, conn: _Conn, frame: _Frame) -> bool:
         """Write one frame and apply the faults it triggers; False if the connection ended."""
         if frame.close is not None:
             try:
-                conn.ws.close(*frame.close)
+                await conn.ws.close(*frame.close)
             except Exception:
                 pass
             return False
-        if not self._fire_faults(conn):
+        if not await self._fire_faults(conn):
             return False
         assert frame.data is not None and frame.event is not None
         # Recorded just before the write, so a client that has received a frame
@@ -747,7 +812,7 @@ class Simulator:
         # and means the connection is gone anyway).
         self._record_out(conn, frame.event, time.monotonic())
         try:
-            conn.ws.send(frame.data)
+            await conn.ws.send(frame.data)
         except ConnectionClosed:
             return False
         conn.sent += 1
@@ -764,12 +829,13 @@ class Simulator:
                 self._count_fault("drop_mid_response")
                 self._drop(conn)
                 return False
-        return self._fire_faults(conn)
+        return await self._fire_faults(conn)
 
     # ------------------------------------------------------------------ records
 
     def _notify(self) -> None:
         with self._changed:
+            self._generation += 1
             self._changed.notify_all()
 
     def _record_in(self, conn: _Conn, event: dict[str, Any], t: float) -> None:
@@ -789,13 +855,6 @@ class Simulator:
         with self._trace_lock:
             if self._trace_file is not None:
                 self._trace_file.write(line + "\n")
-
-
-def _shutdown(conn: _Conn) -> None:
-    try:
-        conn.ws.socket.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed
 
 
 def _opaque(frame: str | bytes) -> dict[str, Any]:
