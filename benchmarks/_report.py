@@ -89,6 +89,11 @@ def report(folder: Path) -> str:
             parts.append("Scheduler pressure over the steady phase (Linux schedstat; run-queue wait: ready to run, "
                          "no CPU free):\n")
             parts.append(sched + "\n")
+        mach = scale["results"][0].get("machine_cpu")
+        if mach:
+            parts.append(f"The machine over the same window, in % of one CPU: busy {mach['busy_pct']}, of it other "
+                         f"processes {C.fmt(mach['others_pct'], 1)}; hypervisor steal {mach['steal_pct']}; "
+                         f"idle {mach['idle_pct']}.\n")
         parts.append(_targets(scale) + "\n")
     return "\n".join(parts)
 

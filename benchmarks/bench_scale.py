@@ -124,6 +124,43 @@ def _pressure(d: list[int], wall_s: float) -> dict[str, float]:
     }
 
 
+def machine_ticks() -> list[int] | None:
+    """The whole machine's CPU ticks from /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    return [int(x) for x in fields[1:9]]
+
+
+def machine_cpu(before: list[int] | None, after: list[int] | None, wall_s: float,
+                ours_pct: float | None) -> dict[str, float] | None:
+    """The machine's CPU over a window, in % of one CPU: busy, of it not ours, steal (host), idle.
+
+    The runs share a machine: "others" (busy minus the client and the
+    simulator) and "steal" (time the hypervisor gave this VM's CPUs to
+    someone else) say whether a noisy tail came from outside the benchmark.
+    """
+    if before is None or after is None or wall_s <= 0:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (a - b for a, b in zip(after, before, strict=True))
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def pct(ticks: int) -> float:
+        return round(100.0 * ticks / hz / wall_s, 1)
+
+    busy = pct(user + nice + system + irq + softirq)
+    return {
+        "busy_pct": busy,
+        "others_pct": None if ours_pct is None else round(max(0.0, busy - ours_pct), 1),
+        "steal_pct": pct(steal),
+        "idle_pct": pct(idle + iowait),
+    }
+
+
 def slope_per_min(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of (seconds, value) points, per minute (``None`` under 4 points)."""
     if len(points) < 4:
@@ -331,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             f.thread.start()
         kinds = thread_kinds()
         sched0 = (schedstat(os.getpid(), kinds), schedstat(sim.pid), time.monotonic())
+        ticks0 = machine_ticks()
         steady_from = time.monotonic() - t0
         # The app: a timer per session, all on this thread (a heap of due times).
         due = [(time.monotonic() + rng.uniform(1.0, 15.0), i) for i in range(n)]
@@ -358,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 C.progress(f"  t={now - t_steady:5.1f}s RSS {C.rss_mb():.0f} MB, responses done {done}, "
                            f"server races retried {retried}, app creates {intents.created}")
         sched1 = (schedstat(os.getpid(), kinds), schedstat(sim.pid), time.monotonic())
+        ticks1 = machine_ticks()
         stop.set()
         for f in feeders:
             f.thread.join(5.0)
@@ -450,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                 "sim": scheduler_pressure(sched0[1], sched1[1], sched1[2] - sched0[2]),
             },
         }
+        sched_client, sched_sim = result["scheduler"]["client"], result["scheduler"]["sim"]
+        ours = (sched_client["total"]["cpu_pct"] + sched_sim["total"]["cpu_pct"]
+                if sched_client is not None and sched_sim is not None else None)
+        result["machine_cpu"] = machine_cpu(ticks0, ticks1, sched1[2] - sched0[2], ours)
     checks: list[tuple[str, bool, str]] = [
         ("0 user-visible conflicts", result["user_visible_conflicts"] == 0,
          f"visible={result['user_visible_conflicts']} (server races retried: {result['conflicts_retried']})"),
@@ -513,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     if sched is not None:
         print("\nscheduler pressure over the steady phase (Linux schedstat; run-queue wait = ready, no free CPU):")
         print(sched)
+    mach = result["machine_cpu"]
+    if mach is not None:
+        print(f"\nmachine over the steady phase (% of one CPU, {os.cpu_count()} CPUs): busy {mach['busy_pct']}, "
+              f"of it other processes {C.fmt(mach['others_pct'], 1)}; hypervisor steal {mach['steal_pct']}; "
+              f"idle {mach['idle_pct']}")
     print()
     for name, ok, detail in checks:
         print(f"{'PASS' if ok else 'FAIL'}  rtqueue scale: {name}  [{detail}]")

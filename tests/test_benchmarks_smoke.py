@@ -7,6 +7,7 @@ Benchmarks are not tests: only breakage and rtqueue's correctness figures
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,9 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     assert client["rtqueue-reader"]["switches_in_per_s"] > 0 and client["rtqueue-writer"]["cpu_pct"] > 0
     assert client["total"]["switches_in_per_s"] >= client["rtqueue-writer"]["switches_in_per_s"]
     assert row["scheduler"]["sim"]["total"]["cpu_pct"] > 0
+    machine = row["machine_cpu"]  # /proc/stat over the same window: was someone else busy?
+    assert machine["busy_pct"] > 0 and machine["steal_pct"] >= 0 and machine["others_pct"] >= 0
+    assert 0 <= machine["idle_pct"] <= 100 * (os.cpu_count() or 1) + 5
 
 
 def test_soak_quick(tmp_path: Path) -> None:

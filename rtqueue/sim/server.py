@@ -354,8 +354,12 @@ class Simulator:
             loop.call_soon_threadsafe(run)
         except RuntimeError:
             return  # the loop has ended: there is no live connection to change
-        if not done.wait(_CALL_TIMEOUT):
-            raise TimeoutError("the simulator's loop did not answer in time")
+        deadline = time.monotonic() + _CALL_TIMEOUT
+        while not done.wait(0.05):
+            if self._thread is None or not self._thread.is_alive():
+                return  # closed meanwhile: the call is moot
+            if time.monotonic() > deadline:
+                raise TimeoutError("the simulator's loop did not answer in time")
         if failure:
             raise failure[0]
 
