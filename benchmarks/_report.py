@@ -1,6 +1,7 @@
 """Print the Markdown tables of a results folder (for benchmarks/RESULTS.md and the README).
 
-    python benchmarks/_report.py [benchmarks/results]
+    python benchmarks/_report.py [benchmarks/results]            # every table
+    python benchmarks/_report.py [benchmarks/results] --readme   # the README's conflicts matrix
 """
 
 from __future__ import annotations
@@ -98,5 +99,48 @@ def report(folder: Path) -> str:
     return "\n".join(parts)
 
 
+_ORDER = ("naive", "flag", "poll", "rtqueue", "openai-agents")
+_WORKLOADS = {"handoff": "handoff storm", "tools": "tool chains", "bargein": "barge-in", "app_vs_vad": "app vs VAD"}
+
+
+def _cell(r: dict[str, Any]) -> str:
+    text = f"{r['conflicts_per_1000']:.0f}, {r['lost_intents']}/{r['intents']}"
+    extra = []
+    if r.get("retried_conflicts"):
+        extra.append(f"{r['retried_conflicts']} races retried")
+    if r.get("duplicates"):
+        extra.append(f"{r['duplicates']} dups")
+    if r.get("cancel_not_active"):
+        extra.append(f"{r['cancel_not_active']} cancel_not_active")
+    if r.get("truncate_errors"):
+        extra.append(f"{r['truncate_errors']} truncate errors")
+    if extra:
+        text += f" ({', '.join(extra)})"
+    return f"**{text}**" if r["strategy"] == "rtqueue" else text
+
+
+def readme_table(conf: dict[str, Any]) -> str:
+    """One row per workload x RTT, one column per strategy: "conflicts per 1000 creates, lost/intents (extras)"."""
+    present = [s for s in _ORDER if any(r["strategy"] == s for r in conf["results"])]
+    head = "| workload @ RTT | " + " | ".join(present) + " |"
+    lines = [head, "|" + "---|" * (len(present) + 1)]
+    keys = sorted({(r["latency_ms"], r["workload"]) for r in conf["results"]},
+                  key=lambda k: (k[0], list(_WORKLOADS).index(k[1]) if k[1] in _WORKLOADS else 99))
+    for rtt, wl in keys:
+        cells = []
+        for strategy in present:
+            match = [r for r in conf["results"]
+                     if (r["latency_ms"], r["workload"], r["strategy"]) == (rtt, wl, strategy)]
+            cells.append(_cell(match[0]) if match else "-")
+        lines.append(f"| {_WORKLOADS.get(wl, wl)} @ {rtt:g} ms | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(report(Path(sys.argv[1] if len(sys.argv) > 1 else C.HERE / "results")))
+    args = [a for a in sys.argv[1:] if a != "--readme"]
+    folder = Path(args[0] if args else C.HERE / "results")
+    if "--readme" in sys.argv[1:]:
+        doc = _load(folder, "conflicts")
+        print(readme_table(doc) if doc is not None else "no bench_conflicts.json in " + str(folder))
+    else:
+        print(report(folder))

@@ -68,6 +68,18 @@ def test_bench_conflicts_quick(tmp_path: Path) -> None:
         assert r["creates"] > 0 and r["responses"] > 0
     assert (tmp_path / "out" / "conflicts.png").stat().st_size > 0
     assert (tmp_path / "out" / "gate_latency.png").stat().st_size > 0
+    # The README's matrix is printed from that JSON: a row per workload x RTT, rtqueue's cells in bold.
+    report = subprocess.run([sys.executable, str(BENCH / "_report.py"), str(tmp_path / "out"), "--readme"],
+                            capture_output=True, text=True, timeout=5 * UNIT, cwd=ROOT, check=True).stdout
+    lines = report.strip().splitlines()
+    assert lines[0].startswith("| workload @ RTT | naive | flag | poll | rtqueue") and len(lines) == 2 + 8
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    column = cells(lines[0]).index("rtqueue")
+    for line in lines[2:]:
+        cell = cells(line)[column]
+        assert cell.startswith("**") and ", 0/" in cell, line  # bold, and 0 lost intents
 
 
 def test_bench_reader_quick(tmp_path: Path) -> None:
