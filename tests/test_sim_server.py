@@ -34,6 +34,28 @@ def recv_until(ws: Any, etype: str) -> list[dict[str, Any]]:
             return out
 
 
+def start_long_answer_and_stop_reading(sim: Simulator, ws: websocket.WebSocket) -> None:
+    """Ask for a 1000-word answer over ``ws``, which the caller then never reads.
+
+    That is ~16 MB of audio deltas, more than loopback buffers hold, so the
+    simulator's writes to ``ws`` block. Returns once 1000 frames are under way.
+    """
+    ws.send(
+        json.dumps(
+            {
+                "type": "conversation.item.create",
+                "item": {
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "go [len: 1000]"}],
+                },
+            }
+        )
+    )
+    ws.send(json.dumps({"type": "response.create"}))
+    assert sim.wait_until(lambda s: s.stats()["server_events"] > 1000, TIMEOUT)
+
+
 def assert_all_valid(sim: Simulator) -> None:
     events = sim.server_events()
     assert events
@@ -240,21 +262,7 @@ def test_one_loop_thread_and_a_client_that_stops_reading_holds_up_no_one() -> No
     with Simulator(speed=None, close_timeout=0.5) as sim:
         stuck = websocket.create_connection(sim.url, timeout=TIMEOUT)
         try:
-            stuck.send(
-                json.dumps(
-                    {
-                        "type": "conversation.item.create",
-                        "item": {
-                            "type": "message",
-                            "role": "user",
-                            # ~16 MB of audio deltas: more than loopback buffers hold.
-                            "content": [{"type": "input_text", "text": "go [len: 1000]"}],
-                        },
-                    }
-                )
-            )
-            stuck.send(json.dumps({"type": "response.create"}))
-            assert sim.wait_until(lambda s: s.stats()["server_events"] > 1000, TIMEOUT)
+            start_long_answer_and_stop_reading(sim, stuck)
             others = [connect(sim.url) for _ in range(10)]
             try:
                 for ws in others:
@@ -342,20 +350,7 @@ def test_close_is_bounded_when_a_client_stops_reading() -> None:
     sim = Simulator(speed=None, close_timeout=0.5).start()
     ws = websocket.create_connection(sim.url, timeout=TIMEOUT)
     try:
-        ws.send(
-            json.dumps(
-                {
-                    "type": "conversation.item.create",
-                    "item": {
-                        "type": "message",
-                        "role": "user",
-                        "content": [{"type": "input_text", "text": "go [len: 1000]"}],
-                    },
-                }
-            )
-        )
-        ws.send(json.dumps({"type": "response.create"}))
-        assert sim.wait_until(lambda s: s.stats()["server_events"] > 1000, TIMEOUT)
+        start_long_answer_and_stop_reading(sim, ws)
         t0 = time.monotonic()
         sim.close()
         assert time.monotonic() - t0 < 4.0
