@@ -34,24 +34,19 @@ def recv_until(ws: Any, etype: str) -> list[dict[str, Any]]:
             return out
 
 
+def user_text(text: str, **fields: Any) -> str:
+    """A ``conversation.item.create`` frame adding a user text message (``fields``: e.g. ``event_id``)."""
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    return json.dumps({"type": "conversation.item.create", **fields, "item": item})
+
+
 def start_long_answer_and_stop_reading(sim: Simulator, ws: websocket.WebSocket) -> None:
     """Ask for a 1000-word answer over ``ws``, which the caller then never reads.
 
     That is ~16 MB of audio deltas, more than loopback buffers hold, so the
     simulator's writes to ``ws`` block. Returns once 1000 frames are under way.
     """
-    ws.send(
-        json.dumps(
-            {
-                "type": "conversation.item.create",
-                "item": {
-                    "type": "message",
-                    "role": "user",
-                    "content": [{"type": "input_text", "text": "go [len: 1000]"}],
-                },
-            }
-        )
-    )
+    ws.send(user_text("go [len: 1000]"))
     ws.send(json.dumps({"type": "response.create"}))
     assert sim.wait_until(lambda s: s.stats()["server_events"] > 1000, TIMEOUT)
 
@@ -153,19 +148,7 @@ def test_latency_applies_both_ways() -> None:
         recv_json(ws)
         t1 = time.monotonic()
         for i in range(3):
-            ws.send(
-                json.dumps(
-                    {
-                        "type": "conversation.item.create",
-                        "event_id": f"i{i}",
-                        "item": {
-                            "type": "message",
-                            "role": "user",
-                            "content": [{"type": "input_text", "text": str(i)}],
-                        },
-                    }
-                )
-            )
+            ws.send(user_text(str(i), event_id=f"i{i}"))
         first = recv_json(ws)
         assert time.monotonic() - t1 >= 0.155
         texts = [first] + [recv_json(ws) for _ in range(5)]
@@ -225,18 +208,7 @@ def test_many_concurrent_sessions_and_stats() -> None:
         def one(i: int) -> None:
             try:
                 with connect(sim.url) as ws:
-                    ws.send(
-                        json.dumps(
-                            {
-                                "type": "conversation.item.create",
-                                "item": {
-                                    "type": "message",
-                                    "role": "user",
-                                    "content": [{"type": "input_text", "text": f"hi [len: 30] {i}"}],
-                                },
-                            }
-                        )
-                    )
+                    ws.send(user_text(f"hi [len: 30] {i}"))
                     ws.send(json.dumps({"type": "response.create"}))
                     ws.send(json.dumps({"type": "response.create"}))
                     done = recv_until(ws, "response.done")[-1]
