@@ -348,6 +348,12 @@ def progress(msg: str) -> None:
     print(msg, flush=True)
 
 
+def machine_cpu_text(mach: dict[str, Any]) -> str:
+    """bench_scale's ``machine_cpu`` figures as one sentence (printed by the benchmark and by _report)."""
+    return (f"busy {mach['busy_pct']}, idle {mach['idle_pct']}, hypervisor steal {mach['steal_pct']}, "
+            f"unaccounted {mach.get('unaccounted_pct', '-')} (ticks the guest missed: likely host contention)")
+
+
 def scheduler_table(sched: dict[str, Any] | None) -> str | None:
     """bench_scale's ``scheduler`` figures as a Markdown table (client per thread kind, simulator total)."""
     if not sched or sched.get("client") is None:

@@ -92,9 +92,7 @@ def report(folder: Path) -> str:
             parts.append(sched + "\n")
         mach = scale["results"][0].get("machine_cpu")
         if mach:
-            parts.append(f"The machine over the same window (/proc/stat, % of one CPU): busy {mach['busy_pct']}, "
-                         f"idle {mach['idle_pct']}, hypervisor steal {mach['steal_pct']}, unaccounted "
-                         f"{mach.get('unaccounted_pct', '-')} (ticks the guest missed: likely host contention).\n")
+            parts.append(f"The machine over the same window (/proc/stat, % of one CPU): {C.machine_cpu_text(mach)}.\n")
         parts.append(_targets(scale) + "\n")
     return "\n".join(parts)
 

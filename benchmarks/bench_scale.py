@@ -557,9 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         print(sched)
     mach = result["machine_cpu"]
     if mach is not None:
-        print(f"\nmachine over the steady phase (/proc/stat, % of one CPU, {os.cpu_count()} CPUs): busy "
-              f"{mach['busy_pct']}, idle {mach['idle_pct']}, hypervisor steal {mach['steal_pct']}, unaccounted "
-              f"{mach['unaccounted_pct']} (ticks the guest missed: likely host contention)")
+        print(f"\nmachine over the steady phase (/proc/stat, % of one CPU, {os.cpu_count()} CPUs): "
+              f"{C.machine_cpu_text(mach)}")
     print()
     for name, ok, detail in checks:
         print(f"{'PASS' if ok else 'FAIL'}  rtqueue scale: {name}  [{detail}]")
