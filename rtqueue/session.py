@@ -190,6 +190,7 @@ class Session:
         max_conflict_retries: int = 20,
         reconnect: bool | Any = True,
         name: str | None = None,
+        transport: Transport | Callable[[], Transport] | None = None,
     ) -> Session:
         """Connect, configure, and return a ready session.
 
@@ -210,6 +211,11 @@ class Session:
         :class:`~rtqueue.errors.ConnectError`, :class:`AuthenticationError`,
         :class:`ServerError` (the server refused the configuration) or
         :class:`InvalidArgument`.
+
+        ``transport`` replaces the WebSocket: a :class:`~rtqueue.transport.Transport`
+        (used for the first connection only) or a zero-argument factory called for
+        each connection, e.g. :class:`rtqueue.testing.MockTransport` for tests
+        without sockets. ``url`` and the key are then ignored.
         """
         for key, val, typ in (
             ("instructions", instructions, str),
@@ -224,12 +230,16 @@ class Session:
                          ("response_timeout", response_timeout), ("tool_timeout", tool_timeout)):
             if isinstance(val, bool) or not isinstance(val, (int, float)) or val <= 0:
                 raise InvalidArgument(f"{key} must be a positive number, not {val!r}")
-        full_url, headers, secret = protocol.endpoint(
-            url, model=model, api_key=api_key, azure_endpoint=azure_endpoint
-        )
+        if transport is not None:
+            factory = _transport_factory(transport)
+            secret = None
+        else:
+            full_url, headers, secret = protocol.endpoint(
+                url, model=model, api_key=api_key, azure_endpoint=azure_endpoint
+            )
 
-        def factory() -> Transport:
-            return WebSocketTransport.connect(full_url, headers, timeout=connect_timeout, secret=secret)
+            def factory() -> Transport:
+                return WebSocketTransport.connect(full_url, headers, timeout=connect_timeout, secret=secret)
 
         self = cls(
             factory,
@@ -1047,6 +1057,23 @@ class Session:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _transport_factory(transport: Any) -> Callable[[], Transport]:
+    """A factory from ``Session.connect(transport=...)``: an instance (first use only) or a callable."""
+    if all(callable(getattr(transport, m, None)) for m in ("send", "recv", "send_close", "abort", "shutdown")):
+        used = []
+
+        def once() -> Transport:
+            if used:
+                raise ConnectError("this transport instance was already used; pass a factory to reconnect")
+            used.append(True)
+            return transport  # type: ignore[no-any-return]
+
+        return once
+    if callable(transport):
+        return transport  # type: ignore[no-any-return]
+    raise InvalidArgument(f"transport must be a Transport or a zero-argument factory, not {type(transport).__name__}")
 
 _KEEP = object()
 
