@@ -91,7 +91,7 @@ def _check_target(target: object, where: str) -> None:
     )
 
 
-def _validate_handoff_target(instance: Handoff, attribute: Any, value: object) -> None:
+def _validate_handoff_target(instance: Handoff, attribute: Any, value: Any) -> None:
     if isinstance(value, Handoff):
         raise InvalidArgument("handoff(): the target cannot itself be a Handoff")
     _check_target(value, "handoff()")
@@ -101,8 +101,8 @@ def _optional_tool_name(value: object) -> str | None:
     return None if value is None else _check_name(value)
 
 
-def _str_field(what: str) -> Callable[[Any, Any, object], None]:
-    def check(instance: Any, attribute: Any, value: object) -> None:
+def _str_field(what: str) -> Callable[[Any, Any, Any], None]:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
         if not isinstance(value, str):
             raise InvalidArgument(f"{what} {attribute.name} must be a str, got {type(value).__name__}")
 
@@ -158,19 +158,19 @@ def _to_handoffs(value: object) -> tuple[Any, ...]:
     return targets
 
 
-def _check_instructions(instance: Any, attribute: Any, value: object) -> None:
+def _check_instructions(instance: Any, attribute: Any, value: Any) -> None:
     if not isinstance(value, str) and not callable(value):
         raise InvalidArgument(
             f"Agent instructions must be a str or a callable taking the context, got {type(value).__name__}"
         )
 
 
-def _check_agent_name(instance: Any, attribute: Any, value: object) -> None:
+def _check_agent_name(instance: Any, attribute: Any, value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         raise InvalidArgument(f"Agent name must be a non-empty str, got {value!r}")
 
 
-def _check_voice(instance: Any, attribute: Any, value: object) -> None:
+def _check_voice(instance: Any, attribute: Any, value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not value):
         raise InvalidArgument(f"Agent voice must be a non-empty str or None, got {value!r}")
 

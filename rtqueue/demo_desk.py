@@ -9,14 +9,22 @@ it is also the reference for how to write agents and tools with rtqueue.
 from __future__ import annotations
 
 import threading
-from typing import Literal
+from typing import Literal, TypedDict
 
 from .agents import Agent, handoff
 from .tools import tool
 
 __all__ = ["DEMO_TURNS", "build_desk"]
 
-_ORDERS = {
+
+class _Order(TypedDict):
+    item: str
+    status: str
+    days_since_delivery: int | None
+    price: float
+
+
+_ORDERS: dict[str, _Order] = {
     "42": {"item": "wireless headphones", "status": "delivered", "days_since_delivery": 12, "price": 89.0},
     "77": {"item": "coffee grinder", "status": "shipped", "days_since_delivery": None, "price": 54.5},
 }

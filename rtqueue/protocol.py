@@ -137,4 +137,4 @@ def endpoint(
 
 def is_in_band(response: dict[str, Any]) -> bool:
     """Whether a ``response.create``'s response params target the default conversation."""
-    return response.get("conversation", "auto") != "none"
+    return bool(response.get("conversation", "auto") != "none")

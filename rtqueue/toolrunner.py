@@ -41,12 +41,12 @@ THREAD_NAME_PREFIX = "rtqueue-tool"
 _MAX_WAIT = 3600.0
 
 
-def _opt_str(instance: Any, attribute: Any, value: object) -> None:
+def _opt_str(instance: Any, attribute: Any, value: Any) -> None:
     if value is not None and not isinstance(value, str):
         raise InvalidArgument(f"ToolCall {attribute.name} must be a str or None, got {type(value).__name__}")
 
 
-def _req_str(instance: Any, attribute: Any, value: object) -> None:
+def _req_str(instance: Any, attribute: Any, value: Any) -> None:
     if not isinstance(value, str):
         raise InvalidArgument(f"ToolCall {attribute.name} must be a str, got {type(value).__name__}")
 

@@ -119,6 +119,10 @@ def _check_parameters(parameters: object) -> dict[str, Any]:
     return schema
 
 
+def _freeze_converters(converters: Mapping[str, Callable[[Any], Any]]) -> Mapping[str, Callable[[Any], Any]]:
+    return types.MappingProxyType(dict(converters))
+
+
 @attrs.frozen(eq=False)
 class Tool:
     """A function the model can call.
@@ -146,9 +150,7 @@ class Tool:
     func: Callable[..., Any] = attrs.field(validator=_check_callable)
     timeout: float | None = attrs.field(default=None, converter=_check_timeout)
     context_param: str | None = attrs.field(default=None, repr=False)
-    converters: Mapping[str, Callable[[Any], Any]] = attrs.field(
-        factory=dict, converter=lambda m: types.MappingProxyType(dict(m)), repr=False
-    )
+    converters: Mapping[str, Callable[[Any], Any]] = attrs.field(factory=dict, converter=_freeze_converters, repr=False)
     _validator: Any = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -545,7 +547,10 @@ def _converter_for(annotation: Any) -> Callable[[Any], Any] | None:
         return lambda v: None if v is None else inner(v)
     if origin in (list, Sequence) and args:
         item = _converter_for(args[0])
-        return None if item is None else (lambda v: [item(x) for x in v])
+        if item is None:
+            return None
+        convert_item = item
+        return lambda v: [convert_item(x) for x in v]
     if annotation is tuple:
         return tuple
     if origin is tuple:
@@ -553,12 +558,18 @@ def _converter_for(annotation: Any) -> Callable[[Any], Any] | None:
             return tuple
         if len(args) == 2 and args[1] is Ellipsis:
             item = _converter_for(args[0])
-            return tuple if item is None else (lambda v: tuple(item(x) for x in v))
+            if item is None:
+                return tuple
+            convert_each = item
+            return lambda v: tuple(convert_each(x) for x in v)
         items = [_converter_for(a) for a in args]
         return lambda v: tuple(c(x) if c else x for c, x in zip(items, v, strict=False))
     if origin in (dict, Mapping) and len(args) == 2:
         value = _converter_for(args[1])
-        return None if value is None else (lambda v: {k: value(x) for k, x in v.items()})
+        if value is None:
+            return None
+        convert_value = value
+        return lambda v: {k: convert_value(x) for k, x in v.items()}
     return None
 
 

@@ -34,7 +34,8 @@ log = logging.getLogger("rtqueue.audio")
 
 _JOIN_TIMEOUT = 5.0
 
-ChunkCallback = Callable[[bytes], None]
+#: Called with each chunk; its return value is ignored.
+ChunkCallback = Callable[[bytes], object]
 
 
 class AudioInput(abc.ABC):
@@ -44,7 +45,8 @@ class AudioInput(abc.ABC):
     ``chunk_ms`` attribute.
     """
 
-    __slots__ = ()
+    # The slot backs mute()/unmute(); attrs subclasses reuse it for their field.
+    __slots__ = ("muted",)
 
     muted: bool
     chunk_ms: int
@@ -70,7 +72,7 @@ class AudioInput(abc.ABC):
         self.muted = False
 
 
-def _chunk_ms_ok(_inst: object, attr: attrs.Attribute, value: int) -> None:
+def _chunk_ms_ok(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 10 <= value <= 1000:
         raise InvalidArgument(f"{attr.name} must be an int within 10..1000 ms, got {value!r}")
 
@@ -147,17 +149,17 @@ class PcmMicrophone(AudioInput):
     _delivery: _Delivery = attrs.field(init=False, repr=False, factory=_Delivery)
 
     @data.validator
-    def _check_data(self, _attr: attrs.Attribute, value: bytes) -> None:
+    def _check_data(self, _attr: attrs.Attribute[bytes], value: bytes) -> None:
         if len(value) % 2:
             raise InvalidArgument(f"PCM16 needs an even number of bytes, got {len(value)}")
 
     @trailing_silence_ms.validator
-    def _check_silence(self, _attr: attrs.Attribute, value: int) -> None:
+    def _check_silence(self, _attr: attrs.Attribute[int], value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InvalidArgument(f"trailing_silence_ms must be an int >= 0, got {value!r}")
 
     @speed.validator
-    def _check_speed(self, _attr: attrs.Attribute, value: float) -> None:
+    def _check_speed(self, _attr: attrs.Attribute[float], value: float) -> None:
         if not value > 0:
             raise InvalidArgument(f"speed must be > 0, got {value!r}")
 

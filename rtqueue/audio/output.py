@@ -156,7 +156,7 @@ def _check_play_args(item_id: object, pcm: object) -> bytes:
     return raw
 
 
-def _positive(_inst: object, attr: attrs.Attribute, value: float) -> None:
+def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
     if not value > 0:
         raise InvalidArgument(f"{attr.name} must be > 0, got {value!r}")
 
@@ -640,7 +640,7 @@ class Speaker(_BufferedOutput):
     _warm_needed: int = attrs.field(init=False, repr=False, default=0)
 
     @volume.validator
-    def _check_volume(self, _attr: attrs.Attribute, value: float) -> None:
+    def _check_volume(self, _attr: attrs.Attribute[float], value: float) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise InvalidArgument(f"volume must be within 0..1, got {value!r}")
 

@@ -16,6 +16,7 @@ import wave
 from os import PathLike
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import InvalidArgument
 
@@ -39,6 +40,7 @@ BYTES_PER_MS = SAMPLES_PER_MS * 2
 _TAPS = 31  # odd, so the filter has an integer group delay of 15 samples
 
 PcmLike = bytes | bytearray | memoryview
+_F32 = npt.NDArray[np.float32]
 
 
 def pcm16_to_float(pcm: PcmLike) -> np.ndarray:
@@ -74,11 +76,11 @@ def rms_dbfs(audio: PcmLike | np.ndarray) -> float:
     return 20.0 * np.log10(rms) if rms > 0 else float("-inf")
 
 
-def _lowpass(cutoff: float) -> np.ndarray:
+def _lowpass(cutoff: float) -> _F32:
     """Windowed-sinc FIR with unity DC gain; ``cutoff`` in cycles per sample (< 0.5)."""
-    n = np.arange(_TAPS) - (_TAPS - 1) / 2
+    n = np.arange(_TAPS, dtype=np.float64) - (_TAPS - 1) / 2
     h = 2 * cutoff * np.sinc(2 * cutoff * n) * np.hamming(_TAPS)
-    return (h / h.sum()).astype(np.float32)
+    return (h / float(h.sum())).astype(np.float32)
 
 
 def _check_rates(src_rate: int, dst_rate: int) -> None:
@@ -123,27 +125,30 @@ class StreamResampler:
         _check_rates(src_rate, dst_rate)
         self._src = int(src_rate)
         self._dst = int(dst_rate)
-        self._h = None if src_rate == dst_rate else _lowpass(0.45 * min(src_rate, dst_rate) / max(src_rate, dst_rate))
+        self._h: _F32 | None = (
+            None if src_rate == dst_rate else _lowpass(0.45 * min(src_rate, dst_rate) / max(src_rate, dst_rate))
+        )
         self._fir_hist = np.zeros(_TAPS - 1, dtype=np.float32)
         self._held = np.zeros(0, dtype=np.float32)  # last input sample, if any
         self._in_base = 0  # absolute input index of _held[0]
         self._k = 0  # absolute index of the next output sample
 
-    def _filter(self, x: np.ndarray) -> np.ndarray:
-        buf = np.concatenate((self._fir_hist, x))
+    def _filter(self, x: np.ndarray, h: _F32) -> _F32:
+        buf = np.concatenate((self._fir_hist, np.asarray(x, dtype=np.float32)))
         self._fir_hist = buf[-(_TAPS - 1) :]
-        return np.convolve(buf, self._h, mode="valid").astype(np.float32)
+        return np.convolve(buf, h, mode="valid").astype(np.float32)
 
     def process(self, chunk: np.ndarray) -> np.ndarray:
         """Feed ``chunk`` (float samples at the source rate); return float32 at the target rate."""
         x = np.asarray(chunk, dtype=np.float32).reshape(-1)
-        if self._h is None:
+        h = self._h
+        if h is None:
             return x.copy()
         if self._dst < self._src:
-            x = self._filter(x)
+            x = self._filter(x, h)
         y = self._interp(x)
         if self._dst > self._src:
-            y = self._filter(y)
+            y = self._filter(y, h)
         return y
 
     def _interp(self, chunk: np.ndarray) -> np.ndarray:
@@ -163,7 +168,7 @@ class StreamResampler:
         self._k = int(k_end)
         self._held = x[-1:]
         self._in_base = last
-        return y.astype(np.float32)
+        return np.asarray(y, dtype=np.float32)
 
 
 def read_wav_24k_mono(path: str | PathLike[str]) -> bytes:

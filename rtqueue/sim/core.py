@@ -26,16 +26,17 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import functools
 import json
 import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 
-from .model import Reply, ScriptedModel, Turn
+from .model import Reply, ScriptedModel, Turn, TurnKind
 from .synth import SAMPLE_RATE, SpeechStream
 from .vad import EnergyVad
 
@@ -194,7 +195,7 @@ def _bad_value(param: str, value: Any, supported: Sequence[str] | None = None) -
     return _Reject("invalid_value", msg, param)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -934,17 +935,19 @@ class SimSession:
     def _require_str(event: dict[str, Any], key: str) -> str:
         if key not in event:
             raise _missing(key)
-        if not isinstance(event[key], str):
-            raise _bad_type(key, "a string", event[key])
-        return event[key]
+        value = event[key]
+        if not isinstance(value, str):
+            raise _bad_type(key, "a string", value)
+        return value
 
     @staticmethod
     def _require_int(event: dict[str, Any], key: str) -> int:
         if key not in event:
             raise _missing(key)
-        if not _is_int(event[key]):
-            raise _bad_type(key, "an integer", event[key])
-        return event[key]
+        value = event[key]
+        if not _is_int(value):
+            raise _bad_type(key, "an integer", value)
+        return value
 
     def _on_truncate(self, event: dict[str, Any], eid: str | None, now: float) -> None:
         try:
@@ -1094,7 +1097,7 @@ class SimSession:
                 elif ptype == "input_audio":
                     texts.append(f"(audio {self._user_audio_ms.get(str(item.get('id')), 0)} ms)")
         role = item.get("role")
-        kind = role if role in ("user", "assistant", "system") else "system"
+        kind: TurnKind = role if role in ("user", "assistant", "system") else "system"
         return Turn(kind, text=" ".join(t for t in texts if t))
 
     def _start_response(self, params: Mapping[str, Any], eid: str | None, now: float, *, in_band: bool) -> None:
@@ -1216,7 +1219,7 @@ class SimSession:
                 chunk = SAMPLE_RATE * self.audio_chunk_ms // 1000
                 n_chunks = max(1, math.ceil(msg.speech.samples / chunk))
                 for k in range(n_chunks):
-                    add((t + k * tick, lambda k=k: self._msg_audio_chunk(resp, msg, k, chunk)))
+                    add((t + k * tick, functools.partial(self._msg_audio_chunk, resp, msg, k, chunk)))
                 t += (n_chunks - 1) * tick
             add((t, lambda: self._msg_close(resp, msg, "completed")))
         for call in reply.calls:
@@ -1229,12 +1232,12 @@ class SimSession:
             )
             resp.calls.append(fc)
             t += tick
-            add((t, lambda fc=fc: self._call_open(resp, fc)))
+            add((t, functools.partial(self._call_open, resp, fc)))
             pieces = _split_args(call.arguments)
             for piece in pieces:
                 t += tick / 2
-                add((t, lambda fc=fc, piece=piece: self._call_delta(resp, fc, piece)))
-            add((t, lambda fc=fc: self._call_close(resp, fc)))
+                add((t, functools.partial(self._call_delta, resp, fc, piece)))
+            add((t, functools.partial(self._call_close, resp, fc)))
         status = "incomplete" if incomplete else "completed"
         t = max(t, now + self.min_response_ms / 1000)
         add((t, lambda: self._finish(resp, status, "max_output_tokens" if incomplete else None)))

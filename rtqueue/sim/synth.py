@@ -262,4 +262,5 @@ def _voiced(n: int, syllables: int, f0: float, rng: np.random.Generator) -> np.n
 
 def _to_pcm16(x: np.ndarray) -> bytes:
     """Float samples in [-1, 1] to PCM16 little-endian bytes (clipped)."""
-    return (np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    samples = np.asarray(x, dtype=np.float64)
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
