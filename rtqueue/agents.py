@@ -266,7 +266,13 @@ class AgentGraph(Mapping[str, Agent]):
     def __repr__(self) -> str:
         return f"AgentGraph(start={self._start.name!r}, agents={list(self._agents)!r})"
 
-    def _agent(self, agent: Agent | str) -> Agent:
+    def agent(self, agent: Agent | str) -> Agent:
+        """The graph's :class:`Agent` for ``agent`` (an Agent or its name).
+
+        Raises :class:`~rtqueue.errors.InvalidArgument` for a name the graph
+        does not know, or an Agent that is not the one in the graph under its
+        name (a modified copy).
+        """
         name = agent.name if isinstance(agent, Agent) else agent
         try:
             found = self._agents[name]
@@ -279,7 +285,7 @@ class AgentGraph(Mapping[str, Agent]):
     def tools_for(self, agent: Agent | str) -> list[dict[str, Any]]:
         """The ``session.tools`` list for ``agent``: its function tools, then
         its handoff tools, as fresh dicts."""
-        found = self._agent(agent)
+        found = self.agent(agent)
         tools = [t.definition() for t in found.tools]
         tools += [copy.deepcopy(edge.definition) for edge in self._edges[found.name].values()]
         return tools
@@ -287,17 +293,17 @@ class AgentGraph(Mapping[str, Agent]):
     def handoff_target(self, tool_name: str, from_agent: Agent | str) -> Agent | None:
         """The agent that ``tool_name`` transfers to from ``from_agent``, or
         ``None`` if it is not one of that agent's handoff tools."""
-        edge = self._edges[self._agent(from_agent).name].get(tool_name)
+        edge = self._edges[self.agent(from_agent).name].get(tool_name)
         return None if edge is None else edge.target
 
     def handoff_targets(self, agent: Agent | str) -> dict[str, Agent]:
         """Handoff tool name -> target agent, for ``agent``."""
-        return {name: edge.target for name, edge in self._edges[self._agent(agent).name].items()}
+        return {name: edge.target for name, edge in self._edges[self.agent(agent).name].items()}
 
     def tool(self, agent: Agent | str, tool_name: str) -> Tool | None:
         """``agent``'s function tool called ``tool_name``, or ``None``
         (handoff tools are not :class:`~rtqueue.tools.Tool` objects)."""
-        for candidate in self._agent(agent).tools:
+        for candidate in self.agent(agent).tools:
             if candidate.name == tool_name:
                 return candidate
         return None
@@ -413,7 +419,7 @@ def session_config_for(agent: Agent | str, graph: AgentGraph, context: Any = Non
     The voice is left out on purpose: it cannot change once the session has
     produced audio, so the session layer decides when to send it.
     """
-    found = graph._agent(agent)
+    found = graph.agent(agent)
     return {
         "type": "realtime",
         "instructions": found.render_instructions(context),
