@@ -12,18 +12,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .sim.cli import non_negative_number
+
 __all__ = ["main"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``rtqueue`` console script and ``python -m rtqueue``."""
+def main(argv: Sequence[str] | None = None, *, prog: str = "rtqueue") -> int:
+    """Entry point of the ``rtqueue`` console script and ``python -m rtqueue``.
+
+    ``prog`` is the command name in usage lines (``python -m rtqueue`` when
+    run as a module), also for ``sim``'s.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["sim"]:
         # The simulator has its own options (and --help): hand them over whole.
         from .sim.cli import main as sim_main
 
-        return sim_main(args[1:])
-    parser = argparse.ArgumentParser(prog="rtqueue", description="Conflict-free Realtime voice agents.")
+        return sim_main(args[1:], prog=f"{prog} sim")
+    parser = argparse.ArgumentParser(prog=prog, description="Conflict-free Realtime voice agents.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a multi-agent voice conversation (simulator unless --live)")
@@ -31,9 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--audio", action="store_true", help="play the voices through the speaker")
     demo.add_argument("--scenario", choices=["customer_service", "basic"], default="customer_service")
     demo.add_argument("--model", default="gpt-realtime")
-    demo.add_argument("--speed", type=float, default=None,
+    demo.add_argument("--speed", type=non_negative_number, default=None,
                       help="simulator pacing vs real time (default: 4, or 1 with --audio)")
-    demo.add_argument("--latency-ms", type=float, default=20.0, help="simulated one-way network latency")
+    demo.add_argument("--latency-ms", type=non_negative_number, default=20.0,
+                      help="simulated one-way network latency")
     demo.add_argument("--json", metavar="FILE", help="also write the transcript and summary as JSON")
 
     sub.add_parser("sim", help="run the Realtime simulator standalone (see `rtqueue sim --help`)")

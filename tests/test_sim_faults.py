@@ -10,6 +10,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from rtqueue.errors import InvalidArgument
 from rtqueue.sim import FaultPlan, Simulator
 
 TIMEOUT = 10.0
@@ -54,14 +55,14 @@ def speak(ws: ClientConnection, text: str = "hello [len: 20]") -> None:
 
 
 def test_fault_plan_validates() -> None:
-    """Nonsense plans are refused at construction."""
-    with pytest.raises(ValueError):
+    """Nonsense plans are refused at construction (with InvalidArgument; tests/test_boundary.py has every field)."""
+    with pytest.raises(InvalidArgument):
         FaultPlan(duplicate_events=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         FaultPlan(drop_after_events=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         FaultPlan(withhold_done=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         FaultPlan(error_after=(1, 2))  # type: ignore[arg-type]
 
 

@@ -15,35 +15,50 @@ from typing import Any
 
 import attrs
 
+from ..errors import InvalidArgument
+from ._checks import check_int, check_number
+
 __all__ = ["FaultPlan"]
 
 
-def _non_negative_int(_inst: Any, attr: attrs.Attribute[Any], value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-        raise ValueError(f"{attr.name} must be a non-negative int or None, got {value!r}")
+def _where(attr: attrs.Attribute[Any]) -> str:
+    return f"FaultPlan {attr.name}"
 
 
-def _non_negative(_inst: Any, attr: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and value < 0:
-        raise ValueError(f"{attr.name} must be >= 0, got {value!r}")
+def _count(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        check_int(_where(attr), value, or_none=True)
 
 
-def _probability(_inst: Any, attr: attrs.Attribute[Any], value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{attr.name} must be within [0, 1], got {value!r}")
+def _non_negative(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    check_number(_where(attr), value)
 
 
-def _error_after(_inst: Any, attr: attrs.Attribute[Any], value: tuple[int, str] | None) -> None:
+def _optional_non_negative(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        check_number(_where(attr), value, or_none=True)
+
+
+def _probability(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    check_number(_where(attr), value, maximum=1.0)
+
+
+def _flag(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{_where(attr)} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _withhold(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        check_int(_where(attr) + " (1-based)", value, minimum=1, or_none=True)
+
+
+def _error_after(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
-    if (
-        not isinstance(value, tuple)
-        or len(value) != 2
-        or not isinstance(value[0], int)
-        or value[0] < 0
-        or not isinstance(value[1], str)
-    ):
-        raise ValueError(f"{attr.name} must be (n_events, code), got {value!r}")
+    if not isinstance(value, tuple) or len(value) != 2 or not isinstance(value[1], str) or not value[1]:
+        raise InvalidArgument(f"{_where(attr)} must be (n_events, code) with a non-empty str code, got {value!r}")
+    check_int(f"{_where(attr)}[0] (n_events)", value[0])
 
 
 @attrs.frozen
@@ -72,20 +87,20 @@ class FaultPlan:
       minutes.") and close the connection (code 1000).
     - ``stall_reading_s``: stop reading client frames for that long, once,
       starting with the next read (TCP back-pressure then reaches the client).
+
+    Counts are ints >= 0 (``withhold_done`` >= 1), durations and rates finite
+    numbers >= 0, ``duplicate_events`` within 0..1 and ``drop_mid_response``
+    a bool; anything else raises :class:`~rtqueue.errors.InvalidArgument`.
     """
 
-    drop_after_events: int | None = attrs.field(default=None, validator=_non_negative_int)
-    drop_mid_response: bool = False
-    withhold_done: int | None = attrs.field(default=None, validator=_non_negative_int)
+    drop_after_events: int | None = attrs.field(default=None, validator=_count)
+    drop_mid_response: bool = attrs.field(default=False, validator=_flag)
+    withhold_done: int | None = attrs.field(default=None, validator=_withhold)
     duplicate_events: float = attrs.field(default=0.0, validator=_probability)
     delay_events_ms: float = attrs.field(default=0.0, validator=_non_negative)
-    malformed_json_after: int | None = attrs.field(default=None, validator=_non_negative_int)
-    binary_frame_after: int | None = attrs.field(default=None, validator=_non_negative_int)
-    unknown_event_after: int | None = attrs.field(default=None, validator=_non_negative_int)
+    malformed_json_after: int | None = attrs.field(default=None, validator=_count)
+    binary_frame_after: int | None = attrs.field(default=None, validator=_count)
+    unknown_event_after: int | None = attrs.field(default=None, validator=_count)
     error_after: tuple[int, str] | None = attrs.field(default=None, validator=_error_after)
-    expire_after_s: float | None = attrs.field(default=None, validator=_non_negative)
+    expire_after_s: float | None = attrs.field(default=None, validator=_optional_non_negative)
     stall_reading_s: float = attrs.field(default=0.0, validator=_non_negative)
-
-    def __attrs_post_init__(self) -> None:
-        if self.withhold_done == 0:
-            raise ValueError("withhold_done is 1-based; use None for no fault")

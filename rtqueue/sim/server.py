@@ -44,7 +44,9 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ..errors import InvalidArgument
 from ..secrets import redact
+from ._checks import check_int, check_number
 from .core import SimSession
 from .faults import FaultPlan
 
@@ -56,6 +58,15 @@ _MALFORMED = '{"type": "response.output_audio.delta", "event_id": "event_'
 _BINARY = b"\x00\x01rtqueue-sim-binary-frame\xff"
 _AUTH_CLOSE_CODE = 3000
 _CALL_TIMEOUT = 10.0  # a cross-thread call into the loop (inject) gives up after this
+
+
+def _check_plan(where: str, plan: object, *, none_ok: bool = True) -> FaultPlan | None:
+    if plan is None and none_ok:
+        return None
+    if not isinstance(plan, FaultPlan):
+        wanted = "a FaultPlan or None" if none_ok else "a FaultPlan"
+        raise InvalidArgument(f"{where} must be {wanted}, got {type(plan).__name__} {plan!r}")
+    return plan
 
 
 @attrs.define(eq=False)
@@ -129,6 +140,10 @@ class Simulator:
             :meth:`server_events` (turn off for soak runs).
         close_timeout: seconds to wait for a client's closing handshake.
         session_max_duration_s: when ``session_expired`` is sent (60 min).
+
+    Arguments are checked here, before anything binds: a wrong type or value
+    (a port outside 0..65535, a negative, NaN or infinite number, ``bool``
+    where a number is due) raises :class:`~rtqueue.errors.InvalidArgument`.
     """
 
     def __init__(
@@ -151,31 +166,39 @@ class Simulator:
         close_timeout: float = 2.0,
         session_max_duration_s: float = 3600.0,
     ) -> None:
-        if latency_ms < 0:
-            raise ValueError("latency_ms must be >= 0")
-        if speed is not None and speed < 0:
-            raise ValueError("speed must be positive, 0 or None")
-        if audio_chunk_ms <= 0 or words_per_second <= 0:
-            raise ValueError("audio_chunk_ms and words_per_second must be positive")
-        if close_timeout <= 0:
-            raise ValueError("close_timeout must be positive")
+        if not isinstance(host, str) or not host:
+            raise InvalidArgument(f"Simulator host must be a non-empty str, got {type(host).__name__} {host!r}")
         self._host = host
-        self._requested_port = port
-        self._latency = latency_ms / 1000.0
+        self._requested_port = check_int("Simulator port", port, maximum=65535)
+        self._latency = check_number("Simulator latency_ms", latency_ms) / 1000.0
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidArgument(f"Simulator seed must be an int, got {type(seed).__name__} {seed!r}")
         self._seed = seed
+        if trace is not None and not isinstance(trace, (str, os.PathLike)):
+            raise InvalidArgument(f"Simulator trace must be a path (str or os.PathLike) or None, got {trace!r}")
         self._trace_path = os.fspath(trace) if trace is not None else None
+        if speed is not None:
+            speed = check_number("Simulator speed", speed, or_none=True)
         self._speed = speed or None
+        if require_api_key is not None and (not isinstance(require_api_key, str) or not require_api_key):
+            raise InvalidArgument(
+                f"Simulator require_api_key must be a non-empty str or None, got {type(require_api_key).__name__}"
+            )
         self._api_key = require_api_key
-        self._default_faults = faults
+        self._default_faults = _check_plan("Simulator faults", faults)
         self._session_faults: dict[int, FaultPlan] = {}
-        self._audio_chunk_ms = audio_chunk_ms
-        self._wps = words_per_second
-        self._first_output_ms = first_output_ms
-        self._min_response_ms = min_response_ms
+        self._audio_chunk_ms = check_int("Simulator audio_chunk_ms", audio_chunk_ms, minimum=1)
+        self._wps = check_number("Simulator words_per_second", words_per_second, above=True)
+        self._first_output_ms = check_number("Simulator first_output_ms", first_output_ms)
+        self._min_response_ms = check_number("Simulator min_response_ms", min_response_ms)
+        if max_sessions is not None:
+            check_int("Simulator max_sessions", max_sessions, or_none=True)
         self._max_sessions = max_sessions
+        if not isinstance(record, bool):
+            raise InvalidArgument(f"Simulator record must be a bool, got {type(record).__name__} {record!r}")
         self._record = record
-        self._close_timeout = close_timeout
-        self._max_duration = session_max_duration_s
+        self._close_timeout = check_number("Simulator close_timeout", close_timeout, above=True)
+        self._max_duration = check_number("Simulator session_max_duration_s", session_max_duration_s, above=True)
 
         self._lock = threading.Lock()  # guards the fields below
         self._started = False
@@ -391,6 +414,9 @@ class Simulator:
         It has taken effect when this returns. A session index that has not
         connected yet gets the plan when it does.
         """
+        _check_plan("Simulator.inject() plan", plan, none_ok=False)
+        if session is not None:
+            check_int("Simulator.inject() session", session, or_none=True)
         with self._lock:
             if session is None:
                 self._default_faults = plan
