@@ -30,17 +30,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
+import decimal
 import enum
 import inspect
 import json
+import pathlib
 import re
 import types
 import typing
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import attrs
 import jsonschema
+import numpy as np
 from jsonschema.exceptions import best_match
 
 from .errors import InvalidArgument, ToolError
@@ -218,7 +223,9 @@ class Tool:
 
         Raises :class:`~rtqueue.errors.ToolError` (chained ``from`` the cause)
         for invalid arguments, when the function raises, or when its result
-        cannot be serialised. The function runs on the calling thread.
+        cannot be sent (NaN or infinity, an object :func:`serialize_output`
+        does not convert, a circular reference). The function runs on the
+        calling thread.
         """
         kwargs = self.parse_arguments(raw_arguments)
         if self.context_param is not None:
@@ -236,13 +243,40 @@ class Tool:
 def serialize_output(value: Any) -> str:
     """Turn a tool's return value into the string the model receives.
 
-    A ``str`` is sent as it is; anything else as JSON (``json.dumps``), where
-    attrs instances and dataclasses become objects, enum members their values,
-    sets lists, and any other unknown object its ``str()``.
+    A ``str`` is sent as it is. Anything else is sent as strict JSON
+    (``json.dumps(..., allow_nan=False)``), with these conversions at any depth:
+
+    - attrs instances and dataclasses become objects of their fields;
+    - enum members become their values; sets and frozensets become lists;
+      other mappings (e.g. ``MappingProxyType``) become objects;
+    - ``datetime``, ``date`` and ``time`` become ISO 8601 strings (``isoformat()``);
+    - ``uuid.UUID``, finite ``decimal.Decimal`` (its exact digits, not a
+      rounded float) and paths (``pathlib.PurePath``) become strings (``str()``);
+    - numpy scalars and arrays become numbers and lists (``item()``, ``tolist()``).
+
+    Raises :class:`~rtqueue.errors.InvalidArgument` (a ``TypeError``) for any
+    other object (it is not sent as its ``str()`` or ``repr``: the model would
+    read ``<Order object at 0x7f...>``, or internals the app never meant to
+    share), for NaN and infinite numbers (JSON has no such values; the API
+    would get non-standard ``NaN``), for circular references and for dict keys
+    JSON cannot have. :meth:`Tool.invoke` turns that into a
+    :class:`~rtqueue.errors.ToolError` ("tool X returned a value that cannot
+    be sent: ..."), and the model gets an error output instead.
     """
     if isinstance(value, str):
         return value
-    return json.dumps(value, default=_json_default, ensure_ascii=False)
+    try:
+        return json.dumps(value, default=_json_default, ensure_ascii=False, allow_nan=False)
+    except InvalidArgument:
+        raise
+    except ValueError as exc:
+        if "Out of range float" in str(exc):
+            raise InvalidArgument("it contains NaN or infinity, which JSON cannot represent") from None
+        raise InvalidArgument(str(exc)) from exc  # "Circular reference detected"
+    except TypeError as exc:
+        raise InvalidArgument(str(exc)) from exc  # dict keys of an unsupported type
+    except RecursionError:
+        raise InvalidArgument("it is nested too deeply for JSON") from None
 
 
 def _json_default(value: Any) -> Any:
@@ -254,7 +288,26 @@ def _json_default(value: Any) -> Any:
         return value.value
     if isinstance(value, (set, frozenset)):
         return list(value)
-    return str(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise InvalidArgument(f"it contains Decimal({str(value)!r}), which JSON cannot represent")
+        return str(value)
+    if isinstance(value, (uuid.UUID, pathlib.PurePath)):
+        return str(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()  # a Python scalar for numpy scalars
+    kind = type(value).__qualname__
+    if type(value).__module__ != "builtins":
+        kind = f"{type(value).__module__}.{kind}"
+    raise InvalidArgument(
+        f"it contains a {kind} object; return str, numbers, bool, "
+        "None, lists, dicts, attrs or dataclass instances, enums, sets, datetimes, UUID, Decimal or paths "
+        "(or convert the object yourself)"
+    )
 
 
 def _json_type(value: Any) -> str:

@@ -505,7 +505,7 @@ class Order:
 
 
 def test_invoke_serialization() -> None:
-    """str is sent as is; other values as JSON (attrs, enums, unknown objects)."""
+    """str is sent as is; other values as JSON (attrs, enums); an unknown object is refused, not sent as str()."""
 
     @tool
     def f(kind: str) -> Any:
@@ -515,7 +515,8 @@ def test_invoke_serialization() -> None:
             "dict": {"a": 1, "b": [1, 2]},
             "none": None,
             "attrs": Order(id="A-1", color=Color.RED),
-            "nested": {"order": Order(id="B", color=Color.GREEN), "when": _Opaque()},
+            "nested": {"order": Order(id="B", color=Color.GREEN), "when": [Color.RED]},
+            "opaque": {"when": _Opaque()},
             "number": 2.5,
             "unicode": ["café"],
         }[kind]
@@ -524,7 +525,9 @@ def test_invoke_serialization() -> None:
     assert json.loads(f.invoke('{"kind": "dict"}')) == {"a": 1, "b": [1, 2]}
     assert f.invoke('{"kind": "none"}') == "null"
     assert json.loads(f.invoke('{"kind": "attrs"}')) == {"id": "A-1", "color": "red"}
-    assert json.loads(f.invoke('{"kind": "nested"}')) == {"order": {"id": "B", "color": "green"}, "when": "opaque!"}
+    assert json.loads(f.invoke('{"kind": "nested"}')) == {"order": {"id": "B", "color": "green"}, "when": ["red"]}
+    with pytest.raises(ToolError, match=r"tool f returned a value that cannot be sent: .*_Opaque object"):
+        f.invoke('{"kind": "opaque"}')
     assert f.invoke('{"kind": "number"}') == "2.5"
     assert f.invoke('{"kind": "unicode"}') == '["café"]'
 
