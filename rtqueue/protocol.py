@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from .errors import InvalidArgument, ProtocolError
-from .secrets import Secret
+from .secrets import Secret, redact
 
 __all__ = [
     "BETA_ALIASES",
@@ -114,7 +114,8 @@ def endpoint(
     secret = api_key if isinstance(api_key, Secret) else (Secret(api_key) if api_key else None)
     if url is not None:
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
-            raise InvalidArgument(f"url must be a ws:// or wss:// URL, got {url!r}")
+            # redact(): a key may sit in the URL's query (?api-key=...).
+            raise InvalidArgument(redact(f"url must be a ws:// or wss:// URL, got {url!r}", secret))
         headers = [f"Authorization: Bearer {secret.reveal()}"] if secret else []
         return url, headers, secret
     if azure_endpoint is not None:

@@ -13,6 +13,31 @@ __all__ = ["Secret", "redact"]
 
 _KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+[A-Za-z0-9_\-\.]{6,})")
 
+# A URL query or fragment parameter whose name says it carries a credential:
+# Azure's ?api-key=, ?key=, ?token=, ?access_token=, ?apikey=, ?client_secret=,
+# SAS ?sig= / ?signature=, ?auth=, ?password= ... (case-insensitive; the name
+# only has to contain one of these words, or be "sig"). The value, up to the
+# next & # ; or : (a message's "url: reason"), becomes ***.
+_URL_PARAM = re.compile(
+    r"(?P<name>[?&;#](?:sig|[^=&#;\s]*?(?:key|token|secret|signature|auth|password|passwd|pwd|credential)"
+    r"[^=&#;\s]*)=)(?P<value>[^&#;:\s'\"<>]+)",
+    re.IGNORECASE,
+)
+
+# A header (or a "name": "value" / name=value pair) that carries a credential:
+# Authorization / Proxy-Authorization (with or without a Bearer/Basic scheme),
+# api-key, x-api-key, OpenAI-Api-Key, Ocp-Apim-Subscription-Key, *token, *secret, password.
+_HEADER = re.compile(
+    r"(?P<name>\b(?:proxy-)?authorization|\b[\w-]*(?:api[-_]?key|subscription[-_]?key|access[-_]?key"
+    r"|token|secret|password))(?P<sep>[\"']?[ \t]*[:=][ \t]*[\"']?)(?P<scheme>(?:bearer|basic|token)[ \t]+)?"
+    # The value: not one already redacted, and not the scheme word (no backtracking past it).
+    r"(?P<value>(?!\*\*\*|(?:bearer|basic|token)[ \t])[^\s'\",;&<>)\]}]+)",
+    re.IGNORECASE,
+)
+
+# The password of user:password@ in a URL.
+_USERINFO = re.compile(r"(?P<pre>\b[a-z][a-z0-9+.\-]*://[^/\s:@]+:)(?P<value>[^@\s/]+)(?=@)", re.IGNORECASE)
+
 
 class Secret:
     """A string that shows as ``Secret('***')`` in reprs, str(), logs and tracebacks."""
@@ -50,9 +75,25 @@ class Secret:
 
 
 def redact(text: str, *secrets: Secret | str | None) -> str:
-    """Return ``text`` with every given secret, and anything key-shaped, replaced by ``***``."""
+    """Return ``text`` with every given secret, and anything key-shaped, replaced by ``***``.
+
+    Besides the given secrets (4 characters or longer) it removes, whatever
+    the key looks like:
+
+    - OpenAI-style keys (``sk-...``) and ``Bearer`` tokens anywhere;
+    - the value of a URL query or fragment parameter whose name contains
+      key, token, secret, signature, sig, auth, password or credential
+      (``?api-key=***``, ``&access_token=***``; case-insensitive);
+    - the value of a credential header or field: ``Authorization: Bearer ***``,
+      ``api-key: ***``, ``x-api-key``, ``Ocp-Apim-Subscription-Key``,
+      ``"client_secret": "***"``, ``password=***``;
+    - the password in ``scheme://user:***@host``.
+    """
     for s in secrets:
         raw = s.reveal() if isinstance(s, Secret) else s
         if raw and len(raw) >= 4:
             text = text.replace(raw, "***")
+    text = _URL_PARAM.sub(lambda m: m["name"] + "***", text)
+    text = _HEADER.sub(lambda m: m["name"] + m["sep"] + (m["scheme"] or "") + "***", text)
+    text = _USERINFO.sub(lambda m: m["pre"] + "***", text)
     return _KEYLIKE.sub("***", text)

@@ -197,7 +197,7 @@ class WebSocketTransport:
         try:
             opcode, data = self._ws.recv_data()
         except websocket.WebSocketConnectionClosedException as exc:
-            raise ConnectionLost(f"connection closed without a close frame: {exc}") from None
+            raise ConnectionLost(redact(f"connection closed without a close frame: {exc}", self._secret)) from None
         except (OSError, websocket.WebSocketException, AttributeError, ValueError) as exc:
             raise ConnectionLost(redact(f"receive failed: {exc}", self._secret)) from None
         if opcode == websocket.ABNF.OPCODE_CLOSE:
