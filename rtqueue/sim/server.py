@@ -896,23 +896,52 @@ def _opaque(frame: str | bytes) -> dict[str, Any]:
 _SECRET_HEADERS = frozenset({"authorization", "api-key", "openai-api-key"})
 
 
-class _RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """The websockets server's logger, minus secrets.
+#: Wire-level trace of the simulator's connections: every handshake header,
+#: frame and state change websockets reports at DEBUG. Off unless asked:
+#: ``logging.getLogger("rtqueue.sim.wire").setLevel(logging.DEBUG)``. Its
+#: level is pinned to INFO (when nobody set one), so an app that turns on
+#: DEBUG for "rtqueue" does not get a line per frame; frames are only
+#: formatted when this logger is enabled for DEBUG.
+WIRE_LOGGER = "rtqueue.sim.wire"
+_wire = logging.getLogger(WIRE_LOGGER)
+if _wire.level == logging.NOTSET:
+    _wire.setLevel(logging.INFO)
 
+
+class _RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The websockets server's logger: DEBUG to :data:`WIRE_LOGGER`, the rest to ``logger``; minus secrets.
+
+    websockets decides once per connection, with :meth:`isEnabledFor`,
+    whether to format its per-frame DEBUG lines; that answer is the wire
+    logger's. Lifecycle messages (INFO and up: listening, connection
+    open/rejected, errors) go to ``logger`` ("rtqueue.sim.websockets").
     At DEBUG websockets logs every handshake header (``< %s: %s``); the
     values of credential headers, the required key and anything key-shaped
-    are replaced by ``***`` before a record is made.
+    (:func:`~rtqueue.secrets.redact`) are replaced by ``***`` in the
+    formatted line before a record is made.
     """
 
     def __init__(self, logger: logging.Logger, key: str | None) -> None:
         super().__init__(logger, {})
         self._key = key
 
+    def _target(self, level: int) -> logging.Logger:
+        return _wire if level < logging.INFO else self.logger
+
+    def isEnabledFor(self, level: int) -> bool:
+        return self._target(level).isEnabledFor(level)
+
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        if not self.isEnabledFor(level):
+        target = self._target(level)
+        if not target.isEnabledFor(level):
             return
         clean = list(args)
         if len(clean) >= 2 and isinstance(clean[0], str) and clean[0].lower() in _SECRET_HEADERS:
             clean[1] = "***"
-        clean = [redact(a, self._key) if isinstance(a, str) else a for a in clean]
-        super().log(level, redact(str(msg), self._key), *clean, **kwargs)
+        text = str(msg)
+        if clean:
+            try:
+                text = text % tuple(clean)
+            except (TypeError, ValueError):
+                text = f"{text} {clean!r}"
+        target.log(level, "%s", redact(text, self._key), **kwargs)
