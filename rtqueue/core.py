@@ -1,0 +1,1081 @@
+"""The conversation core: every request, response, turn and agent of a session, with no I/O.
+
+:class:`ConversationCore` is the session's protocol state (h11's shape, like
+the :class:`~rtqueue.gate.ResponseGate` and the simulator's ``SimSession``). It
+has no thread, no socket, no lock and no sleep. Its inputs are:
+
+- server events (:meth:`ConversationCore.receive`), after the shell told the
+  gate about them;
+- app requests (:meth:`create_response`, :meth:`turn`, :meth:`send_event`,
+  :meth:`update`, :meth:`app_handoff`, :meth:`cancel_active`, ...);
+- tool results (:meth:`tool_results`) from the tool worker;
+- the writer's reports (:meth:`unsent`) and connection changes
+  (:meth:`connection_lost`, :meth:`reconnect_plan`, :meth:`close`);
+- the clock, passed in as ``now`` where time matters.
+
+Each returns a list of *actions* (frozen values) for the shell to apply, in
+order: :class:`Send` (queue a client event on the writer), :class:`Resolve` /
+:class:`Fail` (settle a future), :class:`SetFollowup`, :class:`RunTools`,
+:class:`Publish`. The shell applies them under its one mutex, so the order of
+events on the wire is the order the core decided.
+
+Records:
+
+- one :class:`Request` per ``response.create`` the app or the session asked
+  for, keyed by its client ``event_id``; its phase moves through
+  :data:`REQUEST_MOVES` (an illegal move raises :class:`CoreError` and changes
+  nothing);
+- one :class:`ResponseRecord` per response the server started, keyed by
+  response id, holding the **agent that made it** (the agent whose
+  ``session.update`` the server had confirmed when it said
+  ``response.created``), its streamed text and audio, and its waiters.
+
+The agent of a response never changes after ``response.created``; tool and
+handoff calls are resolved against it, not against the current agent.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from . import protocol
+from .agents import Agent, AgentGraph
+from .errors import (
+    ConnectionLost,
+    InvalidArgument,
+    ResponseError,
+    ResponseRejected,
+    RtqueueError,
+    ServerError,
+    SessionClosed,
+)
+from .history import History, reseed_plan
+from .protocol import METADATA_KEY, new_event_id
+from .values import Event, Response
+
+__all__ = [
+    "HANDLED_TYPES",
+    "REQUEST_MOVES",
+    "Action",
+    "ConversationCore",
+    "CoreError",
+    "Fail",
+    "Phase",
+    "Publish",
+    "Request",
+    "Resolve",
+    "ResponseRecord",
+    "Retried",
+    "RunTools",
+    "Send",
+    "SetFollowup",
+    "Started",
+    "ToolJob",
+]
+
+#: Responses kept after their ``response.done`` for late waiters (cancel, interrupt).
+RECENT_RESPONSES = 16
+#: Response ids whose ``response.done`` was read (a cancel queued for one is moot).
+RECENT_DONE_IDS = 256
+#: Call ids handled once, ever (a replayed or duplicated call is not run twice).
+HANDLED_CALLS = 10_000
+#: Bytes of streamed text kept per response.
+MAX_TEXT = 1_000_000
+
+_TEXT_DELTAS = frozenset({"response.output_text.delta", "response.output_audio_transcript.delta"})
+_HANDLED = frozenset({
+    "session.created", "session.updated", "response.created", "response.done", "error",
+    "input_audio_buffer.speech_started", "conversation.item.added", "conversation.item.done",
+    "conversation.item.deleted", "conversation.item.input_audio_transcription.completed",
+})
+
+
+class CoreError(RtqueueError):
+    """An illegal move of the core's state (a bug in the caller); nothing was changed."""
+
+
+class Phase(enum.Enum):
+    """Where a request stands."""
+
+    QUEUED = "queued"  # on the writer's lane, or sent and not yet answered
+    CREATED = "created"  # the server said response.created for it
+    DONE = "done"  # its response.done arrived (any status)
+    FAILED = "failed"  # rejected, timed out in the gate, withdrawn, lost, closed
+
+
+#: (phase, move) -> next phase. Anything else is illegal.
+REQUEST_MOVES: Mapping[tuple[Phase, str], Phase] = {
+    (Phase.QUEUED, "created"): Phase.CREATED,
+    (Phase.QUEUED, "retry"): Phase.QUEUED,
+    (Phase.QUEUED, "reissue"): Phase.QUEUED,
+    (Phase.QUEUED, "done"): Phase.DONE,  # response.done whose response.created was never seen
+    (Phase.QUEUED, "fail"): Phase.FAILED,
+    (Phase.CREATED, "done"): Phase.DONE,
+    (Phase.CREATED, "fail"): Phase.FAILED,
+}
+
+
+# -- actions ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Send:
+    """Queue ``event`` on the writer. ``handle`` reports it sent or failed.
+
+    ``gated``: an in-band ``response.create`` that waits for the gate;
+    ``prelude``: events sent right after the gate is reserved, before the
+    create (a turn's user item); ``front``: jump the control lane (urgent);
+    ``oob``: an out-of-band create; ``deadline``: monotonic time after which a
+    gated create is never sent; ``untagged``: the create carries no id in
+    ``response.metadata`` (the app used all 16 pairs).
+    """
+
+    event: dict[str, Any]
+    handle: Any = None
+    gated: bool = False
+    oob: bool = False
+    front: bool = False
+    deadline: float | None = None
+    prelude: tuple[dict[str, Any], ...] = ()
+    untagged: bool = False
+
+
+@attrs.frozen
+class Resolve:
+    """Settle ``future`` with ``value`` (a :class:`Response`, or a session config for an update)."""
+
+    future: Any
+    value: Any
+
+
+@attrs.frozen
+class Started:
+    """The server started ``handle``'s response: it is ``response_id``, spoken by ``agent``."""
+
+    handle: Any
+    response_id: str
+    agent: str | None
+
+
+@attrs.frozen
+class Retried:
+    """The server raced ``handle``'s create; it goes out again."""
+
+    handle: Any
+
+
+@attrs.frozen
+class Fail:
+    """Settle ``future`` with ``error``."""
+
+    future: Any
+    error: BaseException
+
+
+@attrs.frozen
+class SetFollowup:
+    """``handle.followup`` is ``followup`` (``None``: the chain ends); ``expect``: one is coming."""
+
+    handle: Any
+    followup: Any = None
+    expect: bool = False
+
+
+@attrs.frozen
+class ToolCallSpec:
+    """One function call of a finished response."""
+
+    call_id: str
+    name: str
+    arguments: str
+    item_id: str | None = None
+
+
+@attrs.frozen
+class ToolJob:
+    """Run ``calls`` as ``agent``'s tools; render ``handoff_target``'s config (user code, off every lock)."""
+
+    response_id: str
+    agent: str | None
+    calls: tuple[ToolCallSpec, ...]
+    handoff_call: str | None = None  # call id of the (first) handoff call
+    handoff_target: str | None = None  # the agent it transfers to
+
+
+@attrs.frozen
+class RunTools:
+    """Give ``job`` to the tool worker; it answers with :meth:`ConversationCore.tool_results`."""
+
+    job: ToolJob
+
+
+@attrs.frozen
+class Publish:
+    """Deliver ``event`` to subscribers (callbacks, streams)."""
+
+    event: Event
+
+
+Action = Send | Resolve | Fail | Started | Retried | SetFollowup | RunTools | Publish
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Request:
+    """One ``response.create`` the session was asked for."""
+
+    event_id: str
+    handle: Any
+    event: dict[str, Any]
+    in_band: bool
+    deadline: float | None
+    untagged: bool = False
+    prelude: tuple[dict[str, Any], ...] = ()
+    phase: Phase = Phase.QUEUED
+    response_id: str | None = None
+    cancel_requested: bool = False
+    retries: int = 0
+
+    def move(self, how: str) -> None:
+        """Apply one move of :data:`REQUEST_MOVES`; raise :class:`CoreError` (unchanged) if illegal."""
+        nxt = REQUEST_MOVES.get((self.phase, how))
+        if nxt is None:
+            raise CoreError(f"request {self.event_id}: cannot {how} from {self.phase.value}")
+        self.phase = nxt
+
+
+@attrs.define(eq=False)
+class ResponseRecord:
+    """One response the server started."""
+
+    id: str
+    agent: str | None
+    in_band: bool
+    turn: int
+    request: Request | None = None
+    parts: list[str] = attrs.field(factory=list)
+    size: int = 0
+    audio_bytes: int = 0
+    waiters: list[Any] = attrs.field(factory=list)
+    cancel_sent: bool = False
+
+
+@attrs.define(eq=False)
+class _PendingUpdate:
+    """A ``session.update`` queued or sent, not yet answered (answers come in order)."""
+
+    event_id: str
+    agent: str | None  # the agent it makes current (None: no agent change)
+    waiter: Any = None
+
+
+_EMPTY: list[Action] = []
+
+
+# -- the core -------------------------------------------------------------------------------
+
+
+class ConversationCore:
+    """The protocol state of one session (see the module docstring).
+
+    ``handle_factory(event, in_band)`` makes the future for a follow-up create
+    the core decides on by itself. ``render(agent, context)`` is *not* here:
+    rendering an agent's instructions is user code and happens in the shell.
+    """
+
+    def __init__(
+        self,
+        *,
+        handle_factory: Callable[[dict[str, Any], bool], Any],
+        graph: AgentGraph | None = None,
+        agent: Agent | None = None,
+        create_timeout: float = 120.0,
+        history: History | None = None,
+    ) -> None:
+        self._new_handle = handle_factory
+        self._create_timeout = create_timeout
+        self.graph = graph
+        self._agent = agent  # the agent the app sees now (changes at once on a handoff)
+        self._confirmed_agent = agent.name if agent is not None else None  # what the server has
+        self.history = history if history is not None else History()
+        self._requests: dict[str, Request] = {}
+        self._responses: dict[str, ResponseRecord] = {}
+        self._recent: OrderedDict[str, Response] = OrderedDict()
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._handled: OrderedDict[str, None] = OrderedDict()
+        self._updates: deque[_PendingUpdate] = deque()
+        self._jobs: dict[str, tuple[ToolJob, Any, int, str]] = {}  # response id -> job, handle, turn, status
+        self.session_config: dict[str, Any] = {}
+        self.desired: dict[str, Any] = {"type": "realtime"}
+        self.config_version = 0
+        self.turn_seq = 0
+        self.produced_audio = False
+        self.handoffs = 0
+        self._closed: BaseException | None = None
+        self._replay_waiters: list[Any] = []
+        self._matched: str | None = None  # set by receive() for the response.created it handles
+        self._handlers: dict[str, Callable[[dict[str, Any], str | None], list[Action]]] = {
+            "session.created": self._on_session,
+            "session.updated": self._on_session,
+            "response.created": self._on_created,
+            "response.done": self._on_done,
+            "error": self._on_error,
+            "input_audio_buffer.speech_started": self._on_speech_started,
+            "conversation.item.added": self._on_item,
+            "conversation.item.done": self._on_item,
+            "conversation.item.deleted": self._on_item_deleted,
+            "conversation.item.input_audio_transcription.completed": self._on_transcription,
+        }
+        assert set(self._handlers) == _HANDLED
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @property
+    def agent(self) -> Agent | None:
+        """The current agent (after a handoff, the target, at once)."""
+        return self._agent
+
+    @property
+    def closed_error(self) -> BaseException | None:
+        """Why the core takes no more requests (closed or dead), else ``None``."""
+        return self._closed
+
+    def request(self, event_id: str) -> Request | None:
+        """The live request with this client event id."""
+        return self._requests.get(event_id)
+
+    def requests(self) -> list[Request]:
+        """Every request not yet done or failed."""
+        return list(self._requests.values())
+
+    def response(self, response_id: str) -> ResponseRecord | None:
+        """The record of a response still streaming."""
+        return self._responses.get(response_id)
+
+    def recent(self, response_id: str) -> Response | None:
+        """A finished response kept for late waiters."""
+        return self._recent.get(response_id)
+
+    def is_finished(self, response_id: str) -> bool:
+        """Whether ``response.done`` for this id was read (a cancel for it would be refused)."""
+        return response_id in self._finished
+
+    def has_item(self, item_id: str) -> bool:
+        """Whether the conversation holds this item (as far as this client knows)."""
+        return item_id in self.history
+
+    def pending_call(self, call_id: str) -> bool:
+        """Whether this call's output is still on its way (handled, tools running or output queued)."""
+        return call_id in self._handled
+
+    def tools_idle(self) -> bool:
+        """Whether no tool job is running."""
+        return not self._jobs
+
+    def stores(self) -> dict[str, tuple[object, int]]:
+        """The capped per-session stores, ``name -> (container, cap)`` (memory diagnostics; do not change)."""
+        return {
+            "history": (self.history.records, self.history.limit),
+            "recent_responses": (self._recent, RECENT_RESPONSES),
+            "done_ids": (self._finished, RECENT_DONE_IDS),
+            "handled_calls": (self._handled, HANDLED_CALLS),
+        }
+
+    def voice(self) -> str | None:
+        """The voice the server reported, if any."""
+        audio = self.session_config.get("audio")
+        out = audio.get("output") if isinstance(audio, dict) else None
+        voice = out.get("voice") if isinstance(out, dict) else None
+        return voice if isinstance(voice, str) else None
+
+    def server_interrupts(self) -> bool:
+        """Whether the server cancels the active response itself on speech start."""
+        audio = self.session_config.get("audio")
+        inp = audio.get("input") if isinstance(audio, dict) else None
+        td = inp.get("turn_detection") if isinstance(inp, dict) else None
+        if not isinstance(td, dict):
+            return True  # no VAD configured: speech_started only comes from a server that has one
+        return bool(td.get("interrupt_response", True))
+
+    # -- app requests -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise _reraisable(self._closed)
+
+    def create_response(
+        self,
+        params: dict[str, Any],
+        handle: Any,
+        *,
+        now: float,
+        deadline: float | None = None,
+        event_id: str | None = None,
+        prelude: tuple[dict[str, Any], ...] = (),
+    ) -> list[Action]:
+        """Ask for one response (``params`` are GA response fields, already checked).
+
+        The create is tagged with its ``event_id`` in ``response.metadata``
+        unless the app already used the 16 pairs the API allows (then it is
+        matched as the one pending create). ``prelude`` events go out right
+        after the gate is reserved for it, before it (see :meth:`turn`).
+        """
+        self._check_open()
+        eid = event_id or new_event_id()
+        resp = dict(params)
+        meta = dict(resp.get("metadata") or {})
+        untagged = len(meta) >= protocol.MAX_METADATA_PAIRS
+        if not untagged:
+            meta[METADATA_KEY] = eid
+        if meta:
+            resp["metadata"] = meta
+        event = {"type": "response.create", "event_id": eid, "response": resp}
+        in_band = protocol.is_in_band(resp)
+        limit = self._create_timeout if deadline is None else deadline
+        req = Request(eid, handle, event, in_band, now + limit, untagged=untagged and in_band, prelude=prelude)
+        self._requests[eid] = req
+        return [self._send_for(req)]
+
+    def turn(self, item: dict[str, Any], params: dict[str, Any], handle: Any, *, now: float,
+             deadline: float | None = None) -> list[Action]:
+        """An app turn: the user ``item`` and its response enter the gate as one unit.
+
+        The item is held with the create and sent only once the gate is free,
+        immediately before it, so no other turn's message can land between a
+        question and its answer.
+        """
+        self._check_open()
+        self.turn_seq += 1
+        item = {"id": new_event_id("item_rtq_"), **item}  # an id of ours: a reconnect can tell if it arrived
+        event = {"type": "conversation.item.create", "event_id": new_event_id(), "item": item}
+        return self.create_response(params, handle, now=now, deadline=deadline, prelude=(event,))
+
+    def send_event(self, event: dict[str, Any], handle: Any, *, front: bool = False) -> list[Action]:
+        """Queue any other client event (``event_id`` already set)."""
+        self._check_open()
+        typ = event["type"]
+        if typ == "session.update" and isinstance(event.get("session"), Mapping):
+            self.desired = deep_merge(self.desired, dict(event["session"]))
+            self._updates.append(_PendingUpdate(event["event_id"], None))
+        elif typ == "conversation.item.create":
+            item = event.get("item")
+            if isinstance(item, dict) and item.get("type") == "message" and item.get("role") == "user":
+                self.turn_seq += 1
+        elif typ == "input_audio_buffer.commit":
+            self.turn_seq += 1
+        return [Send(event, handle, front=front)]
+
+    def update(self, fields: dict[str, Any], handle: Any, waiter: Any) -> list[Action]:
+        """A ``session.update``; ``waiter`` is settled with the session as ``session.updated`` reports it."""
+        self._check_open()
+        eid = new_event_id()
+        event = {"type": "session.update", "event_id": eid, "session": fields}
+        self.desired = deep_merge(self.desired, fields)
+        self._updates.append(_PendingUpdate(eid, None, waiter))
+        return [Send(event, handle)]
+
+    def set_graph(self, graph: AgentGraph) -> None:
+        """Adopt a (re-)resolved agent graph; the current agent stays."""
+        self.graph = graph
+
+    def start_agents(self, graph: AgentGraph, agent: Agent) -> None:
+        """Begin with ``agent`` of ``graph`` (its config goes out with the first update)."""
+        self.graph = graph
+        self._agent = agent
+        self._confirmed_agent = agent.name
+
+    def app_handoff(self, target: Agent, config: dict[str, Any], handle: Any, *, now: float,
+                    respond: bool) -> list[Action]:
+        """Switch to ``target`` (its ``config`` rendered by the shell): update, then maybe one create.
+
+        Both are queued in one step, so nothing another thread queues can
+        come between them on the wire.
+        """
+        self._check_open()
+        actions = self._switch(target, config, call_id=None, response_id=None)
+        if respond:
+            actions += self.create_response({}, handle, now=now)
+        return actions
+
+    def cancel_request(self, event_id: str) -> list[Action]:
+        """Cancel our create: when active, by id now; when sent but not started, once it starts."""
+        req = self._requests.get(event_id)
+        if req is None:
+            return _EMPTY
+        if req.response_id is None:
+            req.cancel_requested = True
+            return _EMPTY
+        return self.cancel_response(req.response_id, None)
+
+    def cancel_response(self, response_id: str, waiter: Any) -> list[Action]:
+        """Cancel a response by id (at most one ``response.cancel`` each); ``waiter`` gets its Response."""
+        done = self._recent.get(response_id)
+        if done is not None:
+            return [Resolve(waiter, done)] if waiter is not None else _EMPTY
+        rec = self._responses.get(response_id)
+        if rec is None:
+            if waiter is not None:
+                return [Fail(waiter, ResponseError(f"no response {response_id} is known to this session"))]
+            return _EMPTY
+        if waiter is not None:
+            rec.waiters.append(waiter)
+        if rec.cancel_sent or response_id in self._finished:
+            return _EMPTY
+        rec.cancel_sent = True
+        return [Send({"type": "response.cancel", "event_id": new_event_id(), "response_id": response_id},
+                     front=True)]
+
+    def mark_cancelled_by_server(self, response_id: str) -> None:
+        """The server cancels this response itself (speech start with ``interrupt_response``)."""
+        rec = self._responses.get(response_id)
+        if rec is not None:
+            rec.cancel_sent = True
+
+    def cancel_sent(self, response_id: str) -> bool:
+        """Whether someone (we or the server) is already cancelling this response."""
+        rec = self._responses.get(response_id)
+        return rec is not None and rec.cancel_sent
+
+    def barge_in(
+        self, response_id: str | None, *, cancel: bool, server_cancels: bool, truncate: tuple[str, int] | None
+    ) -> tuple[list[Action], bool, bool]:
+        """The user barged in while ``response_id`` (the gate's active in-band response) ran.
+
+        Cancels it by id only when asked (``cancel``), when the server does
+        not do it itself (``server_cancels``), when it has not finished and
+        when nobody cancels it already; truncates ``truncate = (item_id,
+        audio_end_ms)`` only for an item in the conversation. The cancel and
+        the truncate go to the head of the lane, in that order. Returns
+        ``(actions, cancel_sent, ending)``; ``ending``: the response is being
+        cancelled by someone, so waiting for its ``response.done`` makes sense.
+        """
+        actions: list[Action] = []
+        send_cancel = ending = False
+        if response_id is not None:
+            rec = self._responses.get(response_id)
+            if rec is not None and rec.cancel_sent:
+                ending = True
+            elif server_cancels:
+                self.mark_cancelled_by_server(response_id)
+                ending = True
+            elif cancel and response_id not in self._finished:
+                if rec is not None:
+                    rec.cancel_sent = True
+                send_cancel = ending = True
+                actions.append(Send({"type": "response.cancel", "event_id": new_event_id(),
+                                     "response_id": response_id}, front=True))
+        if truncate is not None and truncate[0] in self.history:
+            item_id, ms = truncate
+            actions.append(Send({"type": "conversation.item.truncate", "event_id": new_event_id(),
+                                 "item_id": item_id, "content_index": 0, "audio_end_ms": ms}, front=True))
+        return actions, send_cancel, ending
+
+    def wait_response(self, response_id: str, waiter: Any) -> list[Action]:
+        """Settle ``waiter`` with this response once done (at once if it already is)."""
+        done = self._recent.get(response_id)
+        if done is not None:
+            return [Resolve(waiter, done)]
+        rec = self._responses.get(response_id)
+        if rec is None:
+            return [Fail(waiter, ConnectionLost(f"response {response_id} is not streaming any more"))]
+        rec.waiters.append(waiter)
+        return _EMPTY
+
+    def unsent(self, event_id: str, error: BaseException) -> list[Action]:
+        """The writer could not send this create (deadline, withdrawn, stopped): forget it."""
+        req = self._requests.pop(event_id, None)
+        if req is None or req.phase is not Phase.QUEUED:
+            return _EMPTY
+        req.move("fail")
+        return [Fail(req.handle, error)]
+
+    # -- server events ----------------------------------------------------------------------
+
+    def receive(self, event: dict[str, Any], *, verdict: str | None = None, matched: str | None = None
+                ) -> list[Action]:
+        """One server event, after the gate saw it.
+
+        ``verdict`` is the gate's word on an ``error`` (``"retry"``,
+        ``"reject"`` or ``None``); ``matched`` the event id of the untagged
+        create the gate matched a ``response.created`` without metadata to.
+        """
+        if matched is not None:
+            self._matched = matched
+        typ = event["type"]
+        if typ in _TEXT_DELTAS:
+            self._on_text_delta(event)
+            return _EMPTY
+        if typ == "response.output_audio.delta":
+            self._on_audio_delta(event)
+            return _EMPTY
+        handler = self._handlers.get(typ)
+        if handler is None:
+            return _EMPTY
+        return handler(event, verdict)
+
+    def _on_text_delta(self, event: dict[str, Any]) -> None:
+        rid, delta = event.get("response_id"), event.get("delta")
+        rec = self._responses.get(rid) if isinstance(rid, str) else None
+        if rec is not None and isinstance(delta, str) and rec.size < MAX_TEXT:
+            rec.parts.append(delta)
+            rec.size += len(delta)
+
+    def _on_audio_delta(self, event: dict[str, Any]) -> None:
+        delta = event.get("delta")
+        if not isinstance(delta, str):
+            return
+        self.produced_audio = True
+        rid = event.get("response_id")
+        rec = self._responses.get(rid) if isinstance(rid, str) else None
+        if rec is not None:
+            rec.audio_bytes += b64_len(delta)
+
+    def _on_session(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
+        session = event.get("session")
+        if isinstance(session, dict):
+            self.session_config = session
+        self.config_version += 1
+        if event["type"] != "session.updated" or not self._updates:
+            return _EMPTY
+        upd = self._updates.popleft()
+        if upd.agent is not None:
+            self._confirmed_agent = upd.agent
+        if upd.waiter is not None:
+            return [Resolve(upd.waiter, dict(self.session_config))]
+        return _EMPTY
+
+    def _on_created(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
+        resp, rid, eid = response_ids(event)
+        if eid is None:
+            eid, self._matched = self._matched, None
+        req = self._requests.get(eid) if eid is not None else None
+        if req is not None and req.phase is not Phase.QUEUED:
+            req = None
+        in_band = req.in_band if req is not None else resp.get("conversation_id", "x") is not None
+        rec = ResponseRecord(rid, self._confirmed_agent, in_band, self.turn_seq, request=req)
+        self._responses[rid] = rec
+        if req is None:
+            return _EMPTY
+        req.move("created")
+        req.response_id = rid
+        actions: list[Action] = [Started(req.handle, rid, rec.agent)]
+        if req.cancel_requested:
+            actions += self.cancel_response(rid, None)
+        return actions
+
+    def note_finished(self, response_id: str) -> None:
+        """``response.done`` for this id was read: a cancel still queued for it is moot.
+
+        The shell calls this *before* the gate releases the response, so a
+        writer woken by the release never sends that cancel.
+        """
+        self._finished[response_id] = None
+        while len(self._finished) > RECENT_DONE_IDS:
+            self._finished.popitem(last=False)
+
+    def _on_done(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
+        _resp, rid, eid = response_ids(event)
+        self.note_finished(rid)
+        rec = self._responses.pop(rid, None)
+        req = rec.request if rec is not None else None
+        if req is None and eid is not None:
+            req = self._requests.get(eid)
+        agent = rec.agent if rec is not None else self._confirmed_agent
+        response = Response.from_done(
+            event,
+            streamed_text="".join(rec.parts) if rec else "",
+            audio_ms=(rec.audio_bytes / 48.0) if rec else 0.0,
+            agent=agent,
+        )
+        self._recent[rid] = response
+        while len(self._recent) > RECENT_RESPONSES:
+            self._recent.popitem(last=False)
+        actions: list[Action] = []
+        handle = None
+        if req is not None and req.phase in (Phase.QUEUED, Phase.CREATED):
+            req.move("done")
+            self._requests.pop(req.event_id, None)
+            handle = req.handle
+        if response.function_calls:
+            # Decide on a follow-up before resolving the handle, so final() never
+            # sees "done, no follow-up" in between.
+            actions += self._on_calls(response, agent, handle, rec.turn if rec else self.turn_seq)
+        if handle is not None:
+            actions.append(Resolve(handle, response))
+        for w in rec.waiters if rec is not None else ():
+            actions.append(Resolve(w, response))
+        return actions
+
+    def _on_error(self, event: dict[str, Any], verdict: str | None) -> list[Action]:
+        err = ServerError.from_event(event)
+        eid = err.event_id
+        actions: list[Action] = []
+        if eid is not None:
+            for upd in self._updates:
+                if upd.event_id == eid:
+                    self._updates.remove(upd)
+                    if upd.waiter is not None:
+                        actions.append(Fail(upd.waiter, err))
+                    break
+        req = self._requests.get(eid) if eid is not None else None
+        if req is not None and verdict == "retry" and req.phase is Phase.QUEUED:
+            req.move("retry")
+            req.retries += 1
+            req.prelude = ()  # the turn's item went out with the first try
+            actions.append(Retried(req.handle))
+            actions.append(self._send_for(req, front=True))
+        elif req is not None and verdict == "reject" and req.phase is Phase.QUEUED:
+            req.move("fail")
+            self._requests.pop(req.event_id, None)
+            actions.append(Fail(req.handle, ResponseRejected(f"server rejected response.create: {err}", error=err)))
+        return actions
+
+    def _on_item(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
+        item = event.get("item")
+        if isinstance(item, dict):
+            self.history.put(item)
+        return _EMPTY
+
+    def _on_item_deleted(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
+        iid = event.get("item_id")
+        if isinstance(iid, str):
+            self.history.delete(iid)
+        return _EMPTY
+
+    def _on_transcription(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
+        iid, transcript = event.get("item_id"), event.get("transcript")
+        if isinstance(iid, str) and isinstance(transcript, str):
+            self.history.set_transcript(iid, transcript)
+        return _EMPTY
+
+    def _on_speech_started(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
+        self.turn_seq += 1
+        return _EMPTY
+
+    # -- tools and handoffs -------------------------------------------------------------------
+
+    def _on_calls(self, response: Response, agent: str | None, handle: Any, turn: int) -> list[Action]:
+        calls: list[ToolCallSpec] = []
+        for item in response.function_calls:
+            cid = item.get("call_id")
+            if not isinstance(cid, str) or cid in self._handled:
+                continue  # a call is handled once, ever
+            self._handled[cid] = None
+            while len(self._handled) > HANDLED_CALLS:
+                self._handled.popitem(last=False)
+            iid = item.get("id")
+            calls.append(ToolCallSpec(cid, str(item.get("name") or ""), str(item.get("arguments") or ""),
+                                      iid if isinstance(iid, str) else None))
+        if not calls or self._closed is not None:
+            return _EMPTY
+        if response.status != "completed":
+            # An interrupted response's calls are answered "not run"; no follow-up.
+            reason = f"not run: the response was {response.status} before it finished"
+            actions: list[Action] = []
+            for call in calls:
+                actions.append(self._output(call.call_id, json.dumps({"error": reason})))
+                actions.append(Publish(Event("tool.skipped", {"call_id": call.call_id, "name": call.name,
+                                                              "reason": reason, "response_id": response.id})))
+            return actions
+        handoff_call = target = None
+        graph = self.graph
+        for call in calls:
+            dest = graph.handoff_target(call.name, agent) if graph is not None and agent is not None else None
+            if dest is not None and handoff_call is None:
+                handoff_call, target = call.call_id, dest.name
+        job = ToolJob(response.id, agent, tuple(calls), handoff_call, target)
+        self._jobs[response.id] = (job, handle, turn, response.status)
+        out: list[Action] = [RunTools(job)]
+        if handle is not None:
+            out.append(SetFollowup(handle, expect=True))
+        return out
+
+    def tool_results(
+        self,
+        response_id: str,
+        outputs: Mapping[str, str],
+        *,
+        handoff_config: dict[str, Any] | None = None,
+        handoff_error: BaseException | None = None,
+        now: float,
+    ) -> list[Action]:
+        """The tool worker finished ``response_id``'s job.
+
+        ``outputs`` maps call id to the output string of every function tool
+        call. For a handoff call, ``handoff_config`` is the target's rendered
+        session config, or ``handoff_error`` why it could not be rendered.
+        Queued in one step: every output (call order), then the handoff's
+        ``session.update`` (only if the target resolved), then one follow-up
+        ``response.create`` (unless the user started a new turn meanwhile).
+        """
+        entry = self._jobs.pop(response_id, None)
+        if entry is None:
+            return _EMPTY
+        job, handle, turn, _status = entry
+        if self._closed is not None:
+            return [SetFollowup(handle)] if handle is not None else _EMPTY
+        actions: list[Action] = []
+        target = self.graph.get(job.handoff_target) if self.graph is not None and job.handoff_target else None
+        transferred = target is not None and handoff_config is not None and handoff_error is None
+        for call in job.calls:
+            if call.call_id == job.handoff_call:
+                if transferred:
+                    output = json.dumps({"assistant": job.handoff_target, "status": "transferred"})
+                else:
+                    why = f"{type(handoff_error).__name__}: {handoff_error}" if handoff_error else "unknown agent"
+                    output = json.dumps({"error": f"transfer to {job.handoff_target} failed ({why}); "
+                                                  "the conversation stays with you"})
+            elif job.handoff_target is not None and self._is_handoff(call.name, job.agent):
+                output = json.dumps({"error": "only one handoff per response; this one was not done"})
+            else:
+                output = outputs.get(call.call_id) or json.dumps({"error": f"tool {call.name} gave no output"})
+            actions.append(self._output(call.call_id, output))
+        if job.handoff_call is not None:
+            if transferred:
+                assert target is not None and handoff_config is not None
+                actions += self._switch(target, handoff_config, call_id=job.handoff_call, response_id=response_id)
+            else:
+                actions.append(Publish(Event("agent.handoff_failed", {
+                    "source": job.agent, "target": job.handoff_target, "call_id": job.handoff_call,
+                    "response_id": response_id, "error": handoff_error,
+                    "message": str(handoff_error) if handoff_error else "unknown agent",
+                })))
+        if self.turn_seq != turn:
+            actions.append(Publish(Event("turn.followup_skipped", {"response_id": response_id,
+                                                                   "reason": "the user started a new turn"})))
+            if handle is not None:
+                actions.append(SetFollowup(handle))
+            return actions
+        follow = self._new_handle({}, True)
+        actions += self.create_response({}, follow, now=now)
+        if handle is not None:
+            actions.append(SetFollowup(handle, follow))
+        return actions
+
+    def _is_handoff(self, name: str, agent: str | None) -> bool:
+        graph = self.graph
+        return graph is not None and agent is not None and graph.handoff_target(name, agent) is not None
+
+    def _output(self, call_id: str, output: str) -> Send:
+        return Send({"type": "conversation.item.create", "event_id": new_event_id(),
+                     "item": {"type": "function_call_output", "call_id": call_id, "output": output}})
+
+    def _switch(self, target: Agent, config: dict[str, Any], **info: Any) -> list[Action]:
+        config = dict(config)
+        actions: list[Action] = []
+        voice = self.voice()
+        if target.voice and target.voice != voice:
+            if self.produced_audio:
+                actions.append(Publish(Event("agent.voice_kept", {"agent": target.name, "requested": target.voice,
+                                                                  "voice": voice})))
+            else:
+                config["audio"] = deep_merge(config.get("audio") or {}, {"output": {"voice": target.voice}})
+        eid = new_event_id()
+        self.desired = deep_merge(self.desired, config)
+        self._updates.append(_PendingUpdate(eid, target.name))
+        source = self._agent
+        self._agent = target
+        self.handoffs += 1
+        actions.insert(0, Send({"type": "session.update", "event_id": eid, "session": config}))
+        actions.append(Publish(Event("agent.handoff", {"source": source.name if source else None,
+                                                       "target": target.name, **info})))
+        return actions
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connection_lost(self, dropped: Iterable[tuple[str | None, str | None, bool]]) -> tuple[list[Action], int,
+                                                                                              list[Send]]:
+        """The socket died and a new one will be tried. ``dropped`` are the gate's entries
+        ``(event_id, response_id, pending)``.
+
+        Creates sent but not started are re-issued (returned, to go to the
+        head of the lane, with their turn's item if the server never announced
+        it); responses that were streaming fail with :class:`ConnectionLost`
+        (their handles and waiters). Returns ``(actions, failed, reissue)``.
+        """
+        actions: list[Action] = []
+        reissue: list[Send] = []
+        failed = 0
+        lost = ConnectionLost("the connection dropped while this response was streaming; it cannot be resumed")
+        for eid, _rid, pending in dropped:
+            req = self._requests.get(eid) if eid is not None else None
+            if req is not None and pending and req.phase is Phase.QUEUED:
+                req.move("reissue")
+                req.prelude = tuple(p for p in req.prelude if not self._item_known(p))
+                reissue.append(self._send_for(req, front=True))
+        for rid, rec in list(self._responses.items()):
+            del self._responses[rid]
+            req = rec.request
+            if req is not None and req.phase is Phase.CREATED:
+                req.move("fail")
+                self._requests.pop(req.event_id, None)
+                actions.append(Fail(req.handle, _copy(lost)))
+                failed += 1
+            for w in rec.waiters:
+                actions.append(Fail(w, ConnectionLost(f"the connection dropped before response.done for {rid}")))
+        # Tool jobs of responses that ended still deliver their outputs (after the re-seed).
+        return actions, failed, reissue
+
+    def _item_known(self, event: dict[str, Any]) -> bool:
+        item = event.get("item")
+        iid = item.get("id") if isinstance(item, dict) else None
+        return isinstance(iid, str) and iid in self.history
+
+    def reconnect_plan(self, *, reseed: bool, limit: int | None, queued: Iterable[str]) -> tuple[dict[str, Any],
+                                                                                                list[dict[str, Any]],
+                                                                                                dict[str, int]]:
+        """The ``session.update`` and the re-seed items for a new socket.
+
+        ``queued`` are the event ids still on the writer's lane: their
+        ``session.update``\\ s are still to come; every other unanswered one is
+        answered by this replay (the replayed config holds its fields).
+        """
+        still = set(queued)
+        keep: deque[_PendingUpdate] = deque()
+        settled: list[_PendingUpdate] = []
+        for upd in self._updates:
+            (keep if upd.event_id in still else settled).append(upd)
+        eid = new_event_id()
+        replay = _PendingUpdate(eid, self._agent.name if self._agent is not None else None)
+        self._updates = deque([replay, *keep])
+        self._replay_waiters = [u.waiter for u in settled if u.waiter is not None]
+        config = json.loads(json.dumps(self.desired))
+        seeds: list[dict[str, Any]] = []
+        dropped: dict[str, int] = {}
+        if reseed:
+            plan, counts = reseed_plan(self.history.items(), pending_calls=self.pending_call, limit=limit)
+            seeds, dropped = plan, dict(counts)
+        return {"type": "session.update", "event_id": eid, "session": config}, seeds, dropped
+
+    def take_replay_waiters(self) -> list[Any]:
+        """Update waiters the last replay answers (settle them with :attr:`session_config`)."""
+        waiters, self._replay_waiters = self._replay_waiters, []
+        return waiters
+
+    def close(self, error: BaseException) -> list[Action]:
+        """No more requests: fail every live request, waiter and follow-up (first error kept)."""
+        if self._closed is None:
+            self._closed = error
+        actions: list[Action] = []
+        for req in list(self._requests.values()):
+            if req.phase in (Phase.QUEUED, Phase.CREATED):
+                req.move("fail")
+                actions.append(Fail(req.handle, _copy(error)))
+        self._requests.clear()
+        for rec in self._responses.values():
+            for w in rec.waiters:
+                actions.append(Fail(w, _copy(error)))
+        self._responses.clear()
+        for upd in self._updates:
+            if upd.waiter is not None:
+                actions.append(Fail(upd.waiter, _copy(error)))
+        self._updates.clear()
+        for _job, handle, _turn, _status in self._jobs.values():
+            if handle is not None:
+                actions.append(SetFollowup(handle))
+        self._jobs.clear()
+        return actions
+
+    def evict(self, now: float, response_timeout: float, entries: Iterable[tuple[str | None, str | None, float]]
+              ) -> list[Action]:
+        """Give up on gate entries ``(event_id, response_id, since)`` older than ``response_timeout``.
+
+        The shell releases them from the gate; here their requests and
+        waiters fail, and the app hears ``gate.evicted``.
+        """
+        actions: list[Action] = []
+        for eid, rid, since in entries:
+            if now - since < response_timeout:
+                continue
+            error = ResponseError(
+                f"response {rid or eid} had no response.done within {response_timeout}s; "
+                "cancelled and released from the gate"
+            )
+            rec = self._responses.pop(rid, None) if rid is not None else None
+            req = rec.request if rec is not None else (self._requests.get(eid) if eid is not None else None)
+            if req is not None and req.phase in (Phase.QUEUED, Phase.CREATED):
+                req.move("fail")
+                self._requests.pop(req.event_id, None)
+                actions.append(Fail(req.handle, error))
+            for w in rec.waiters if rec is not None else ():
+                actions.append(Fail(w, error))
+            actions.append(Publish(Event("gate.evicted", {"response_id": rid, "event_id": eid,
+                                                          "age_s": now - since})))
+        return actions
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _send_for(self, req: Request, *, front: bool = False) -> Send:
+        return Send(req.event, req.handle, gated=req.in_band, oob=not req.in_band, front=front,
+                    deadline=req.deadline, prelude=req.prelude, untagged=req.untagged)
+
+
+#: Server event types the core acts on (deltas aside); every other type passes through.
+HANDLED_TYPES = _HANDLED | _TEXT_DELTAS | {"response.output_audio.delta"}
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def response_ids(event: dict[str, Any]) -> tuple[dict[str, Any], str, str | None]:
+    """``(response, response id, our create's event id or None)`` of a ``response.*`` event.
+
+    Raises :class:`~rtqueue.errors.ProtocolError` when the response has no id.
+    """
+    from .errors import ProtocolError
+
+    resp = event.get("response")
+    if not isinstance(resp, dict) or not isinstance(resp.get("id"), str):
+        raise ProtocolError(f"{event['type']} without response.id", frame=str(event)[:200])
+    meta = resp.get("metadata")
+    eid = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
+    return resp, resp["id"], eid if isinstance(eid, str) else None
+
+
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``extra``, merging nested dicts (neither is changed)."""
+    out = dict(base)
+    for k, v in extra.items():
+        old = out.get(k)
+        out[k] = deep_merge(old, v) if isinstance(v, Mapping) and isinstance(old, Mapping) else v
+    return out
+
+
+def b64_len(s: str) -> int:
+    """Decoded length of a base64 string (no decoding)."""
+    n = len(s)
+    if n == 0:
+        return 0
+    return n * 3 // 4 - (2 if s.endswith("==") else 1 if s.endswith("=") else 0)
+
+
+def _copy(err: BaseException) -> BaseException:
+    """A fresh instance per handle, so tracebacks don't pile up on one object."""
+    try:
+        return type(err)(*err.args)
+    except Exception:
+        return err
+
+
+def _reraisable(err: BaseException) -> BaseException:
+    if isinstance(err, SessionClosed):
+        return SessionClosed("the session is closed")
+    if isinstance(err, RtqueueError):
+        return _copy(err)
+    return ConnectionLost(str(err))
+
+
+def check_json(value: Any, what: str) -> None:
+    """Raise :class:`InvalidArgument` unless ``value`` is standard JSON (no NaN, no unknown objects)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{what} is not JSON-serializable: {exc}") from None
