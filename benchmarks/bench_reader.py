@@ -115,14 +115,11 @@ class ReplayTransport:
 def replay_rtqueue(frames: list[str], *, audio: bool) -> dict[str, float]:
     from rtqueue import Session
     from rtqueue.audio import AudioIO, NullSpeaker
-    from rtqueue.audio_session import AudioLink
 
     transport = ReplayTransport(frames)
-    session = Session(lambda: transport, name="bench-reader")
-    if audio:
-        session._audio = AudioLink(session, AudioIO(output=NullSpeaker(realtime=False), input=None))
+    device = AudioIO(output=NullSpeaker(realtime=False), input=None) if audio else None
+    session = Session.connect(transport=transport, audio=device, name="bench-reader", reconnect=False)
     try:
-        session._start({"type": "realtime"}, 10.0)
         if not transport.finished.wait(300):
             raise RuntimeError("replay did not finish")
         assert transport.t_first is not None and transport.t_last is not None

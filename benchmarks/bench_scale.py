@@ -39,15 +39,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import _common as C
-
-import rtqueue.gate as _G
-import rtqueue.session as _S
 
 CHUNK_MS = 100
 GATE_P99_TARGET_MS = 5.0
@@ -175,13 +171,19 @@ def slope_per_min(points: list[tuple[float, float]]) -> float | None:
 
 
 # Per-session state that grows by design until its cap: how to reach it, and the cap.
-STORES: dict[str, tuple[Callable[[Any], Any], int]] = {
-    "history": (lambda s: s._history._records, _S._HISTORY_ITEMS),  # conversation items kept for re-seeding
-    "recent_responses": (lambda s: s._done, _S._RECENT_RESPONSES),  # Responses for cancel()/interrupt() waiters
-    "done_ids": (lambda s: s._finished, _S._RECENT_DONE_IDS),  # response ids whose done was read
-    "server_errors": (lambda s: s._errors_by_eid, _S._RECENT_ERRORS),  # error replies by client event id
-    "gate_samples": (lambda s: (s.gate._waits, s.gate._latencies), 2 * _G._SAMPLES),  # percentile reservoirs
-}
+# Per-session state that grows by design until its cap (Session.stores(): name -> (container, cap)):
+# history (conversation items kept for re-seeding), recent_responses (Responses for cancel()/interrupt()
+# waiters), done_ids (response ids whose done was read), handled_calls (call ids run once), server_errors
+# (error replies by client event id), gate_samples (percentile reservoirs).
+
+
+def _stores(sessions: list[Any]) -> dict[str, tuple[list[Any], int]]:
+    """Each store's containers over ``sessions`` and its per-session cap."""
+    out: dict[str, tuple[list[Any], int]] = {}
+    for s in sessions:
+        for name, (holder, cap) in s.stores().items():
+            out.setdefault(name, ([], cap))[0].append(holder)
+    return out
 
 
 def _entries(holder: Any) -> int:
@@ -190,7 +192,7 @@ def _entries(holder: Any) -> int:
 
 def store_counts(sessions: list[Any]) -> dict[str, int]:
     """Entries in each capped store, summed over ``sessions`` (cheap: lengths only)."""
-    return {name: sum(_entries(get(s)) for s in sessions) for name, (get, _) in STORES.items()}
+    return {name: sum(_entries(h) for h in holders) for name, (holders, _) in _stores(sessions).items()}
 
 
 def _marginal_bytes(holder: Any) -> int:
@@ -204,9 +206,9 @@ def _marginal_bytes(holder: Any) -> int:
 def store_entry_bytes(sessions: list[Any]) -> dict[str, float]:
     """Mean bytes per entry of each capped store, measured on ``sessions``."""
     out: dict[str, float] = {}
-    for name, (get, _) in STORES.items():
-        entries = sum(_entries(get(s)) for s in sessions)
-        out[name] = sum(_marginal_bytes(get(s)) for s in sessions) / entries if entries else 0.0
+    for name, (holders, _) in _stores(sessions).items():
+        entries = sum(_entries(h) for h in holders)
+        out[name] = sum(_marginal_bytes(h) for h in holders) / entries if entries else 0.0
     return out
 
 
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         connect_s = time.monotonic() - t_conn
         if ns.gate_slice_ms is not None:
             for s in sessions:
-                s.writer._slice = ns.gate_slice_ms / 1000.0
+                s.writer.slice_s = ns.gate_slice_ms / 1000.0
         rss_connected = C.rss_mb()
         threads_after = threading.active_count()
         per_session_threads = statistics.mean(len(s.threads()) for s in sessions)
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         steady = [m for t, m in rss if half <= t <= steady_to]
         growth = slope_per_min([(t, m) for t, m in rss if half <= t <= steady_to])
         stores: dict[str, dict[str, Any]] = {}
-        for name, (_, cap) in STORES.items():
+        for name, (_, cap) in _stores(sessions[:1]).items():
             per_min = slope_per_min([(t, float(c[name])) for t, c in counts if half <= t <= steady_to])
             stores[name] = {
                 "entries_per_session": round(counts[-1][1][name] / n, 1),

@@ -159,9 +159,9 @@ class SimChild:
 
 def history_mb(session: Session) -> float:
     """MB held in the conversation history the session keeps (items for re-seeding, recent responses)."""
-    records = list(session._history._records.values())  # compact records (rtqueue/history.py)
-    with session._done_cond:
-        done = list(session._done.values())
+    stores = session.stores()
+    records = list(stores["history"][0].values())  # compact records (rtqueue/history.py)
+    done = list(stores["recent_responses"][0].values())
     try:
         return (C.deep_size(records) + C.deep_size(done)) / 2**20
     except RuntimeError:  # a dict changed size while we walked it: skip this sample
@@ -271,8 +271,9 @@ class Soak:
                 final_stats = session.stats()
                 gate_depth = session.gate.depth()
                 pending = len(session.writer.pending())
-                self.held = {"items": len(session._history), "done_responses": len(session._done),
-                             "errors_by_eid": len(session._errors_by_eid)}
+                stores = session.stores()
+                self.held = {"items": len(stores["history"][0]), "done_responses": len(stores["recent_responses"][0]),
+                             "errors_by_eid": len(stores["server_errors"][0])}
                 session.close()
             sim_stats = sim.stats()
         unresolved = [h.event.get("type") for h in session.unresolved()]

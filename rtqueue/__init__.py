@@ -13,6 +13,8 @@ live in :mod:`rtqueue.audio`, imported on demand so that ``import rtqueue``
 works without PortAudio.
 """
 
+import logging as _logging
+
 from .agents import Agent, Handoff, handoff
 from .audio_session import Interruption
 from .errors import (
@@ -40,6 +42,9 @@ from .tools import Tool, ToolContext, tool
 from .values import Event, Response
 
 __version__ = "0.1.0"
+
+# A library never configures logging; this keeps "No handlers could be found" away.
+_logging.getLogger("rtqueue").addHandler(_logging.NullHandler())
 
 __all__ = [
     "Agent",

@@ -30,19 +30,18 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from .errors import InvalidArgument, RtqueueError
-from .handles import _check_timeout
+from .handles import SendHandle
 from .values import Event, Response
 
 if TYPE_CHECKING:
     from .audio import AudioIO, PlaybackCut
-    from .session import Session
 
-__all__ = ["AudioLink", "Interruption", "interrupt"]
+__all__ = ["AudioHost", "AudioLink", "Interruption", "truncate_ms"]
 
 log = logging.getLogger("rtqueue")
 
@@ -74,50 +73,71 @@ class Interruption:
     response_id: str | None = None  # the active response at the moment of the interrupt
 
 
+class AudioHost(Protocol):
+    """What :class:`AudioLink` needs from its session (the session's shell implements it)."""
+
+    def append_audio(self, pcm: bytes) -> bool:
+        """Queue microphone audio on the writer's audio lane."""
+
+    def generation(self) -> int:
+        """A number that changes each time the session adopts a new socket."""
+
+    def server_interrupts(self) -> bool:
+        """Whether the server cancels the active response itself on speech start."""
+
+    def barge_in(
+        self, cut: PlaybackCut | None, *, cancel: bool, server_cancels: bool, truncatable: bool
+    ) -> tuple[str | None, bool, bool, int | None, list[SendHandle]]:
+        """Cancel and truncate as the core decides: ``(response_id, cancel_sent, ending, truncated_ms, handles)``."""
+
+    def wait_done(self, response_id: str, timeout: float | None) -> Response:
+        """Block until ``response.done`` of ``response_id``; raise on timeout or loss."""
+
+    def publish(self, event: Event) -> None:
+        """Deliver an event to the app."""
+
+
 class AudioLink:
     """Owns a session's :class:`~rtqueue.audio.AudioIO` while it is connected.
 
-    Created by ``Session.connect(audio=...)``; apps reach it as
-    ``session._audio`` only for diagnostics (:meth:`stats`).
+    Created by ``Session.connect(audio=...)``; :meth:`stats` is for diagnostics.
     """
 
-    def __init__(self, session: Session, io: AudioIO) -> None:
-        self._session = session
+    def __init__(self, host: AudioHost, io: AudioIO) -> None:
+        self._host = host
         self.io = io
         self._lock = threading.Lock()  # one barge-in at a time (reader vs app threads)
-        # Responses a cancel is under way for: ours ("app"/"client") or the server's ("server").
-        self._cancelled: OrderedDict[str, str] = OrderedDict()
-        # Which transport each item's audio came on (truncating it is only valid on that socket).
-        self._item_socket: OrderedDict[str, object] = OrderedDict()
+        # Responses whose late audio must not play (a cancel is under way for them).
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        # Which socket generation each item's audio came on (truncating it is only valid on that socket).
+        self._item_gen: OrderedDict[str, int] = OrderedDict()
         self.last_interruption: Interruption | None = None
         self.interruptions = 0
         self.bad_audio = 0
         self.dropped_after_cancel_ms = 0.0  # audio of cancelled responses that arrived late
 
-    @classmethod
-    def create(cls, session: Session, audio: Any) -> AudioLink:
+    @staticmethod
+    def device(audio: Any) -> AudioIO:
         """``audio=True`` -> default devices; ``"null"`` -> no device; or an ``AudioIO``."""
         from .audio import AudioIO
 
         if audio is True:
-            io = AudioIO.default()
-        elif audio == "null":
-            io = AudioIO.null()
-        elif isinstance(audio, AudioIO):
-            io = audio
-        else:
-            raise InvalidArgument(f'audio must be True, "null" or an rtqueue.audio.AudioIO, not {audio!r}')
-        return cls(session, io)
+            return AudioIO.default()
+        if isinstance(audio, str) and audio == "null":
+            return AudioIO.null()
+        if isinstance(audio, AudioIO):
+            return audio
+        raise InvalidArgument(f'audio must be True, "null" or an rtqueue.audio.AudioIO, not {audio!r}')
 
     def start(self) -> None:
         """Open the devices; the microphone streams into the writer's audio lane."""
         if self.io.output is not None:
             self.io.output.start()
         if self.io.input is not None:
-            self.io.input.start(self._session.append_audio)
+            self.io.input.start(self._host.append_audio)
 
     def close(self) -> None:
-        """Close the devices (ends their threads)."""
+        """Close the devices (ends their threads); raises what a device's ``close`` raised."""
         self.io.close()
 
     def stats(self) -> dict[str, Any]:
@@ -153,7 +173,7 @@ class AudioLink:
                 with self._lock:
                     self._cancelled.pop(rid, None)
         elif typ == "input_audio_buffer.speech_started":
-            server_cancels = self._server_interrupts()
+            server_cancels = self._host.server_interrupts()
             self.barge_in(cancel=not server_cancels, source="server_vad", wait=None,
                           server_cancels=server_cancels)
 
@@ -172,20 +192,12 @@ class AudioLink:
                 # Sent before the server saw our cancel: never play it.
                 self.dropped_after_cancel_ms += len(pcm) / 48.0
                 return
-            if item_id not in self._item_socket:
-                self._item_socket[item_id] = self._session._transport
-                while len(self._item_socket) > _MAX_TRACKED:
-                    self._item_socket.popitem(last=False)
+            if item_id not in self._item_gen:
+                self._item_gen[item_id] = self._host.generation()
+                while len(self._item_gen) > _MAX_TRACKED:
+                    self._item_gen.popitem(last=False)
             # Under the lock, so a concurrent barge-in cannot slip between the check and the play.
             self.io.output.play(item_id, pcm)
-
-    def _server_interrupts(self) -> bool:
-        """Whether the server cancels the active response itself on speech start."""
-        audio = self._session.session_config.get("audio") or {}
-        td = (audio.get("input") or {}).get("turn_detection") if isinstance(audio, dict) else None
-        if not isinstance(td, dict):
-            return True  # no VAD configured: speech_started only comes from a server that has one
-        return bool(td.get("interrupt_response", True))
 
     # -- barge-in -------------------------------------------------------------------------------
 
@@ -195,40 +207,26 @@ class AudioLink:
         """Stop playback, cancel if asked and something is active, truncate to what was played.
 
         ``server_cancels``: the server is cancelling the active response itself
-        (speech start with ``interrupt_response``); remember it so nobody sends
-        a second cancel. ``wait`` None: do not wait for the cancelled
-        response's ``done`` (the reader thread calls this); otherwise wait up to
-        ``wait`` seconds and report it in ``cancelled``.
+        (speech start with ``interrupt_response``); nobody sends a second
+        cancel. ``wait`` None: do not wait for the cancelled response's
+        ``done`` (the reader thread calls this); otherwise wait up to ``wait``
+        seconds and report it in ``cancelled``.
         """
-        session = self._session
+        host = self._host
         out = self.io.output
         with self._lock:
             cut: PlaybackCut | None = out.interrupt() if out is not None else None
-            rid = session.gate.active_response_id()
-            send_cancel = False
-            ending = False  # rid is being cancelled by someone (so waiting for its done makes sense)
-            if rid is not None:
-                if rid in self._cancelled:
-                    ending = True
-                elif server_cancels:
-                    self._remember_cancel(rid, "server")
-                    ending = True
-                elif cancel and not _is_done(session, rid):
-                    self._remember_cancel(rid, source)
-                    send_cancel = ending = True
-            events: list[dict[str, Any]] = []
-            if send_cancel:
-                events.append({"type": "response.cancel", "response_id": rid})
-            truncated = _truncate_ms(cut)
-            if cut is None or truncated is None or not self._truncatable(cut.item_id):
-                truncated = None
-            else:
-                events.append({"type": "conversation.item.truncate", "item_id": cut.item_id, "content_index": 0,
-                               "audio_end_ms": truncated})
-            handles = session._send_urgent_many(events) if events else []
+            truncatable = cut is not None and self._item_gen.get(cut.item_id, host.generation()) == host.generation()
+            rid, send_cancel, ending, truncated, handles = host.barge_in(
+                cut, cancel=cancel, server_cancels=server_cancels, truncatable=truncatable
+            )
+            if rid is not None and ending:
+                self._cancelled[rid] = None
+                while len(self._cancelled) > _MAX_TRACKED:
+                    self._cancelled.popitem(last=False)
         cancelled = None
         if rid is not None and ending and wait is not None:
-            cancelled = session._wait_done(rid, wait)
+            cancelled = host.wait_done(rid, wait)
         if wait is not None and handles:
             # Return with the truncate on the wire (a close right after must not drop it).
             with contextlib.suppress(RtqueueError):
@@ -245,41 +243,13 @@ class AudioLink:
         )
         self.last_interruption = result
         self.interruptions += 1
-        session._publish(Event("audio.interrupted", attrs.asdict(result, recurse=False)))
+        host.publish(Event("audio.interrupted", attrs.asdict(result, recurse=False)))
         return result
 
-    def _remember_cancel(self, rid: str, who: str) -> None:
-        self._cancelled[rid] = who
-        while len(self._cancelled) > _MAX_TRACKED:
-            self._cancelled.popitem(last=False)
 
-    def _truncatable(self, item_id: str) -> bool:
-        """The item is in the conversation and its audio came on the current socket."""
-        if not self._session._has_item(item_id):
-            return False
-        sock = self._item_socket.get(item_id)
-        return sock is None or sock is self._session._transport
-
-
-def _truncate_ms(cut: PlaybackCut | None) -> int | None:
+def truncate_ms(cut: PlaybackCut | None) -> int | None:
     """``audio_end_ms`` for a cut: played, clamped to received, floored; None at 0."""
     if cut is None:
         return None
     ms = math.floor(min(cut.played_ms, cut.received_ms))
     return ms if ms > 0 else None
-
-
-def _is_done(session: Session, rid: str) -> bool:
-    """Whether ``rid``'s ``response.done`` was read (it must not be cancelled then)."""
-    return session._moot({"type": "response.cancel", "response_id": rid})
-
-
-def interrupt(session: Session, timeout: float | None) -> Interruption:
-    """``Session.interrupt``: barge in from the app and wait for the cancelled response."""
-    _check_timeout(timeout)
-    link: AudioLink | None = session._audio
-    if link is None:
-        rid = session.gate.active_response_id()
-        cancelled = session.cancel(timeout) if rid is not None else None
-        return Interruption(None, 0.0, 0.0, None, cancelled, "app", cancel_sent=rid is not None, response_id=rid)
-    return link.barge_in(cancel=True, source="app", wait=timeout)

@@ -102,6 +102,7 @@ class _Entry:
     response_id: str | None
     since: float
     ours: bool
+    untagged: bool = False
 
     def snapshot(self) -> GateEntry:
         return GateEntry(self.state, self.event_id, self.response_id, self.since, self.ours)
@@ -134,13 +135,15 @@ class ResponseGate:
 
     # -- writer side ---------------------------------------------------------
 
-    def acquire(self, event_id: str, timeout: float) -> bool:
+    def acquire(self, event_id: str, timeout: float, *, untagged: bool = False) -> bool:
         """Wait up to ``timeout`` seconds for an empty queue, then reserve it for ``event_id``.
 
         The emptiness check and the reservation are one atomic step. Returns
         ``True`` when reserved (the entry is now ``pending``), ``False`` on
         timeout. Raises :class:`SessionClosed` / :class:`ConnectionLost` once the
-        gate is closed.
+        gate is closed. ``untagged``: the create carries no id in its
+        metadata, so a ``response.created`` without one is taken as its answer
+        (see :meth:`untagged_pending`).
         """
         deadline = self._clock() + max(0.0, timeout)
         with self._cond:
@@ -149,7 +152,7 @@ class ResponseGate:
                 if self._closed is not None:
                     raise self._closed_error()
                 if not self._queue:
-                    self._queue.append(_Entry("pending", event_id, None, self._clock(), True))
+                    self._queue.append(_Entry("pending", event_id, None, self._clock(), True, untagged))
                     return True
                 remaining = deadline - self._clock()
                 if remaining <= 0 or self._pokes != pokes:
@@ -200,6 +203,21 @@ class ResponseGate:
             self._counts["sent"] += 1
 
     # -- reader side ---------------------------------------------------------
+
+    def untagged_pending(self) -> str | None:
+        """The event id of our pending create that carries no metadata tag, if one is pending.
+
+        At most one in-band create is pending at a time, so a
+        ``response.created`` with no tag (server metadata not echoed, or the
+        app used every metadata pair) answers it. Server-VAD responses also
+        come untagged; if one starts meanwhile, the create earns a conflict
+        error naming its id, which is retried as usual.
+        """
+        with self._cond:
+            for e in self._queue:
+                if e.state == "pending" and e.untagged:
+                    return e.event_id
+            return None
 
     def on_created(
         self, response_id: str, event_id: str | None, *, in_band: bool | None = None
@@ -379,6 +397,10 @@ class ResponseGate:
     def _counters(self) -> dict[str, int]:
         # caller holds self._cond
         return {**self._counts, "depth": len(self._queue), "oob_depth": len(self._oob)}
+
+    def stores(self) -> dict[str, tuple[object, int]]:
+        """The capped sample reservoirs, ``name -> (container, cap)`` (memory diagnostics; do not change)."""
+        return {"gate_samples": ((self._waits, self._latencies), 2 * _SAMPLES)}
 
     def latencies_ms(self) -> list[float]:
         """Raw gate latencies (release read -> next create sent), in ms, for benchmarks."""

@@ -1,10 +1,16 @@
-"""Per-request wait handles: :class:`SendHandle` for any client event, and
-:class:`ResponseHandle` for a ``response.create``.
+"""Plain futures: :class:`SendHandle` for any client event, :class:`ResponseHandle` for a
+``response.create``, and :class:`Waiter` for anything else a caller blocks on.
 
-A handle is resolved exactly once, by whichever thread learns the outcome
-(the writer when sending fails, the reader on ``response.done`` or ``error``,
-the session on close). Waiters block on a :class:`threading.Condition`; no user
-code runs under its lock.
+A handle knows nothing of the session. It is settled exactly once, by whichever
+thread learns the outcome (the writer when sending fails, the reader through
+the conversation core on ``response.done`` or ``error``, the session on
+close); later settlements are ignored. Waiters block on the handle's own
+:class:`threading.Condition`; no user code runs under it. What a handle needs
+from the outside comes in as two callables: ``dispatch(fn, handle)`` runs a
+done-callback off the caller's thread (the session's dispatcher), and
+``canceller(handle, timeout)`` implements :meth:`ResponseHandle.cancel`.
+
+The ``set_*``/``mark_*`` methods are for the session's shell, not for apps.
 """
 
 from __future__ import annotations
@@ -12,36 +18,88 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, TypeVar
 
-from .errors import InvalidArgument, ResponseTimeout, RtqueueError
+from .errors import InvalidArgument, ResponseTimeout, RtqueueError, SessionClosed
 from .values import Response
 
-if TYPE_CHECKING:
-    from .session import Session
+__all__ = ["ResponseHandle", "SendHandle", "Waiter", "check_timeout"]
 
-__all__ = ["ResponseHandle", "SendHandle"]
+T = TypeVar("T")
+
+Dispatch = Callable[[Callable[..., Any], Any], None]
 
 
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
-        raise InvalidArgument(f"timeout must be a number >= 0 or None, not {timeout!r}")
+def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+    """``timeout`` as seconds (``None``: no limit); :class:`InvalidArgument` unless a number >= 0."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise InvalidArgument(f"{name} must be a number >= 0 or None, not {timeout!r}")
+    return float(timeout)
+
+
+def _run_here(fn: Callable[..., Any], arg: Any) -> None:
+    fn(arg)
+
+
+class Waiter(Generic[T]):
+    """A one-shot future: :meth:`set_result` or :meth:`set_error` once; :meth:`get` blocks."""
+
+    def __init__(self, what: str = "result") -> None:
+        self._what = what
+        self._cond = threading.Condition()
+        self._done = False
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def set_result(self, value: T) -> bool:
+        """Settle with ``value``; ``False`` if already settled."""
+        with self._cond:
+            if self._done:
+                return False
+            self._done, self._value = True, value
+            self._cond.notify_all()
+            return True
+
+    def set_error(self, error: BaseException) -> bool:
+        """Settle with ``error``; ``False`` if already settled."""
+        with self._cond:
+            if self._done:
+                return False
+            self._done, self._error = True, error
+            self._cond.notify_all()
+            return True
+
+    def done(self) -> bool:
+        """Whether it is settled."""
+        return self._done
+
+    def get(self, timeout: float | None = None) -> T:
+        """The value, or raise the error; :class:`ResponseTimeout` after ``timeout`` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise ResponseTimeout(f"no {self._what} within {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
 
 
 class SendHandle:
     """Tracks one client event from the app's call until it is written or fails.
 
-    ``wait()`` returns once the event is on the wire and raises the failure
+    ``wait_sent()`` returns once the event is on the wire and raises the failure
     otherwise (:class:`~rtqueue.errors.SessionClosed`,
     :class:`~rtqueue.errors.ConnectionLost`, ...). Nothing the app queued is
     dropped without its handle saying so.
     """
 
-    def __init__(self, event: dict[str, Any]) -> None:
+    def __init__(self, event: dict[str, Any], *, dispatch: Dispatch | None = None) -> None:
         self.event = event
         self._cond = threading.Condition()
         self._sent_at: float | None = None
         self._error: BaseException | None = None
+        self._dispatch = dispatch or _run_here
 
     @property
     def event_id(self) -> str | None:
@@ -51,7 +109,7 @@ class SendHandle:
 
     @property
     def error(self) -> BaseException | None:
-        """Why sending failed, if it did."""
+        """Why sending (or the response) failed, if it did."""
         return self._error
 
     def sent(self) -> bool:
@@ -60,21 +118,24 @@ class SendHandle:
 
     def wait_sent(self, timeout: float | None = None) -> None:
         """Block until written; raise the failure, or :class:`ResponseTimeout`."""
-        _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         with self._cond:
             if not self._cond.wait_for(lambda: self._sent_at is not None or self._error is not None, timeout):
                 raise ResponseTimeout(f"{self.event.get('type')} not sent within {timeout}s")
-            if self._error is not None:
+            if self._sent_at is None and self._error is not None:
                 raise self._error
 
-    # -- resolution (internal) -------------------------------------------------
+    # -- settlement (the session's shell) ------------------------------------------
 
-    def _mark_sent(self) -> None:
+    def mark_sent(self) -> None:
+        """The writer put it on the wire."""
         with self._cond:
-            self._sent_at = time.monotonic()
+            if self._sent_at is None:
+                self._sent_at = time.monotonic()
             self._cond.notify_all()
 
-    def _fail_send(self, error: BaseException) -> bool:
+    def set_error(self, error: BaseException) -> bool:
+        """It was not sent: ``error`` says why. ``False`` if already sent or failed."""
         with self._cond:
             if self._sent_at is not None or self._error is not None:
                 return False
@@ -95,21 +156,34 @@ class ResponseHandle(SendHandle):
     after this one's tool calls or handoff; :meth:`final` follows that chain.
     """
 
-    def __init__(self, event: dict[str, Any], session: Session | None = None, *, in_band: bool = True) -> None:
-        super().__init__(event)
-        self._session = session
+    def __init__(
+        self,
+        event: dict[str, Any],
+        *,
+        in_band: bool = True,
+        dispatch: Dispatch | None = None,
+        canceller: Callable[[ResponseHandle, float | None], Response | None] | None = None,
+    ) -> None:
+        super().__init__(event, dispatch=dispatch)
         self.in_band = in_band
         self.response_id: str | None = None
-        self.retries = 0
+        #: The agent that spoke this response (set when it starts).
+        self.agent: str | None = None
+        self._canceller = canceller
         self._response: Response | None = None
         self._followup: ResponseHandle | None = None
         self._followup_pending = False
-        self._cancel_requested = False
         self._callbacks: list[Callable[[ResponseHandle], None]] = []
+        self._retries = 0
 
     def __repr__(self) -> str:
         state = "done" if self.done() else ("sent" if self.sent() else "queued")
         return f"<ResponseHandle {self.event_id} {self.response_id or '-'} {state}>"
+
+    @property
+    def retries(self) -> int:
+        """How often the server raced this create and it was sent again."""
+        return self._retries
 
     def done(self) -> bool:
         """Whether the outcome is known (a response, or an error)."""
@@ -117,12 +191,10 @@ class ResponseHandle(SendHandle):
 
     def wait(self, timeout: float | None = None) -> Response:
         """Block until ``response.done`` for this request; return the :class:`Response`."""
-        _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         with self._cond:
             if not self._cond.wait_for(self.done, timeout):
-                raise ResponseTimeout(
-                    f"response {self.response_id or self.event_id} not done within {timeout}s"
-                )
+                raise ResponseTimeout(f"response {self.response_id or self.event_id} not done within {timeout}s")
             if self._error is not None:
                 raise self._error
             assert self._response is not None
@@ -144,25 +216,24 @@ class ResponseHandle(SendHandle):
         own ``response.create``; the final response is the one that answers the
         user. ``timeout`` covers the whole chain.
         """
-        _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         handle: ResponseHandle = self
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            response = handle.wait(remaining)
-            with handle._cond:
-                # The session decides on a follow-up before resolving the handle
-                # (it marks _followup_pending first), so this wait is bounded.
-                ok = handle._cond.wait_for(
-                    lambda h=handle: not h._followup_pending,
-                    None if deadline is None else max(0.0, deadline - time.monotonic()),
-                )
-                if not ok:
-                    raise ResponseTimeout(f"follow-up of {handle.response_id} not started within {timeout}s")
-                nxt = handle._followup
+            response = handle.wait(_left(deadline))
+            nxt = handle.wait_followup(_left(deadline))
             if nxt is None:
                 return response
             handle = nxt
+
+    def wait_followup(self, timeout: float | None) -> ResponseHandle | None:
+        """Once done: the follow-up handle, or ``None`` when the chain ends here."""
+        with self._cond:
+            # The core decides on a follow-up before it resolves the handle, so
+            # this wait is bounded by the tools' run time.
+            if not self._cond.wait_for(lambda: not self._followup_pending, timeout):
+                raise ResponseTimeout(f"follow-up of {self.response_id} not started within {timeout}s")
+            return self._followup
 
     def cancel(self, timeout: float | None = None) -> Response | None:
         """Cancel this response: unsent -> withdrawn; active -> ``response.cancel`` by id.
@@ -171,58 +242,81 @@ class ResponseHandle(SendHandle):
         ``response.done``), ``None`` when it was withdrawn before sending or had
         already finished.
         """
-        if self._session is None:
-            raise RtqueueError("handle is not attached to a session")
-        return self._session._cancel_handle(self, timeout)
+        timeout = check_timeout(timeout)
+        if self._canceller is None:
+            raise RtqueueError("this handle is not attached to a session")
+        return self._canceller(self, timeout)
 
     def add_done_callback(self, fn: Callable[[ResponseHandle], None]) -> None:
         """Call ``fn(handle)`` once done (on the session's dispatcher thread, never the reader)."""
+        if not callable(fn):
+            raise InvalidArgument(f"add_done_callback() needs a callable, not {type(fn).__name__}")
         with self._cond:
             if not self.done():
                 self._callbacks.append(fn)
                 return
-        if self._session is not None:
-            self._session._dispatch_call(fn, self)
-        else:
-            fn(self)
+        self._dispatch(fn, self)
 
-    # -- resolution (internal) -------------------------------------------------
+    # -- settlement (the session's shell) ------------------------------------------
 
-    def _resolve(self, response: Response) -> list[Callable[[ResponseHandle], None]] | None:
-        """Set the outcome; returns callbacks to run, or ``None`` if already done."""
+    def set_started(self, response_id: str, agent: str | None) -> None:
+        """The server started it as ``response_id``."""
+        with self._cond:
+            self.response_id = response_id
+            self.agent = agent
+            if self._sent_at is None:
+                self._sent_at = time.monotonic()
+
+    def note_retry(self) -> None:
+        """The server raced it; it goes out again."""
+        with self._cond:
+            self._retries += 1
+
+    def set_result(self, response: Response) -> bool:
+        """Settle with its :class:`Response`; ``False`` if already settled."""
         with self._cond:
             if self.done():
-                return None
+                return False
             if self._sent_at is None:
                 self._sent_at = time.monotonic()
             self._response = response
             self._cond.notify_all()
             cbs, self._callbacks = self._callbacks, []
-            return cbs
+        self._run(cbs)
+        return True
 
-    def _fail(self, error: BaseException) -> list[Callable[[ResponseHandle], None]] | None:
-        """Fail it; returns callbacks to run, or ``None`` if already done."""
+    def set_error(self, error: BaseException) -> bool:
+        """Fail it; ``False`` if already settled."""
         with self._cond:
             if self.done():
-                return None
+                return False
             self._error = error
             self._cond.notify_all()
             cbs, self._callbacks = self._callbacks, []
-            return cbs
+        self._run(cbs)
+        return True
 
-    def _fail_send(self, error: BaseException) -> bool:
-        cbs = self._fail(error)
-        if cbs and self._session is not None:
-            for fn in cbs:
-                self._session._dispatch_call(fn, self)
-        return cbs is not None
-
-    def _expect_followup(self) -> None:
+    def expect_followup(self) -> None:
+        """Tools run for it: :meth:`final` waits for :meth:`set_followup`."""
         with self._cond:
             self._followup_pending = True
 
-    def _set_followup(self, handle: ResponseHandle | None) -> None:
+    def set_followup(self, handle: ResponseHandle | None) -> None:
+        """The follow-up create (``None``: the chain ends here)."""
         with self._cond:
             self._followup = handle
             self._followup_pending = False
             self._cond.notify_all()
+
+    def _run(self, cbs: list[Callable[[ResponseHandle], None]]) -> None:
+        for fn in cbs:
+            self._dispatch(fn, self)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def closed_error() -> SessionClosed:
+    """The error every call after ``close()`` raises."""
+    return SessionClosed("the session is closed")

@@ -20,6 +20,7 @@ __all__ = [
     "BETA_ALIASES",
     "CONFLICT",
     "DEFAULT_MODEL",
+    "MAX_METADATA_PAIRS",
     "METADATA_KEY",
     "endpoint",
     "new_event_id",
@@ -33,6 +34,9 @@ OPENAI_URL = "wss://api.openai.com/v1/realtime"
 #: ``response.create`` that asked for it; it is how ``response.created`` is
 #: matched to its request (DESIGN.md section 2).
 METADATA_KEY = "rtq_event_id"
+#: The API allows at most this many ``response.metadata`` pairs (the SDK's tag
+#: is left out when the app's own metadata uses them all).
+MAX_METADATA_PAIRS = 16
 
 CONFLICT = "conversation_already_has_active_response"
 CANCEL_NOT_ACTIVE = "response_cancel_not_active"

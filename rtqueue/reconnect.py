@@ -46,14 +46,13 @@ Policy (documented for apps):
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import attrs
 
@@ -66,15 +65,13 @@ from .errors import (
     ServerError,
 )
 from .gate import percentile
-from .protocol import FATAL_CODES, SESSION_EXPIRED, new_event_id
+from .history import reseed_plan
+from .protocol import FATAL_CODES, SESSION_EXPIRED
 from .secrets import Secret, redact
 from .transport import Transport
 from .values import Event
 
-if TYPE_CHECKING:
-    from .session import Session
-
-__all__ = ["AUTH_CLOSE_CODES", "ReconnectPolicy", "Reconnector", "fatal_loss", "reseed_plan"]
+__all__ = ["AUTH_CLOSE_CODES", "ReconnectHost", "ReconnectPolicy", "Reconnector", "fatal_loss", "reseed_plan"]
 
 log = logging.getLogger("rtqueue")
 
@@ -157,91 +154,60 @@ def fatal_loss(
     return None
 
 
-def reseed_plan(
-    items: Iterable[dict[str, Any]],
-    *,
-    pending_calls: Callable[[str], bool] = lambda _cid: False,
-    limit: int | None = None,
-) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """Items to re-create on a new socket, and what cannot be carried, by reason.
-
-    ``pending_calls(call_id)`` says whether a function call's output is still
-    on its way (its tools run or its output is queued); such a call is
-    carried even though its output is not in ``items`` yet. ``limit`` keeps
-    only the newest items (the rest count as ``trimmed``).
-    """
-    items = [i for i in items if isinstance(i, dict)]
-    outputs = {i.get("call_id") for i in items if i.get("type") == "function_call_output"}
-    dropped: Counter[str] = Counter()
-    seeds: list[dict[str, Any]] = []
-    carried_calls: set[str] = set()
-    for item in items:
-        typ = item.get("type")
-        iid = item.get("id")
-        base: dict[str, Any] = {"id": iid} if isinstance(iid, str) and iid else {}
-        if typ == "function_call":
-            cid = item.get("call_id")
-            if not isinstance(cid, str) or not (cid in outputs or pending_calls(cid)):
-                dropped["dangling_call"] += 1
-                continue
-            carried_calls.add(cid)
-            seeds.append({**base, "type": "function_call", "call_id": cid, "name": str(item.get("name") or ""),
-                          "arguments": str(item.get("arguments") or "")})
-        elif typ == "function_call_output":
-            cid = item.get("call_id")
-            if cid not in carried_calls:
-                dropped["dangling_call"] += 1
-                continue
-            seeds.append({**base, "type": "function_call_output", "call_id": cid,
-                          "output": str(item.get("output") or "")})
-        elif typ == "message":
-            seed, why = _message_seed(item, base)
-            if seed is None:
-                dropped[why] += 1
-            else:
-                seeds.append(seed)
-        else:
-            dropped["other"] += 1
-    if limit is not None and len(seeds) > limit:
-        cut = len(seeds) - limit
-        dropped["trimmed"] += cut
-        seeds = seeds[cut:]
-        # An output whose call was trimmed away would be refused: drop it too.
-        calls = {s["call_id"] for s in seeds if s["type"] == "function_call"}
-        kept = [s for s in seeds if s["type"] != "function_call_output" or s["call_id"] in calls]
-        dropped["trimmed"] += len(seeds) - len(kept)
-        seeds = kept
-    return seeds, dropped
-
-
-def _message_seed(item: dict[str, Any], base: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    role = item.get("role")
-    if role not in ("user", "assistant", "system"):
-        return None, "other"
-    kind = "output_text" if role == "assistant" else "input_text"
-    content: list[dict[str, str]] = []
-    saw_audio = False
-    parts = item.get("content")
-    for c in parts if isinstance(parts, list) else ():
-        if not isinstance(c, dict):
-            continue
-        ctype = c.get("type")
-        if ctype in ("input_text", "output_text", "text"):
-            text = c.get("text")
-        else:
-            saw_audio = saw_audio or ctype in ("input_audio", "output_audio", "audio")
-            text = c.get("transcript")
-        if isinstance(text, str) and text:
-            content.append({"type": kind, "text": text})
-    if content:
-        return {**base, "type": "message", "role": role, "content": content}, ""
-    if item.get("status") in ("in_progress", "incomplete"):
-        return None, "incomplete"
-    return None, "audio" if saw_audio else "incomplete"
-
-
 class _Stopped(Exception):
     """close() was called while reconnecting."""
+
+
+class ReconnectHost(Protocol):
+    """What a :class:`Reconnector` needs from its session (the session's shell implements it)."""
+
+    name: str  # thread names end with it
+    secret: Secret | None
+
+    def open_transport(self) -> Transport:
+        """A new connection (raises :class:`ConnectError` / :class:`AuthenticationError`)."""
+
+    def adopt(self, transport: Transport) -> threading.Thread:
+        """Make ``transport`` the session's socket and start its reader; returns the reader thread."""
+
+    def current_transport(self) -> Transport | None:
+        """The socket the session uses now."""
+
+    def forget_transport(self, transport: Transport) -> None:
+        """``transport`` is being discarded: stop using it if it is the current one."""
+
+    def pause_writer(self) -> None:
+        """Hold the writer (parked: no send in progress)."""
+
+    def drop_in_flight(self) -> tuple[int, int]:
+        """Reset the gate: re-queue creates not started, fail streaming ones; ``(failed, reissued)``."""
+
+    def replay(self, transport: Transport, *, reseed: bool, limit: int | None) -> tuple[str, int, Counter[str]]:
+        """Queue the configuration and the re-seed on the (paused) writer for ``transport``.
+
+        Returns ``(update event id, items re-seeded, not carried by reason)``.
+        """
+
+    def config_version(self) -> int:
+        """Bumped on every ``session.created`` / ``session.updated``."""
+
+    def error_for(self, event_id: str) -> ServerError | None:
+        """The server's error naming ``event_id``, if one came."""
+
+    def wait_change(self, ready: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``ready()`` (re-checked on every server reply and wake-up) or ``timeout``."""
+
+    def wake(self) -> None:
+        """Wake :meth:`wait_change` waiters."""
+
+    def resume_writer(self) -> None:
+        """Let the writer send what the app queued."""
+
+    def die(self, error: BaseException) -> None:
+        """End the session for good with ``error``."""
+
+    def publish(self, event: Event) -> None:
+        """Deliver an event to the app."""
 
 
 class Reconnector:
@@ -252,8 +218,8 @@ class Reconnector:
     runs (the new socket died too) makes it go round again.
     """
 
-    def __init__(self, session: Session, policy: ReconnectPolicy, *, seed: int | None = None) -> None:
-        self._session = session
+    def __init__(self, host: ReconnectHost, policy: ReconnectPolicy, *, seed: int | None = None) -> None:
+        self._host = host
         self.policy = policy
         self._rand = random.Random(seed)
         self._stop = threading.Event()
@@ -283,13 +249,13 @@ class Reconnector:
         elif err.code == SESSION_EXPIRED:
             self._expired = True
 
-    def handle_lost(self, error: BaseException, transport: Transport) -> bool:
+    def handle_lost(self, error: BaseException, transport: Transport, close_code: int | None) -> bool:
         """Reader of a lost socket: reconnect (in the background) or end the session.
 
         Returns ``False`` only when reconnecting is stopped (the app closes),
         so the caller ends the session its usual way.
         """
-        fatal = fatal_loss(getattr(transport, "close_code", None), self._fatal, self._session._secret)
+        fatal = fatal_loss(close_code, self._fatal, self._host.secret)
         with self._cond:
             if self._stop.is_set():
                 return False
@@ -305,19 +271,15 @@ class Reconnector:
                 self._running = True
                 action = "start"
                 self._thread = threading.Thread(
-                    target=self._run, args=(error,), name=f"rtqueue-reconnect-{self._session._n}", daemon=True
+                    target=self._run, args=(error,), name=f"rtqueue-reconnect-{self._host.name}", daemon=True
                 )
                 self._thread.start()
         if action == "die":
             assert fatal is not None
-            self._session._die(fatal)
+            self._host.die(fatal)
         elif action == "wake":
-            self._wake()
+            self._host.wake()
         return True
-
-    def _running_now(self) -> bool:
-        with self._cond:
-            return self._running
 
     # -- app side ---------------------------------------------------------------------------
 
@@ -326,14 +288,20 @@ class Reconnector:
         with self._cond:  # after this, handle_lost() starts no thread
             self._stop.set()
             t = self._thread
-        self._wake()
+        self._host.wake()
         if t is not None and t is not threading.current_thread():
             t.join(self.policy.connect_timeout + 2.0 if timeout is None else timeout)
 
     @property
+    def thread(self) -> threading.Thread | None:
+        """The reconnect thread, if one ever ran."""
+        return self._thread
+
+    @property
     def reconnecting(self) -> bool:
         """Whether a reconnect is under way."""
-        return self._running_now()
+        with self._cond:
+            return self._running
 
     def downtimes_ms(self) -> list[float]:
         """Each reconnect's downtime (loss noticed -> writer resumed), in ms."""
@@ -355,18 +323,13 @@ class Reconnector:
 
     # -- the reconnect thread ------------------------------------------------------------------
 
-    def _wake(self) -> None:
-        cond = self._session._replies_cond
-        with cond:
-            cond.notify_all()
-
     def _run(self, error: BaseException) -> None:
         try:
             while True:
                 if not self._reconnect(error):
                     return
                 with self._cond:
-                    if self._lost is not None and self._lost is self._session._transport:
+                    if self._lost is not None and self._lost is self._host.current_transport():
                         # The new socket died before we were done: go round again.
                         error = self._lost_error or ConnectionLost("connection lost")
                         fatal, self._fatal_loss = self._fatal_loss, None
@@ -378,32 +341,34 @@ class Reconnector:
                     self._die(fatal)
                     return
         except Exception as exc:  # pragma: no cover - a bug must not leave the session hanging
-            log.exception("rtqueue: reconnect thread failed")
+            log.exception("reconnect thread failed")
             self._die(ConnectionLost(f"reconnecting failed: {exc!r}"))
 
     def _die(self, error: BaseException) -> None:
         with self._cond:
             self._running = False
         if not self._stop.is_set():
-            self._session._die(error)
+            self._host.die(error)
 
     def _reconnect(self, error: BaseException) -> bool:
         """One loss: retry until connected (``True``), or end the session (``False``)."""
-        session = self._session
+        host = self._host
         started = time.monotonic()
-        session.writer.pause()
-        failed, reissued = self._drop_in_flight()
+        host.pause_writer()
+        failed, reissued = host.drop_in_flight()
+        self.responses_failed += failed
+        self.creates_reissued += reissued
         reason = "session_expired" if self._expired else str(error)
         for attempt in range(1, self.policy.max_attempts + 1):
             wait = self.policy.delay(attempt, self._rand)
-            session._publish(Event("session.reconnecting", {
+            host.publish(Event("session.reconnecting", {
                 "attempt": attempt, "reason": reason, "delay_s": wait,
                 "responses_failed": failed, "creates_reissued": reissued,
             }))
             if self._stop.wait(wait):
                 return False
             try:
-                transport = session._transport_factory()
+                transport = host.open_transport()
             except AuthenticationError as exc:
                 self._die(exc)
                 return False
@@ -434,14 +399,14 @@ class Reconnector:
                 self._downtimes.append(downtime)
             self.reconnects += 1
             self.not_carried.update(dropped)
-            log.info("rtqueue: reconnected after %.0f ms (attempt %d)", downtime * 1000, attempt)
-            session._publish(Event("session.reconnected", {
+            log.info("reconnected after %.0f ms (attempt %d)", downtime * 1000, attempt)
+            host.publish(Event("session.reconnected", {
                 "attempt": attempt, "downtime_ms": downtime * 1000, "reseeded": reseeded,
                 "not_carried": sum(dropped.values()), "not_carried_by_reason": dict(dropped),
             }))
             return True
         self._die(ConnectionLost(redact(
-            f"gave up reconnecting after {self.policy.max_attempts} attempts: {reason}", session._secret
+            f"gave up reconnecting after {self.policy.max_attempts} attempts: {reason}", host.secret
         )))
         return False
 
@@ -452,10 +417,8 @@ class Reconnector:
 
     def _discard(self, transport: Transport) -> None:
         """Drop a half-adopted socket: its reader must not report the loss as a new one."""
-        session = self._session
+        self._host.forget_transport(transport)
         with self._cond:
-            if session._transport is transport:
-                session._transport = None
             if self._lost is transport:
                 self._lost = None
             attempt, self._attempt = self._attempt, None
@@ -467,57 +430,14 @@ class Reconnector:
         if reader is not threading.current_thread():
             reader.join(2.0)
 
-    def _drop_in_flight(self) -> tuple[int, int]:
-        """Reset the gate; re-queue pending creates, fail the streaming ones."""
-        session = self._session
-        failed = reissued = 0
-        requeue = []
-        for entry in session.gate.reset():
-            if entry.event_id is None:
-                continue  # a server-initiated response: nobody waits on it
-            with session._lock:
-                item = session._creates.get(entry.event_id)
-                handle = session._by_eid.get(entry.event_id)
-            if entry.state == "pending" and item is not None:
-                item.first_wait = None
-                requeue.append(item)
-            elif handle is not None:
-                with session._lock:
-                    session._by_eid.pop(entry.event_id, None)
-                    if handle.response_id:
-                        session._by_rid.pop(handle.response_id, None)
-                    session._creates.pop(entry.event_id, None)
-                rid = entry.response_id or handle.response_id
-                err = ConnectionLost("the connection dropped while this response was streaming; "
-                                     "it cannot be resumed")
-                lost = getattr(session, "_lost_rids", None)
-                if rid is not None and lost is not None:
-                    with session._done_cond:
-                        lost[rid] = err
-                        while len(lost) > 256:
-                            lost.popitem(last=False)
-                        session._done_cond.notify_all()
-                session._run_callbacks(handle, handle._fail(err))
-                failed += 1
-        for item in reversed(requeue):  # keep their order at the head of the lane
-            session.writer.enqueue(item, front=True)
-            reissued += 1
-        with session._lock:
-            session._streams.clear()
-        self.responses_failed += failed
-        self.creates_reissued += reissued
-        return failed, reissued
-
     def _await(self, transport: Transport, ready: Callable[[], bool], what: str) -> None:
         """Wait (bounded) for ``ready()``; raise if stopped, lost again, or late."""
-        session = self._session
         timeout = self.policy.connect_timeout
 
         def done() -> bool:
             return ready() or self._stop.is_set() or self._lost is transport
 
-        with session._replies_cond:
-            ok = session._replies_cond.wait_for(done, timeout)
+        ok = self._host.wait_change(done, timeout)
         if self._stop.is_set():
             raise _Stopped
         if self._lost is transport:
@@ -530,55 +450,35 @@ class Reconnector:
             raise ConnectError(f"no {what} within {timeout}s after reconnecting")
 
     def _resume_on(self, transport: Transport) -> tuple[int, Counter[str]]:
-        """Adopt ``transport``: configure, re-seed, then let the writer go."""
-        session = self._session
-        with session._replies_cond:
-            version = session._config_version
+        """Adopt ``transport``: configure, re-seed (both sent by the writer), then let the writer go."""
+        host = self._host
+        version = host.config_version()
         with self._cond:
             if self._stop.is_set():
                 raise _Stopped
             self._lost = None
             self._fatal_loss = None
-            session._transport = transport
         self._fatal = None
         self._expired = False
-        session._start_reader(transport)
+        reader = host.adopt(transport)
         with self._cond:
-            assert session._reader is not None
-            self._attempt = (transport, session._reader)
-        self._await(transport, lambda: session._config_version > version, "session.created")
-        # The writer is parked: this thread is the only sender until resume().
-        with session._lock:
-            config = json.loads(json.dumps(session._desired))
-        with session._replies_cond:
-            version = session._config_version
-        update_id = new_event_id()
-        self._send({"type": "session.update", "event_id": update_id, "session": config})
-        dropped: Counter[str] = Counter()
-        seeds: list[dict[str, Any]] = []
-        if self.policy.reseed:
-            # A call the turn worker took on gets its output sent (after the re-seed).
-            handled = getattr(session._turns, "_handled", None) or {}
-            seeds, dropped = reseed_plan(
-                session.items, pending_calls=lambda cid: cid in handled, limit=self.policy.max_reseed_items
-            )
-            for seed in seeds:
-                self._send({"type": "conversation.item.create", "event_id": new_event_id(), "item": seed})
+            self._attempt = (transport, reader)
+        self._await(transport, lambda: host.config_version() > version, "session.created")
+        version = host.config_version()
+        update_id, reseeded, dropped = host.replay(transport, reseed=self.policy.reseed,
+                                                   limit=self.policy.max_reseed_items)
         self._await(
             transport,
-            lambda: session._config_version > version or update_id in session._errors_by_eid,
+            lambda: host.config_version() > version or host.error_for(update_id) is not None,
             "session.updated",
         )
-        err = session._errors_by_eid.get(update_id)
+        err = host.error_for(update_id)
         if err is not None:
-            log.warning("rtqueue: the server refused the configuration on reconnect: %s", err)
-            session._publish(Event("rtqueue.error", {"error": err, "message": f"reconnect session.update: {err}"}))
+            log.warning("the server refused the configuration on reconnect: %s", err)
+            host.publish(Event("rtqueue.error", {"error": err, "message": f"reconnect session.update: {err}"}))
         with self._cond:
             if self._stop.is_set():
                 raise _Stopped
             self._attempt = None
-            session.writer.resume()
-        return len(seeds), dropped
-
-    def _send(self, event: dict[str, Any]) -> None:
-        self._session._send_text(json.dumps(event))
+            host.resume_writer()
+        return reseeded, dropped

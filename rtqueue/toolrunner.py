@@ -139,6 +139,7 @@ class _Job:
     error: str | None = None
     finished_at: float | None = None
     abandoned: bool = False
+    closed: bool = False  # abandoned because the runner closed
 
 
 class ToolRunner:
@@ -163,6 +164,8 @@ class ToolRunner:
         # Pools given up after a tool hung in them; shut down, their threads
         # exit once the stuck functions return.
         self._retired: list[ThreadPoolExecutor] = []
+        # Batches being waited for: close() abandons their jobs so run_calls returns at once.
+        self._batches: list[tuple[dict[int, _Job], threading.Condition]] = []
 
     def _new_executor(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix=THREAD_NAME_PREFIX)
@@ -227,7 +230,15 @@ class ToolRunner:
                 job.executor.submit(_run_job, job, cond)
             jobs[index] = job
 
-        self._wait(jobs, cond)
+        with self._lock:
+            if self._closed:
+                _abandon(jobs, cond)
+            self._batches.append((jobs, cond))
+        try:
+            self._wait(jobs, cond)
+        finally:
+            with self._lock:
+                self._batches.remove((jobs, cond))
         for index, job in jobs.items():
             outcomes[index] = _outcome(job)
             if job.abandoned and job.started_at is not None:
@@ -305,8 +316,23 @@ class ToolRunner:
         with self._lock:
             self._closed = True
             executors = [*self._retired, self._executor]
+            batches = list(self._batches)
+        for jobs, cond in batches:  # run_calls waiting on a tool returns now; the tool is abandoned
+            _abandon(jobs, cond)
         for executor in executors:
             executor.shutdown(wait=wait, cancel_futures=True)
+
+
+def _abandon(jobs: dict[int, _Job], cond: threading.Condition) -> None:
+    """Give up every unfinished job of a batch (the runner is closing) and wake its waiter."""
+    with cond:
+        now = time.monotonic()
+        for job in jobs.values():
+            if job.finished_at is None and not job.abandoned:
+                job.abandoned = True
+                job.finished_at = now
+                job.closed = True
+        cond.notify_all()
 
 
 def _run_job(job: _Job, cond: threading.Condition) -> None:
@@ -340,6 +366,9 @@ def _run_job(job: _Job, cond: threading.Condition) -> None:
 
 
 def _outcome(job: _Job) -> ToolOutcome:
+    if job.closed:
+        message = f"tool {job.call.name} was abandoned: the session closed while it ran"
+        return _failed(job.call, message, ((job.finished_at or job.submitted_at) - job.submitted_at) * 1000.0)
     if job.abandoned:
         if job.started_at is None:
             waited = (job.finished_at or job.submitted_at) - job.submitted_at

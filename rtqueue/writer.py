@@ -52,6 +52,8 @@ class Outbound:
     gated: bool = False  # an in-band response.create: wait for the gate
     oob: bool = False  # an out-of-band response.create: track, never wait
     deadline: float | None = None  # monotonic time after which it is never sent
+    prelude: tuple[dict[str, Any], ...] = ()  # sent after the gate is reserved, just before the create
+    untagged: bool = False  # the create has no id in its metadata (the gate matches it as the pending one)
     first_wait: float | None = None
     withdrawn: bool = False
 
@@ -78,6 +80,7 @@ class Writer:
         *,
         on_send_error: Callable[[BaseException], None],
         on_sent: Callable[[Outbound], None] | None = None,
+        on_unsent: Callable[[Outbound, BaseException], None] | None = None,
         on_evict: Callable[[], None] | None = None,
         skip: Callable[[dict[str, Any]], bool] | None = None,
         slice_s: float = 0.05,
@@ -88,9 +91,12 @@ class Writer:
         self._send = send
         self._on_send_error = on_send_error
         self._on_sent = on_sent
+        self._on_unsent = on_unsent
+        self._prime: deque[str] = deque()  # replay for a new socket: goes out while paused
         self._on_evict = on_evict
         self._skip = skip  # skip(event) True: a non-create event became moot while queued; drop it
-        self._slice = slice_s
+        #: Longest single wait on the gate, in seconds (settable: benchmarks vary it).
+        self.slice_s = slice_s
         self._max_audio = max_audio_chunks
         self._cond = threading.Condition()
         self._control: deque[Outbound] = deque()
@@ -117,11 +123,21 @@ class Writer:
 
     def enqueue(self, item: Outbound, *, front: bool = False) -> None:
         """Queue a control event (``front`` for urgent ones); fails it if stopped."""
+        self.enqueue_many([item], front=front)
+
+    def enqueue_many(self, items: list[Outbound], *, front: bool = False) -> None:
+        """Queue several control events in one step, keeping their order (at the head if ``front``)."""
+        if not items:
+            return
         with self._cond:
             if self._stopping is None:
-                (self._control.appendleft if front else self._control.append)(item)
+                if front:
+                    self._control.extendleft(reversed(items))
+                else:
+                    self._control.extend(items)
                 self._cond.notify()
-                holding = front and len(self._control) > 1 and self._control[1].first_wait is not None
+                n = len(items)
+                holding = front and len(self._control) > n and self._control[n].first_wait is not None
             else:
                 holding = False
             err = self._stopping
@@ -129,7 +145,8 @@ class Writer:
             if holding:
                 self._gate.poke()  # the writer is waiting on the gate: an urgent event goes first, now
             return
-        _fail(item, type(err)(*err.args))
+        for item in items:
+            self._fail(item, type(err)(*err.args))
 
     def append_audio(self, text: str) -> bool:
         """Queue one serialized ``input_audio_buffer.append``; ``False`` if stopped.
@@ -160,6 +177,23 @@ class Writer:
                     self._cond.notify()
                     return True
         return False
+
+    def queued_event_ids(self) -> set[str]:
+        """Event ids of the control events not sent yet."""
+        with self._cond:
+            return {item.event_id for item in self._control}
+
+    def prime(self, send: Callable[[str], None], texts: list[str]) -> None:
+        """While paused: adopt a new socket's ``send`` and write ``texts`` on it first, in order.
+
+        The writer thread sends them (it stays the only sender) and stays
+        paused for everything else until :meth:`resume`.
+        """
+        with self._cond:
+            self._send = send
+            self._prime.clear()  # what an earlier, failed attempt primed is for a dead socket
+            self._prime.extend(texts)
+            self._cond.notify_all()
 
     def pause(self, timeout: float = 5.0) -> bool:
         """Hold everything (the connection is being replaced).
@@ -200,12 +234,13 @@ class Writer:
             unsent = list(self._control)
             self._control.clear()
             self._audio.clear()
+            self._prime.clear()
             self._cond.notify_all()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._gate.close(err)  # wakes a writer waiting on the gate
             self._thread.join(timeout)
         for item in unsent:
-            _fail(item, type(err)(*err.args))
+            self._fail(item, type(err)(*err.args))
         return unsent
 
     # -- the thread -------------------------------------------------------------
@@ -215,18 +250,28 @@ class Writer:
             while self._step():
                 pass
         except Exception:  # pragma: no cover - a bug; keep it loud
-            log.exception("rtqueue: writer thread crashed")
+            log.exception("writer thread crashed")
             self._on_send_error(RtqueueError("writer thread crashed"))
 
     def _step(self) -> bool:
         with self._cond:
             while self._stopping is None and (self._paused or (not self._audio and not self._control)):
+                if self._prime:
+                    break
                 if self._paused:
                     self._parked.set()
                     self._cond.wait()
                 elif not self._cond.wait(_IDLE_CHECK_S) and self._on_evict is not None:
                     break
-            idle = self._stopping is None and not self._paused and not self._audio and not self._control
+            # The replay for a new socket goes first, paused or not (resume() may come before it is out).
+            primed = self._prime[0] if self._prime and self._stopping is None else None
+            send = self._send
+        if primed is not None:
+            return self._step_prime(send, primed)
+        with self._cond:
+            if self._paused and self._stopping is None:
+                return True  # paused again meanwhile: park on the next step
+            idle = self._stopping is None and not self._audio and not self._control
             if not idle:
                 self._parked.clear()
                 if self._stopping is not None:
@@ -259,16 +304,16 @@ class Writer:
         if head.deadline is not None and now >= head.deadline:
             if self._pop(head):
                 self._gate.note_timed_out()
-                _fail(head, GateTimeout(
+                self._fail(head, GateTimeout(
                     f"response.create {head.event_id} waited {now - head.first_wait:.3f}s in the gate "
                     "past its deadline and was not sent"
                 ))
             return True
         if self._on_evict is not None:
             self._on_evict()
-        wait = self._slice if head.deadline is None else max(0.0, min(self._slice, head.deadline - now))
+        wait = self.slice_s if head.deadline is None else max(0.0, min(self.slice_s, head.deadline - now))
         try:
-            acquired = self._gate.acquire(head.event_id, wait)
+            acquired = self._gate.acquire(head.event_id, wait, untagged=head.untagged)
         except (SessionClosed, ConnectionLost):
             return True  # stop() is under way; the next step sees it
         if not acquired:
@@ -282,6 +327,9 @@ class Writer:
         # count waiting for the GIL back after the syscall.
         started = self._gate.now()
         try:
+            for pre in head.prelude:  # a turn's user item: right before its create, inside the gate
+                self._send(json.dumps(pre))
+            head.prelude = ()
             self._send(text)
         except ConnectionLost as exc:
             self._gate.abandon(head.event_id)
@@ -338,14 +386,30 @@ class Writer:
             else:
                 requeued = False
         if not requeued:
-            _fail(item, exc)
+            self._fail(item, exc)
         self._on_send_error(exc)
 
+    def _step_prime(self, send: Callable[[str], None], text: str) -> bool:
+        try:
+            send(text)
+        except ConnectionLost as exc:
+            with self._cond:
+                self._prime.clear()
+                self._cond.notify_all()
+            self._on_send_error(exc)
+            return True
+        with self._cond:
+            if self._prime and self._prime[0] is text:
+                self._prime.popleft()
+            self._cond.notify_all()
+        return True
+
     def _mark_sent(self, item: Outbound) -> None:
-        item.handle._mark_sent()
+        item.handle.mark_sent()
         if self._on_sent is not None:
             self._on_sent(item)
 
-
-def _fail(item: Outbound, error: BaseException) -> None:
-    item.handle._fail_send(error)
+    def _fail(self, item: Outbound, error: BaseException) -> None:
+        item.handle.set_error(error)
+        if self._on_unsent is not None:
+            self._on_unsent(item, error)

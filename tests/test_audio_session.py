@@ -43,76 +43,27 @@ from rtqueue.audio import (
     resample,
 )
 from rtqueue.audio_session import AudioLink, Interruption
-from rtqueue.errors import AudioUnavailable, ConnectionLost
+from rtqueue.errors import AudioUnavailable
 from rtqueue.protocol import METADATA_KEY
 from rtqueue.sim import synthesize
+from rtqueue.testing import MockTransport
 from tests.pulse import PulseServer
 from tests.utils import UNIT, silence_pcm, speech_pcm
 
 # -- a transport the test drives -------------------------------------------------------------
 
 
-class ScriptedTransport:
-    """A :class:`rtqueue.transport.Transport` whose server is the test.
+class ScriptedTransport(MockTransport):
+    """rtqueue.testing's mock, plus ``observe(event)`` recorded at the moment each event is sent."""
 
-    ``push`` queues a server event for the session's reader; everything the
-    session sends is kept in ``sent``. ``auto_cancel`` answers each
-    ``response.cancel`` with that response's ``response.done`` (cancelled), as
-    the real server does.
-    """
-
-    close_code: int | None = None
-    close_reason = ""
-
-    def __init__(self) -> None:
-        self._inbox: queue.SimpleQueue[str | BaseException | None] = queue.SimpleQueue()
-        self._cond = threading.Condition()
-        self.sent: list[dict[str, Any]] = []
-        self.auto_cancel = True
+    def __init__(self, session: dict[str, Any]) -> None:
+        super().__init__(session=session)
         self.observe: Callable[[dict[str, Any]], Any] = lambda event: None
         self.observed: list[Any] = []  # observe(event) at the moment each event was sent
-        self._n = 0
-
-    def push(self, **event: Any) -> None:
-        """Queue one server event (an ``event_id`` is added)."""
-        self._n += 1
-        self._inbox.put(json.dumps({"event_id": f"event_{self._n}", **event}))
 
     def send(self, text: str) -> None:
-        event = json.loads(text)
-        seen = self.observe(event)
-        with self._cond:
-            self.sent.append(event)
-            self.observed.append(seen)
-            self._cond.notify_all()
-        if self.auto_cancel and event["type"] == "response.cancel":
-            self.push(type="response.done", response=_done_body(event["response_id"], "cancelled", "client_cancelled"))
-
-    def recv(self) -> str | bytes | None:
-        item = self._inbox.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def send_close(self, code: int = 1000) -> None:
-        self._inbox.put(None)
-
-    def abort(self) -> None:
-        self._inbox.put(ConnectionLost("aborted"))
-
-    def shutdown(self) -> None:
-        pass
-
-    def wait_sent(self, pred: Callable[[dict[str, Any]], bool], timeout: float = UNIT) -> dict[str, Any]:
-        """The first sent event matching ``pred`` (waits for it)."""
-        with self._cond:
-            assert self._cond.wait_for(lambda: any(pred(e) for e in self.sent), timeout), self.sent
-            return next(e for e in self.sent if pred(e))
-
-    def sent_of(self, *types: str) -> list[dict[str, Any]]:
-        """Events of these types sent so far, in order, without their event_id."""
-        with self._cond:
-            return [{k: v for k, v in e.items() if k != "event_id"} for e in self.sent if e["type"] in types]
+        self.observed.append(self.observe(json.loads(text)))
+        super().send(text)
 
 
 def _done_body(rid: str, status: str, reason: str | None = None) -> dict[str, Any]:
@@ -178,17 +129,11 @@ class Script:
 @contextlib.contextmanager
 def scripted(output: Any, *, interrupt_response: bool = True) -> Iterator[Script]:
     """A session on a :class:`ScriptedTransport` with server VAD and an audio output."""
-    transport = ScriptedTransport()
     td = {"type": "server_vad", "create_response": False, "interrupt_response": interrupt_response}
-    transport.push(type="session.created",
-                   session={"type": "realtime", "audio": {"input": {"turn_detection": td}}})
-    session = Session(lambda: transport, name="scripted")
-    session._audio = AudioLink.create(session, AudioIO(output=output, input=None))
-    try:
-        session._start({"type": "realtime"}, UNIT)
+    transport = ScriptedTransport({"audio": {"input": {"turn_detection": td}}})
+    with Session.connect(transport=transport, audio=AudioIO(output=output, input=None), name="scripted",
+                         reconnect=False) as session:
         yield Script(session, transport)
-    finally:
-        session.close()
 
 
 def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -266,7 +211,7 @@ def test_server_vad_cancels_itself_so_nobody_else_cancels():
         assert s.t.sent_of("response.cancel", "conversation.item.truncate") == [
             {"type": "conversation.item.truncate", "item_id": "item_1", "content_index": 0, "audio_end_ms": 500}
         ]
-        link: AudioLink = s.session._audio
+        link: AudioLink = s.session.audio
         assert link.last_interruption is not None and link.last_interruption.source == "server_vad"
         # The app interrupts too, before the server's cancelled response.done is in.
         thread, out = in_thread(lambda: s.session.interrupt(timeout=UNIT))
@@ -345,7 +290,7 @@ def test_audio_arriving_after_the_cancel_is_not_played():
         thread.join(UNIT)
         assert out[0].truncated_ms == 100
         assert spk.received_ms("item_1") == 100.0 and spk.received_ms("item_2") == 0.0
-        assert s.session._audio.dropped_after_cancel_ms == 200.0
+        assert s.session.audio.dropped_after_cancel_ms == 200.0
 
 
 def test_interrupt_with_nothing_playing_or_active_sends_nothing():
@@ -388,7 +333,7 @@ def test_cancel_overtaken_by_done_while_a_create_is_held_is_not_sent():
 def test_null_audio_plays_in_real_time(sim: Simulator):
     """audio="null": assistant audio is 'played' by NullSpeaker at 24 kHz of wall time, all of it."""
     with Session.connect(url=sim.url, audio="null", turn_detection="push_to_talk") as session:
-        link: AudioLink = session._audio
+        link: AudioLink = session.audio
         spk = link.io.output
         assert isinstance(spk, NullSpeaker)
         response = session.ask("Say hi [len: 2]", timeout=UNIT)

@@ -101,7 +101,7 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     assert row["threads_left_after_close"] <= 1  # the RSS sampler may still be ending
     assert row["mb_per_session"] is not None and row["threads_per_session"] > 0
     stores = row["capped_stores"]
-    assert set(stores) == {"history", "recent_responses", "done_ids", "server_errors", "gate_samples"}
+    assert set(stores) == {"history", "recent_responses", "done_ids", "handled_calls", "server_errors", "gate_samples"}
     assert stores["history"]["entries_per_session"] > 0 and stores["history"]["bytes_per_entry"] > 0
     assert row["other_growth_mb_per_min"] is None or isinstance(row["other_growth_mb_per_min"], float)
     client = row["scheduler"]["client"]  # Linux schedstat, per thread kind

@@ -1,18 +1,18 @@
 """Fuzzing the server-event parser and the reader's routing (issue 6).
 
 Arbitrary JSON, text and bytes go through :func:`rtqueue.protocol.parse_frame`
-and :meth:`Session._route` directly (no sockets): the parser either returns an
-event dict with a string ``type`` or raises :class:`ProtocolError`, and routing
-never raises anything else, whatever the fields hold. The reader loop itself is
-then driven with a scripted transport, and finally a few malformed frames come
-over a real socket from the simulator.
+and the session shell's :meth:`~rtqueue.shell.SessionShell.route` directly (no
+sockets, no reader thread): the parser either returns an event dict with a
+string ``type`` or raises :class:`ProtocolError`, and routing never raises
+anything else, whatever the fields hold. A whole session is then driven through
+:class:`rtqueue.testing.MockTransport` with junk frames, and finally a few
+malformed frames come over a real socket from the simulator.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,8 +21,11 @@ from hypothesis import strategies as st
 
 import rtqueue
 from rtqueue import Agent, FaultPlan, Session, Simulator, tool
+from rtqueue.core import HANDLED_TYPES
 from rtqueue.errors import ConnectionLost, ProtocolError
 from rtqueue.protocol import BETA_ALIASES, METADATA_KEY, parse_frame
+from rtqueue.shell import SessionShell
+from rtqueue.testing import MockTransport
 from rtqueue.transport import Transport
 from tests.utils import UNIT
 
@@ -39,7 +42,7 @@ json_values = st.recursive(
 
 #: Every type the session handles specially, plus a few it does not know.
 EVENT_TYPES = sorted(
-    set(Session._HANDLERS)
+    set(HANDLED_TYPES)
     | set(BETA_ALIASES)
     | {
         "response.output_text.delta",
@@ -121,27 +124,27 @@ def server_events(draw: st.DrawFn) -> dict[str, Any]:
     return {**extra, **event}
 
 
-def _offline_session(*, agents_and_audio: bool = False) -> Session:
-    """A session that was never connected: routing works on its tables, no socket thread runs.
+def _offline_shell(*, agents_and_audio: bool = False) -> SessionShell:
+    """A session shell that was never connected: routing works on its core, no socket thread runs.
 
-    With ``agents_and_audio`` it also has a turn manager (tool calls and
-    handoffs are handed to its worker) and an audio link with a speaker.
+    With ``agents_and_audio`` it also has agents (tool calls and handoffs go
+    to its tool worker) and an audio link with a speaker.
     """
 
     def no_connection() -> Transport:
         raise AssertionError("the fuzz tests never connect")
 
-    session = Session(no_connection)
+    shell = SessionShell(no_connection)
     if agents_and_audio:
+        from rtqueue.agents import resolve_agents
         from rtqueue.audio import AudioIO, NullSpeaker
         from rtqueue.audio_session import AudioLink
-        from rtqueue.turns import TurnManager
 
         bravo = Agent(name="bravo", instructions="You are bravo.", tools=[lookup_order])
         alpha = Agent(name="alpha", instructions="You are alpha.", tools=[lookup_order], handoffs=[bravo])
-        session._turns = TurnManager(session, alpha, (bravo,), tool_timeout=1.0)
-        session._audio = AudioLink(session, AudioIO(output=NullSpeaker(realtime=False)))
-    return session
+        shell.use_agents(resolve_agents(alpha, (bravo,)), alpha, {"type": "realtime"})
+        shell.audio = AudioLink(shell, AudioIO(output=NullSpeaker(realtime=False)))
+    return shell
 
 
 @tool
@@ -198,85 +201,58 @@ def _check_parse(frame: str) -> None:
 @given(st.lists(server_events(), min_size=1, max_size=12))
 def test_route_arbitrary_events_never_raises(events: list[dict[str, Any]]):
     """Routing any sequence of odd events raises at most ProtocolError and keeps the tables consistent."""
-    session = _offline_session()
-    for event in events:
-        try:
-            session._route(event)
-        except ProtocolError:
-            pass
-    # The state stays usable: well-formed events still work afterwards.
-    session._route({"type": "response.created", "response": {"id": "resp_ok", "metadata": {}}})
-    assert "resp_ok" in {e.response_id for e in session.gate.entries()}
-    session._route({"type": "response.done", "response": {"id": "resp_ok", "status": "completed", "output": []}})
-    assert "resp_ok" not in {e.response_id for e in session.gate.entries()}
+    shell = _offline_shell()
+    try:
+        for event in events:
+            try:
+                shell.route(event)
+            except ProtocolError:
+                pass
+        # The state stays usable: well-formed events still work afterwards.
+        shell.route({"type": "response.created", "response": {"id": "resp_ok", "metadata": {}}})
+        assert "resp_ok" in {e.response_id for e in shell.gate.entries()}
+        shell.route({"type": "response.done", "response": {"id": "resp_ok", "status": "completed", "output": []}})
+        assert "resp_ok" not in {e.response_id for e in shell.gate.entries()}
+    finally:
+        shell.close(UNIT)
 
 
 @SETTINGS
 @given(st.lists(server_events(), min_size=1, max_size=8))
 def test_route_with_pending_create_resolves_or_keeps_handle(events: list[dict[str, Any]]):
     """With a real pending create in the gate, odd events never raise and never corrupt its handle."""
-    session = _offline_session()
-    handle = session.create_response()  # queued in the (not running) writer
-    item = session._creates[handle.event_id or ""]
-    assert session.gate.acquire(item.event_id, 0)
-    for event in events:
-        try:
-            session._route(event)
-        except ProtocolError:
-            pass
-    if handle.done():
-        assert handle.result() is not None or isinstance(handle.error, rtqueue.RtqueueError)
-    session.writer.stop()
+    shell = _offline_shell()
+    try:
+        handle = shell.new_response_handle()
+        shell.run(lambda core: core.create_response({}, handle, now=0.0))  # queued in the (not running) writer
+        assert shell.gate.acquire(handle.event_id or "", 0)
+        for event in events:
+            try:
+                shell.route(event)
+            except ProtocolError:
+                pass
+        if handle.done():
+            assert handle.result() is not None or isinstance(handle.error, rtqueue.RtqueueError)
+    finally:
+        shell.close(UNIT)
 
 
 @SETTINGS
 @given(st.lists(server_events(), min_size=1, max_size=12))
 def test_route_with_agents_and_audio_never_raises(events: list[dict[str, Any]]):
     """The same with tool calls, handoffs and audio in play: the reader's part never raises."""
-    session = _offline_session(agents_and_audio=True)
+    shell = _offline_shell(agents_and_audio=True)
     try:
         for event in events:
             try:
-                session._route(event)
+                shell.route(event)
             except ProtocolError:
                 pass
-        assert session._turns is not None
     finally:
-        session._turns.close()  # type: ignore[union-attr]
-        session._audio.close()  # type: ignore[union-attr]
-        session.writer.stop()
+        shell.close(UNIT)
 
 
 # -- the reader loop -------------------------------------------------------------------------------
-
-
-class ScriptedTransport:
-    """A transport whose recv() returns the given frames, then a close."""
-
-    close_code: int | None = None
-    close_reason = ""
-
-    def __init__(self, frames: list[str | bytes]) -> None:
-        self._frames: Iterator[str | bytes] = iter(frames)
-        self.sent: list[str] = []
-
-    def send(self, text: str) -> None:
-        self.sent.append(text)
-
-    def recv(self) -> str | bytes | None:
-        frame = next(self._frames, None)
-        if frame is None:
-            self.close_code = 1000
-        return frame
-
-    def send_close(self, code: int = 1000) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
 
 
 frames = (
@@ -290,19 +266,24 @@ frames = (
 @SETTINGS
 @given(st.lists(frames, max_size=15))
 def test_reader_loop_survives_any_frames(raw: list[str | bytes]):
-    """The reader loop processes every frame, reports bad ones, and ends only at the close."""
-    session = _offline_session()
-    reported: list[rtqueue.Event] = []
-    session._publish = reported.append  # type: ignore[method-assign]
-    sentinel = json.dumps({"type": "session.updated", "session": {"instructions": "sentinel"}})
-    transport = ScriptedTransport([*raw, sentinel])
-    session._transport = transport
-    session._read_loop(transport)  # returns at the close; must not raise
-    assert session.session_config.get("instructions") == "sentinel"  # reached the last frame
-    assert isinstance(session._dead, ConnectionLost)
-    bad = sum(1 for f in raw if _unparsable(f))
-    assert sum(1 for e in reported if e.type == "rtqueue.error") >= bad
-    session.writer.stop()
+    """The reader processes every frame, reports bad ones, and ends only at the close."""
+    transport = MockTransport()
+    with Session.connect(transport=transport, reconnect=False) as session:
+        errors = session.events("rtqueue.error")
+        closed = session.events("session.closed")
+        for frame in raw:
+            transport.push_raw(frame)
+        transport.push(type="session.updated", session={"type": "realtime", "instructions": "sentinel"})
+        transport.close_from_server(1000)
+        assert closed.get(UNIT) is not None  # the reader reached the close
+        assert session.session_config.get("instructions") == "sentinel"  # and the last frame before it
+        with pytest.raises(ConnectionLost):
+            session.create_response()
+        bad = sum(1 for f in raw if _unparsable(f))
+        reported = 0
+        while errors.get(0) is not None:
+            reported += 1
+        assert reported >= bad
 
 
 def _unparsable(frame: str | bytes) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import rtqueue
-from rtqueue import Agent, Session, Simulator, handoff, tool
+from rtqueue import Agent, FaultPlan, Session, Simulator, handoff, tool
 from tests.utils import UNIT
 
 
@@ -279,13 +279,13 @@ def test_call_ids_are_handled_once(sim: Simulator):
 
     agent = Agent(name="p", instructions="You are p.", tools=[ping])
     with Session.connect(url=sim.url, agent=agent) as session:
+        sim.inject(FaultPlan(duplicate_events=1.0), session=0)  # every server event arrives twice
         final = session.ask("[tools: ping]", timeout=UNIT)
-        resp = next(e for e in sim.server_events(0) if e["type"] == "response.done"
-                    and any(o["type"] == "function_call" for o in e["response"]["output"]))
-        # Replay the same response.done through the reader's routing: must not run again.
-        session._route(json.loads(json.dumps(resp)))
         assert session.wait_idle(UNIT)
         assert final.status == "completed"
+        dones = [e for e in sim.server_events(0) if e["type"] == "response.done"
+                 and any(o["type"] == "function_call" for o in e["response"]["output"])]
+        assert len(dones) == 2  # the same response.done, sent twice
     assert calls == ["x"]
 
 

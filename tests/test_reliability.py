@@ -13,6 +13,7 @@ import pytest
 import rtqueue
 from rtqueue import Agent, FaultPlan, ReconnectPolicy, Session, Simulator, tool
 from rtqueue.audio import AudioIO, NullSpeaker
+from rtqueue.dispatch import DEFAULT_STREAM_SIZE
 from rtqueue.errors import (
     AuthenticationError,
     ConnectionLost,
@@ -154,10 +155,12 @@ def test_cancel_waiting_on_a_cut_response_raises_connection_lost():
         blocked = threading.Event()
         outcome: list[BaseException | object] = []
 
+        sim.inject(FaultPlan(stall_reading_s=UNIT), session=0)  # the server will not read our cancel
+
         def cancel() -> None:
             blocked.set()
             try:
-                outcome.append(session._wait_done(handle.response_id or "", UNIT))
+                outcome.append(handle.cancel(UNIT))
             except rtqueue.RtqueueError as exc:
                 outcome.append(exc)
 
@@ -233,15 +236,17 @@ def test_key_refused_on_reconnect_is_fatal_and_not_retried():
     """The key is refused when reconnecting (close 3000): AuthenticationError, no further attempt."""
     key = "sk-rtq-test-0123456789abcdef"
     with Simulator(speed=None, seed=8, require_api_key=key) as sim:
-        session = Session.connect(url=sim.url, api_key=key, reconnect=FAST)
+        keys = [key]
+
+        def connect() -> WebSocketTransport:
+            return WebSocketTransport.connect(sim.url, [f"Authorization: Bearer {keys[-1]}"], timeout=UNIT)
+
+        session = Session.connect(transport=connect, reconnect=FAST)
         try:
             closed = session.events("session.closed")
             pending = session.create_response(deadline=UNIT)
             pending.wait(UNIT)
-            # The key is revoked meanwhile: the next handshake presents a wrong one.
-            session._transport_factory = lambda: WebSocketTransport.connect(
-                sim.url, ["Authorization: Bearer sk-rtq-revoked-000000000000"], timeout=UNIT
-            )
+            keys.append("sk-rtq-revoked-000000000000")  # revoked meanwhile: the next handshake is refused
             sim.inject(FaultPlan(drop_after_events=0), session=0)
             ev = closed.get(UNIT)
             assert ev is not None and isinstance(ev.error, AuthenticationError)
@@ -459,9 +464,9 @@ def test_unread_event_stream_is_bounded_and_keeps_control_events(sim: Simulator)
         got = got[: next(i for i, e in enumerate(got) if e["type"] == "response.done") + 1]
         sent_audio = [e["event_id"] for e in server if e["type"] == _AUDIO]
         kept_audio = [e["event_id"] for e in got if e["type"] == _AUDIO]
-        assert len(sent_audio) > 1000 and len(kept_audio) == 500
-        assert stream.dropped == len(sent_audio) - 500
-        assert kept_audio == sent_audio[-500:]  # drop-oldest: the newest are kept, in order
+        assert len(sent_audio) > DEFAULT_STREAM_SIZE and 0 < len(kept_audio) < DEFAULT_STREAM_SIZE
+        assert stream.dropped == len(sent_audio) - len(kept_audio)
+        assert kept_audio == sent_audio[-len(kept_audio):]  # drop-oldest: the newest are kept, in order
         assert _control_ids(got) == _control_ids(server)  # every control event, in order
 
 

@@ -99,8 +99,8 @@ def test_key_absent_from_reprs_logs_and_traces(tmp_path: Path, caplog: pytest.Lo
             sim.inject(FaultPlan(drop_after_events=0, malformed_json_after=0), session=0)
             assert reconnected.get(UNIT) is not None
             session.ask("again", timeout=UNIT)
-            shown = [repr(session), repr(session.__dict__), repr(session._transport), repr(session.stats()),
-                     repr(session._reconnect.__dict__), repr(session.writer.__dict__)]
+            shown = [repr(session), repr(vars(session)), repr(session.stats()), repr(session.gate),
+                     repr(session.writer.__dict__), repr(session.dispatcher.__dict__)]
             assert all(KEY not in s for s in shown)
         wrong = "sk-rtq-wrong-key-" + "0" * 12
         with pytest.raises(AuthenticationError) as info:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
+from ..errors import InvalidArgument
 from ._backend import load_sounddevice
 from .input import AudioInput, Microphone, NullMicrophone
 from .output import AudioOutput, NullSpeaker, Speaker
@@ -19,8 +22,18 @@ class AudioIO:
     drive them directly.
     """
 
-    output: AudioOutput | None = None
-    input: AudioInput | None = None
+    output: AudioOutput | None = attrs.field(default=None)
+    input: AudioInput | None = attrs.field(default=None)
+
+    @output.validator
+    def _check_output(self, _attr: Any, value: object) -> None:
+        if value is not None and not isinstance(value, AudioOutput):
+            raise InvalidArgument(f"AudioIO output must be an rtqueue.audio.AudioOutput or None, not {value!r}")
+
+    @input.validator
+    def _check_input(self, _attr: Any, value: object) -> None:
+        if value is not None and not isinstance(value, AudioInput):
+            raise InvalidArgument(f"AudioIO input must be an rtqueue.audio.AudioInput or None, not {value!r}")
 
     @classmethod
     def default(cls, *, output_device: int | str | None = None, input_device: int | str | None = None) -> AudioIO:
@@ -39,8 +52,14 @@ class AudioIO:
         return cls(NullSpeaker(), NullMicrophone())
 
     def close(self) -> None:
-        """Close both endpoints (idempotent)."""
-        if self.input is not None:
-            self.input.close()
-        if self.output is not None:
-            self.output.close()
+        """Close both endpoints (idempotent); if one raises, the other is still closed, then it re-raises."""
+        first: BaseException | None = None
+        for end in (self.input, self.output):
+            if end is None:
+                continue
+            try:
+                end.close()
+            except BaseException as exc:
+                first = first or exc
+        if first is not None:
+            raise first

@@ -1,0 +1,761 @@
+"""The threaded shell around one session's conversation core.
+
+:class:`SessionShell` owns the threads and applies what the
+:class:`~rtqueue.core.ConversationCore` decides. Nothing here decides protocol
+questions; it moves events between the socket, the gate, the core, the
+writer, the tool worker, the audio devices and the app's callbacks.
+
+Threads (all named ``rtqueue-*``, all ended by :meth:`SessionShell.close`):
+
+- ``rtqueue-reader-N``: the only thread that reads (and finally closes) the
+  socket. Per frame: parse, tell the gate *first* (so a waiting writer wakes
+  at once), then the core (under the mutex), then audio and subscribers. It
+  never runs app code.
+- ``rtqueue-writer-N``: the only sender, the reconnect's replay included
+  (see :mod:`rtqueue.writer`).
+- ``rtqueue-dispatch-N``: runs app callbacks (see :mod:`rtqueue.dispatch`).
+- ``rtqueue-turns-N`` and the ``rtqueue-tool`` pool: tools and handoff
+  rendering (see :mod:`rtqueue.turns`), started on first use.
+- ``rtqueue-reconnect-N`` while reconnecting; audio threads when audio is on.
+
+**Lock order** (the one place it is written down): the session mutex (guards
+the core), then the writer's lock, then the gate's (a leaf). A handle's or a
+stream's own lock is a leaf too. Nothing blocks under the mutex: the actions
+that put events on the wire are applied under it, so the wire order is the
+core's order; settling futures, publishing and starting tools happen after
+it is released. User code and tools never run under any lock, nor on the
+reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import threading
+import time
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import protocol
+from .agents import Agent, AgentGraph, resolve_agents, session_config_for
+from .core import (
+    Action,
+    ConversationCore,
+    Fail,
+    Publish,
+    Resolve,
+    Retried,
+    RunTools,
+    Send,
+    SetFollowup,
+    Started,
+    ToolJob,
+    deep_merge,
+    response_ids,
+)
+from .dispatch import Dispatcher
+from .errors import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionLost,
+    InvalidArgument,
+    ProtocolError,
+    ResponseError,
+    ResponseTimeout,
+    RtqueueError,
+    ServerError,
+    SessionClosed,
+)
+from .gate import ResponseGate, Verdict
+from .handles import ResponseHandle, SendHandle, Waiter
+from .history import History
+from .reconnect import Reconnector, fatal_loss
+from .secrets import Secret, redact
+from .transport import Transport
+from .turns import ToolWorker
+from .values import Event, Response
+from .writer import Outbound, Writer
+
+if TYPE_CHECKING:
+    from .audio import PlaybackCut
+    from .audio_session import AudioLink
+
+__all__ = ["SessionShell"]
+
+log = logging.getLogger("rtqueue")
+
+_ids = itertools.count(1)
+
+_RECENT_ERRORS = 256  # error replies by client event id (reconnect's update waiter)
+HISTORY_ITEMS = 500  # conversation items kept for items and re-seeding (max_reseed_items)
+
+_VERDICTS = {Verdict.RETRY: "retry", Verdict.REJECT: "reject"}
+
+
+class SessionShell:
+    """Threads, the mutex and the socket around one :class:`~rtqueue.core.ConversationCore`.
+
+    The public :class:`~rtqueue.session.Session` is a facade over it; the
+    audio link and the reconnector talk to it through their host protocols
+    (:class:`~rtqueue.audio_session.AudioHost`,
+    :class:`~rtqueue.reconnect.ReconnectHost`).
+    """
+
+    def __init__(
+        self,
+        transport_factory: Callable[[], Transport],
+        *,
+        create_timeout: float = 120.0,
+        response_timeout: float = 300.0,
+        max_conflict_retries: int = 20,
+        gate_slice_s: float = 0.05,
+        tool_timeout: float = 30.0,
+        context: Any = None,
+        secret: Secret | None = None,
+    ) -> None:
+        self.n = next(_ids)
+        self.name = str(self.n)
+        self.secret = secret
+        self.context = context
+        self._factory = transport_factory
+        self._transport: Transport | None = None
+        self._generation = 0
+        self._response_timeout = response_timeout
+        self._tool_timeout = tool_timeout
+        self.gate = ResponseGate(max_retries=max_conflict_retries)
+        self._mutex = threading.RLock()  # guards self.core (see the lock order above)
+        self.core = ConversationCore(handle_factory=self._make_handle, create_timeout=create_timeout,
+                                     history=History(HISTORY_ITEMS))
+        self._changed = threading.Condition()  # config versions and error replies arrived
+        self._errors: OrderedDict[str, ServerError] = OrderedDict()
+        self._closing = False
+        self._closed = threading.Event()
+        self._dead: BaseException | None = None
+        self._reader: threading.Thread | None = None
+        self.dispatcher = Dispatcher(f"rtqueue-dispatch-{self.n}")
+        self.dispatcher.on_callback_error = self._on_callback_error
+        self.writer = Writer(
+            self.gate,
+            self._send_text,
+            on_send_error=self._on_send_error,
+            on_unsent=self._on_unsent,
+            on_evict=self._evict_stale,
+            skip=self._moot,
+            slice_s=gate_slice_s,
+            name=f"rtqueue-writer-{self.n}",
+        )
+        self.tools: ToolWorker | None = None
+        self.audio: AudioLink | None = None
+        self.reconnector: Reconnector | None = None
+        self._evict_check = 0.0
+        self._issued: weakref.WeakSet[SendHandle] = weakref.WeakSet()
+        self.issued_count = 0
+        self._fatal_error: ServerError | None = None
+        self._started = False
+
+    # -- handles ------------------------------------------------------------------------
+
+    def _dispatch(self, fn: Callable[..., Any], handle: Any) -> None:
+        self.dispatcher.call(fn, handle)
+
+    def _make_handle(self, event: dict[str, Any], in_band: bool) -> ResponseHandle:
+        return ResponseHandle(event, in_band=in_band, dispatch=self._dispatch, canceller=self.cancel_handle)
+
+    def new_response_handle(self) -> ResponseHandle:
+        """A handle for a create the app asks for (its event is filled in by the core)."""
+        return self._make_handle({}, True)
+
+    def new_send_handle(self, event: dict[str, Any]) -> SendHandle:
+        """A handle for any other client event."""
+        return SendHandle(event, dispatch=self._dispatch)
+
+    # -- applying the core's actions ---------------------------------------------------------
+
+    def run(self, step: Callable[[ConversationCore], list[Action]]) -> list[SendHandle]:
+        """Run ``step(core)`` under the mutex and apply its actions; return the handles of its sends.
+
+        Sends are queued on the writer before the mutex is released, so the
+        wire order is the core's; everything else is applied after it.
+        """
+        with self._mutex:
+            actions = step(self.core)
+            handles, rest = self._queue_sends(actions)
+        self._apply(rest)
+        return handles
+
+    def _queue_sends(self, actions: list[Action]) -> tuple[list[SendHandle], list[Action]]:
+        # Caller holds the mutex. Consecutive urgent sends go to the head together, in order.
+        handles: list[SendHandle] = []
+        rest: list[Action] = []
+        group: list[Outbound] = []
+        front = False
+        for action in actions:
+            if not isinstance(action, Send):
+                rest.append(action)
+                continue
+            handle = action.handle if action.handle is not None else self.new_send_handle(action.event)
+            if isinstance(handle, ResponseHandle) and not handle.event:
+                handle.event = action.event
+            handles.append(handle)
+            self._issue(handle)
+            item = Outbound(action.event, handle, gated=action.gated, oob=action.oob, deadline=action.deadline,
+                            prelude=action.prelude, untagged=action.untagged)
+            if group and front != action.front:
+                self.writer.enqueue_many(group, front=front)
+                group = []
+            front = action.front
+            group.append(item)
+        if group:
+            self.writer.enqueue_many(group, front=front)
+        return handles, rest
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Resolve):
+                action.future.set_result(action.value)
+            elif isinstance(action, Fail):
+                action.future.set_error(action.error)
+            elif isinstance(action, Started):
+                action.handle.set_started(action.response_id, action.agent)
+            elif isinstance(action, Retried):
+                log.info("server raced create %s; retrying", action.handle.event_id)
+                action.handle.note_retry()
+            elif isinstance(action, SetFollowup):
+                if action.expect:
+                    action.handle.expect_followup()
+                else:
+                    action.handle.set_followup(action.followup)
+            elif isinstance(action, RunTools):
+                self._tool_worker().submit(action.job)
+            elif isinstance(action, Publish):
+                self.publish(action.event)
+
+    def _issue(self, handle: SendHandle) -> None:
+        if handle not in self._issued:  # a retried create comes back through here
+            self._issued.add(handle)
+            self.issued_count += 1
+
+    def publish(self, event: Event) -> None:
+        """Deliver ``event`` to subscribers (never blocks)."""
+        self.dispatcher.publish(event)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[ConversationCore]:
+        """The core under the mutex, for reading its state (never block inside)."""
+        with self._mutex:
+            yield self.core
+
+    # -- agents ------------------------------------------------------------------------------
+
+    def use_agents(self, graph: AgentGraph, start: Agent, config: dict[str, Any]) -> dict[str, Any]:
+        """Begin with ``start``: its rendered config (user code, called here) merged into ``config``."""
+        merged = deep_merge(config, session_config_for(start, graph, self.context))
+        out = (config.get("audio") or {}).get("output") or {}
+        if start.voice and "voice" not in out:
+            merged = deep_merge(merged, {"audio": {"output": {"voice": start.voice}}})
+        with self._mutex:
+            self.core.start_agents(graph, start)
+        return merged
+
+    def resolve_target(self, agent: Agent | str) -> tuple[Agent, AgentGraph]:
+        """The handoff target and the graph it is in (a new Agent object joins the graph)."""
+        with self._mutex:
+            graph = self.core.graph
+        if isinstance(agent, str):
+            found = graph.get(agent) if graph is not None else None
+            if found is None or graph is None:
+                raise InvalidArgument(f"unknown agent {agent!r}")
+            return found, graph
+        if graph is not None and graph.get(agent.name) == agent:
+            return agent, graph
+        known = tuple(a for a in graph.values() if a.name != agent.name) if graph is not None else ()
+        new_graph = resolve_agents(agent, known)  # calls handoff target callables: user code, off the mutex
+        with self._mutex:
+            self.core.set_graph(new_graph)
+        return agent, new_graph
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self, config: dict[str, Any], timeout: float) -> None:
+        """Open the socket, start the threads, wait for ``session.created``, send ``config``."""
+        self._started = True
+        self._transport = self._factory()
+        self._generation += 1
+        self.dispatcher.start()
+        self.writer.start()
+        if self.audio is not None:
+            self.audio.start()
+        self._start_reader(self._transport)  # last, as websockets does: the state is ready
+        self._await_created(timeout)
+        if len(config) > 1:
+            self.apply_config(config, timeout)
+
+    def _start_reader(self, transport: Transport) -> threading.Thread:
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(transport,), name=f"rtqueue-reader-{self.n}", daemon=True
+        )
+        self._reader.start()
+        return self._reader
+
+    def _await_created(self, timeout: float) -> None:
+        ok = self.wait_change(lambda: self.core.config_version > 0 or self._dead is not None, timeout)
+        dead = self._dead
+        if isinstance(dead, AuthenticationError):
+            raise AuthenticationError(str(dead)) from None
+        if dead is not None:
+            raise ConnectError(f"connection failed before session.created: {dead}") from dead
+        if not ok:
+            raise ConnectError(f"no session.created within {timeout}s")
+
+    def apply_config(self, config: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """Send a ``session.update`` and wait for its ``session.updated`` (or raise its error)."""
+        waiter: Waiter[dict[str, Any]] = Waiter("session.updated")
+        self.run(lambda core: core.update(config, None, waiter))
+        try:
+            return waiter.get(timeout)
+        except ResponseTimeout:
+            raise ResponseTimeout(f"no session.updated within {timeout}s") from None
+
+    # -- the reader ------------------------------------------------------------------------------
+
+    def _read_loop(self, transport: Transport) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    frame = transport.recv()
+                except ConnectionLost as exc:
+                    error = exc
+                    break
+                if frame is None:
+                    code = transport.close_code
+                    reason = transport.close_reason
+                    detail = f"code {code}: {reason}" if reason else f"code {code}"
+                    error = ConnectionLost(f"server closed the connection ({detail})")
+                    break
+                try:
+                    event = protocol.parse_frame(frame)
+                except ProtocolError as exc:
+                    log.warning("%s", exc)
+                    self.publish(Event("rtqueue.error", {"error": exc, "message": str(exc)}))
+                    continue
+                try:
+                    self.route(event)
+                except Exception as exc:  # never let one odd event kill the reader
+                    log.exception("error handling %s", event.get("type"))
+                    message = f"handling {event.get('type')}: {exc!r}"
+                    self.publish(Event("rtqueue.error", {"error": exc, "message": message}))
+        finally:
+            transport.shutdown()  # the reader alone closes the socket
+            if transport is self._transport:
+                self._on_connection_lost(error or ConnectionLost("connection ended"), transport)
+
+    def route(self, event: dict[str, Any]) -> None:
+        """Handle one parsed server event: gate first, then the core, then audio and subscribers."""
+        typ = event["type"]
+        verdict = matched = None
+        if typ == "response.created":
+            resp, rid, eid = response_ids(event)
+            in_band = (resp["conversation_id"] is not None) if "conversation_id" in resp else None
+            if eid is None and in_band is not False:
+                matched = self.gate.untagged_pending()
+            self.gate.on_created(rid, eid or matched, in_band=in_band)
+        elif typ == "response.done":
+            _resp, rid, eid = response_ids(event)
+            with self._mutex:  # before the gate wakes the writer: a cancel queued for rid is now moot
+                self.core.note_finished(rid)
+            if self.gate.on_done(rid, eid):
+                # Hand the GIL to a writer woken by this release: without it, the
+                # writer waits for the rest of this handler and the next frames (up
+                # to the 5 ms switch interval) before its create can go out.
+                time.sleep(0)
+        elif typ == "error":
+            err = ServerError.from_event(event)
+            verdict = _VERDICTS.get(self.gate.on_error(err.event_id, err.code))  # type: ignore[arg-type]
+            self._note_error(err)
+        if typ.endswith(".delta"):
+            with self._mutex:
+                self.core.receive(event)
+        else:
+            self.run(lambda core: core.receive(event, verdict=verdict, matched=matched))
+            if typ in ("session.created", "session.updated"):
+                with self._changed:
+                    self._changed.notify_all()
+        if self.audio is not None:
+            self.audio.on_event(event)
+        if self.dispatcher.wants(typ):
+            self.publish(Event(typ, event))
+
+    def _note_error(self, err: ServerError) -> None:
+        eid = err.event_id
+        if eid is not None:
+            with self._changed:
+                self._errors[eid] = err
+                while len(self._errors) > _RECENT_ERRORS:
+                    self._errors.popitem(last=False)
+                self._changed.notify_all()
+        if err.code in protocol.FATAL_CODES:
+            self._fatal_error = err
+        if (err.code in protocol.FATAL_CODES or err.code == protocol.SESSION_EXPIRED) and self.reconnector:
+            self.reconnector.note_server_error(err)
+
+    # -- writer hooks ------------------------------------------------------------------------------
+
+    def _send_text(self, text: str) -> None:
+        transport = self._transport
+        if transport is None:
+            raise ConnectionLost("not connected")
+        transport.send(text)
+
+    def _on_send_error(self, exc: BaseException) -> None:
+        # Wake the reader: it owns the socket and takes the one "lost" path.
+        transport = self._transport
+        if transport is not None:
+            transport.abort()
+
+    def _on_unsent(self, item: Outbound, error: BaseException) -> None:
+        if isinstance(item.handle, ResponseHandle):
+            self.run(lambda core: core.unsent(item.event_id, error))
+
+    def _moot(self, event: dict[str, Any]) -> bool:
+        """Writer hook: a ``response.cancel`` whose ``response.done`` was read meanwhile is not sent.
+
+        It was queued while the response was active, but sending it now could
+        only earn ``response_cancel_not_active``.
+        """
+        if event.get("type") != "response.cancel":
+            return False
+        rid = event.get("response_id")
+        with self._mutex:
+            return isinstance(rid, str) and self.core.is_finished(rid)
+
+    def _evict_stale(self) -> None:
+        """Writer hook: release a response whose ``response.done`` never came (deadline)."""
+        now = time.monotonic()
+        if now - self._evict_check < 0.25:
+            return
+        self._evict_check = now
+        stale = [e for e in self.gate.entries() if now - e.since >= self._response_timeout]
+        if not stale:
+            return
+        for entry in stale:
+            rid = entry.response_id
+            if rid is not None:
+                self.run(functools.partial(ConversationCore.cancel_response, response_id=rid, waiter=None))
+                self.gate.evict(rid)
+            elif entry.event_id is not None:
+                self.gate.on_error(entry.event_id, "rtqueue_evicted")
+        self.run(lambda core: core.evict(now, self._response_timeout,
+                                          [(e.event_id, e.response_id, e.since) for e in stale]))
+
+    # -- tools -------------------------------------------------------------------------------------
+
+    def _tool_worker(self) -> ToolWorker:
+        if self.tools is None:
+            self.tools = ToolWorker(
+                name=f"rtqueue-turns-{self.n}",
+                graph=self._graph,
+                context=lambda: self.context,
+                publish=self.publish,
+                on_done=self._tools_done,
+                tool_timeout=self._tool_timeout,
+            )
+        return self.tools
+
+    def _graph(self) -> AgentGraph | None:
+        with self._mutex:
+            return self.core.graph
+
+    def _tools_done(self, job: ToolJob, outputs: dict[str, str], config: dict[str, Any] | None,
+                    error: BaseException | None) -> None:
+        now = time.monotonic()
+        self.run(lambda core: core.tool_results(job.response_id, outputs, handoff_config=config,
+                                                handoff_error=error, now=now))
+
+    def tools_idle(self) -> bool:
+        """Whether no tool job is queued or running."""
+        with self._mutex:
+            core_idle = self.core.tools_idle()
+        return core_idle and (self.tools is None or self.tools.idle())
+
+    # -- cancel ------------------------------------------------------------------------------------
+
+    def cancel_handle(self, handle: ResponseHandle, timeout: float | None) -> Response | None:
+        """``ResponseHandle.cancel``: withdraw if unsent, else cancel by id and wait for its done."""
+        if handle.done():
+            return handle.result()
+        eid = handle.event_id or ""
+        if not handle.sent() and self.writer.withdraw(handle):
+            err = ResponseError("cancelled by the app before it was sent")
+            self.run(lambda core: core.unsent(eid, err))
+            return None
+        rid = handle.response_id
+        if rid is None:
+            self.run(lambda core: core.cancel_request(eid))  # cancelled as soon as it starts
+            try:
+                return handle.wait(timeout)
+            except ResponseError:
+                return None
+        return self.cancel_response(rid, timeout)
+
+    def cancel_response(self, response_id: str, timeout: float | None) -> Response:
+        """Cancel ``response_id`` (once) and wait for its ``response.done``."""
+        waiter: Waiter[Response] = Waiter(f"response.done for {response_id}")
+        self.run(lambda core: core.cancel_response(response_id, waiter))
+        return waiter.get(timeout)
+
+    def cancel_active(self, timeout: float | None) -> Response | None:
+        """``Session.cancel``: the active in-band response, or the pending one once it starts."""
+        rid = self.gate.active_response_id()
+        if rid is not None:
+            return self.cancel_response(rid, timeout)
+        pending = [e.event_id for e in self.gate.entries() if e.state == "pending" and e.event_id]
+        if not pending:
+            return None
+        with self._mutex:
+            req = self.core.request(pending[0])
+        if req is None:
+            return None
+        return self.cancel_handle(req.handle, timeout)
+
+    def wait_done(self, response_id: str, timeout: float | None) -> Response:
+        """Block until ``response.done`` of ``response_id`` (AudioHost)."""
+        waiter: Waiter[Response] = Waiter(f"response.done for {response_id}")
+        self.run(lambda core: core.wait_response(response_id, waiter))
+        return waiter.get(timeout)
+
+    # -- AudioHost -------------------------------------------------------------------------------
+
+    def append_audio(self, pcm: bytes) -> bool:
+        """Queue mic audio (already checked) on the writer's audio lane."""
+        import base64
+
+        text = json.dumps({"type": "input_audio_buffer.append", "event_id": protocol.new_event_id(),
+                           "audio": base64.b64encode(bytes(pcm)).decode("ascii")})
+        return self.writer.append_audio(text)
+
+    def generation(self) -> int:
+        """Bumped each time a new socket is adopted."""
+        return self._generation
+
+    def server_interrupts(self) -> bool:
+        """Whether the server cancels the active response itself on speech start."""
+        with self._mutex:
+            return self.core.server_interrupts()
+
+    def barge_in(
+        self, cut: PlaybackCut | None, *, cancel: bool, server_cancels: bool, truncatable: bool
+    ) -> tuple[str | None, bool, bool, int | None, list[SendHandle]]:
+        """Cancel and truncate as the core decides (AudioHost)."""
+        from .audio_session import truncate_ms
+
+        ms = truncate_ms(cut)
+        truncate = (cut.item_id, ms) if cut is not None and ms is not None and truncatable else None
+        out: list[Any] = []
+
+        def step(core: ConversationCore) -> list[Action]:
+            rid = self.gate.active_response_id()
+            actions, sent, ending = core.barge_in(rid, cancel=cancel, server_cancels=server_cancels,
+                                                  truncate=truncate)
+            truncated = truncate[1] if truncate is not None and truncate[0] in core.history else None
+            out.extend([rid, sent, ending, truncated])
+            return actions
+
+        handles = self.run(step)
+        return out[0], out[1], out[2], out[3], handles
+
+    # -- ReconnectHost ---------------------------------------------------------------------------
+
+    def open_transport(self) -> Transport:
+        """A new connection from the factory."""
+        return self._factory()
+
+    def adopt(self, transport: Transport) -> threading.Thread:
+        """Use ``transport`` from now on and start its reader."""
+        self._transport = transport
+        self._generation += 1
+        return self._start_reader(transport)
+
+    def current_transport(self) -> Transport | None:
+        """The socket in use."""
+        return self._transport
+
+    def forget_transport(self, transport: Transport) -> None:
+        """Stop using ``transport`` (a failed reconnect attempt)."""
+        if self._transport is transport:
+            self._transport = None
+
+    def pause_writer(self) -> None:
+        """Park the writer (no send in progress)."""
+        self.writer.pause()
+
+    def resume_writer(self) -> None:
+        """Unpark the writer; settle update waiters the replay answered."""
+        with self._mutex:
+            waiters = self.core.take_replay_waiters()
+            config = dict(self.core.session_config)
+        for w in waiters:
+            w.set_result(config)
+        self.writer.resume()
+
+    def drop_in_flight(self) -> tuple[int, int]:
+        """Reset the gate; re-queue creates not started, fail streaming ones."""
+        dropped = [(e.event_id, e.response_id, e.state == "pending") for e in self.gate.reset()]
+        with self._mutex:
+            actions, failed, reissue = self.core.connection_lost(dropped)
+            self._queue_sends(list(reissue))
+        self._apply(actions)
+        return failed, len(reissue)
+
+    def replay(self, transport: Transport, *, reseed: bool, limit: int | None) -> tuple[str, int, Counter[str]]:
+        """Queue the configuration and the re-seed for the new socket (the writer sends them)."""
+        queued = self.writer.queued_event_ids()
+        with self._mutex:
+            update, seeds, dropped = self.core.reconnect_plan(reseed=reseed, limit=limit, queued=queued)
+        texts = [json.dumps(update)]
+        texts += [json.dumps({"type": "conversation.item.create", "event_id": protocol.new_event_id(), "item": s})
+                  for s in seeds]
+        self.writer.prime(transport.send, texts)
+        return str(update["event_id"]), len(seeds), Counter(dropped)
+
+    def config_version(self) -> int:
+        """Bumped on every ``session.created`` / ``session.updated``."""
+        return self.core.config_version
+
+    def error_for(self, event_id: str) -> ServerError | None:
+        """The error reply naming ``event_id``."""
+        with self._changed:
+            return self._errors.get(event_id)
+
+    def wait_change(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until ``ready()`` or ``timeout``; re-checked on every reply and wake-up."""
+        with self._changed:
+            return self._changed.wait_for(ready, timeout)
+
+    def wake(self) -> None:
+        """Wake :meth:`wait_change` waiters."""
+        with self._changed:
+            self._changed.notify_all()
+
+    # -- failure ---------------------------------------------------------------------------------
+
+    def _on_connection_lost(self, error: BaseException, transport: Transport) -> None:
+        if self._closing:
+            return
+        code = transport.close_code
+        if self.reconnector is not None and self.reconnector.handle_lost(error, transport, code):
+            return
+        fatal = fatal_loss(code, self._fatal_error, self.secret)
+        self.die(fatal or (error if isinstance(error, RtqueueError) else ConnectionLost(str(error))))
+
+    def die(self, error: BaseException) -> None:
+        """The connection is gone for good: fail everything queued or in flight."""
+        err = error if isinstance(error, (ConnectionLost, AuthenticationError)) else ConnectionLost(str(error))
+        self._dead = err
+        self.wake()
+        with self._mutex:
+            actions = self.core.close(err)
+        unsent = self.writer.stop(err, timeout=1.0)
+        self._apply(actions)
+        self.gate.close(err)
+        for item in unsent:
+            self.publish(Event("rtqueue.send_failed", {"event": item.event, "error": err}))
+        self.publish(Event("session.closed", {"reason": str(err), "error": err}))
+        log.warning("%s", redact(str(err), self.secret))
+
+    @property
+    def dead(self) -> BaseException | None:
+        """Why the connection ended for good, if it did."""
+        return self._dead
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closing
+
+    def _on_callback_error(self, event: Event, exc: BaseException) -> None:
+        self.publish(Event("rtqueue.callback_error", {"event_type": event.type, "error": exc}))
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def close(self, timeout: float) -> None:
+        """End everything this session started; re-raise the first cleanup error at the end.
+
+        Safe from any thread (a callback, a tool, the app), after a failed
+        connect, and twice (the second call waits for the first, unless it
+        runs on a thread the first is waiting for).
+        """
+        with self._mutex:
+            already = self._closing
+            self._closing = True
+            actions = [] if already else self.core.close(SessionClosed("session closed by the app"))
+        if already:
+            if threading.current_thread() not in self.threads():
+                self._closed.wait(timeout)
+            return
+        errors: list[BaseException] = []
+
+        def step(fn: Callable[[], Any]) -> None:
+            try:
+                fn()
+            except BaseException as exc:  # keep going: every thread must end
+                errors.append(exc)
+
+        err = SessionClosed("session closed by the app")
+        self.wake()
+        if self.reconnector is not None:
+            step(lambda: self.reconnector.stop(timeout))  # type: ignore[union-attr]
+        if self.tools is not None:
+            step(lambda: self.tools.close(timeout))  # type: ignore[union-attr]
+        if self.audio is not None:
+            step(self.audio.close)
+        step(lambda: self.writer.stop(err, timeout))
+        step(lambda: self._apply(actions))
+        step(lambda: self.gate.close(err))
+        step(lambda: self._close_socket(timeout))
+        if self._started:
+            step(lambda: self.publish(Event("session.closed", {"reason": "closed by the app"})))
+        step(lambda: self.dispatcher.stop(timeout))
+        self._closed.set()
+        if errors:
+            first = errors[0]
+            if len(errors) > 1:
+                log.warning("close(): %d cleanup errors; raising the first: %r", len(errors), errors[1:])
+            raise first
+
+    def _close_socket(self, timeout: float) -> None:
+        transport = self._transport
+        if transport is not None:
+            transport.send_close()
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(min(timeout, 2.0))
+            if reader.is_alive() and transport is not None:
+                transport.abort()
+                reader.join(timeout)
+        elif transport is not None and reader is None:
+            transport.shutdown()  # no reader ever ran on it
+
+    def threads(self) -> list[threading.Thread]:
+        """Live threads this session started (reader, writer, dispatcher, tools, reconnect)."""
+        names = {f"rtqueue-{role}-{self.n}" for role in ("reader", "writer", "dispatch", "turns", "reconnect")}
+        return [t for t in threading.enumerate() if t.name in names and t.is_alive()]
+
+    def stores(self) -> dict[str, tuple[object, int]]:
+        """Every capped per-session store, ``name -> (container, cap)`` (memory diagnostics)."""
+        with self._mutex:
+            out = self.core.stores()
+        out["server_errors"] = (self._errors, _RECENT_ERRORS)
+        out.update(self.gate.stores())
+        return out
+
+    def unresolved(self) -> list[SendHandle]:
+        """Issued handles neither sent nor failed yet."""
+        with self._mutex:
+            handles = list(self._issued)
+        return [h for h in handles if not h.sent() and h.error is None]
