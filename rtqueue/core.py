@@ -621,6 +621,13 @@ class ConversationCore:
             return _EMPTY
         return handler(event, verdict)
 
+    def stream(self, event: dict[str, Any]) -> None:
+        """A streaming event (audio, text or transcript delta): add it to its response. No actions."""
+        if event["type"] == "response.output_audio.delta":
+            self._on_audio_delta(event)
+        else:
+            self._on_text_delta(event)
+
     def _on_text_delta(self, event: dict[str, Any]) -> None:
         rid, delta = event.get("response_id"), event.get("delta")
         rec = self._responses.get(rid) if isinstance(rid, str) else None

@@ -96,6 +96,10 @@ HISTORY_ITEMS = 500  # conversation items kept for items and re-seeding (max_res
 
 _VERDICTS = {Verdict.RETRY: "retry", Verdict.REJECT: "reject"}
 
+#: Streaming events: they only add to a response's text or audio (no gate, no actions).
+_STREAMING = frozenset({"response.output_audio.delta", "response.output_text.delta",
+                        "response.output_audio_transcript.delta"})
+
 
 class SessionShell:
     """Threads, the mutex and the socket around one :class:`~rtqueue.core.ConversationCore`.
@@ -358,6 +362,17 @@ class SessionShell:
     def route(self, event: dict[str, Any]) -> None:
         """Handle one parsed server event: gate first, then the core, then audio and subscribers."""
         typ = event["type"]
+        if typ in _STREAMING:  # the bulk of the traffic: no gate, no actions
+            with self._mutex:
+                self.core.stream(event)
+        else:
+            self._route_control(typ, event)
+        if self.audio is not None:
+            self.audio.on_event(event)
+        if self.dispatcher.wants(typ):
+            self.publish(Event(typ, event))
+
+    def _route_control(self, typ: str, event: dict[str, Any]) -> None:
         verdict = matched = None
         if typ == "response.created":
             resp, rid, eid = response_ids(event)
@@ -378,18 +393,10 @@ class SessionShell:
             err = ServerError.from_event(event)
             verdict = _VERDICTS.get(self.gate.on_error(err.event_id, err.code))  # type: ignore[arg-type]
             self._note_error(err)
-        if typ.endswith(".delta"):
-            with self._mutex:
-                self.core.receive(event)
-        else:
-            self.run(lambda core: core.receive(event, verdict=verdict, matched=matched))
-            if typ in ("session.created", "session.updated"):
-                with self._changed:
-                    self._changed.notify_all()
-        if self.audio is not None:
-            self.audio.on_event(event)
-        if self.dispatcher.wants(typ):
-            self.publish(Event(typ, event))
+        self.run(lambda core: core.receive(event, verdict=verdict, matched=matched))
+        if typ in ("session.created", "session.updated"):
+            with self._changed:
+                self._changed.notify_all()
 
     def _note_error(self, err: ServerError) -> None:
         eid = err.event_id

@@ -117,7 +117,7 @@ class RaisingSpeaker(NullSpeaker):
 @pytest.mark.timeout(120)
 def test_1_ask_from_16_threads_gets_own_answer():
     """Defect 1: ask() from several threads returns other threads' answers (user item and create are not one unit)."""
-    threads_n, rounds = 16, 4
+    threads_n, rounds = 16, 8  # issue 12: 16 threads x 8 ask() at 20 ms simulated latency
     wrong: list[str] = []
     errors: list[str] = []
     lock = threading.Lock()
