@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .handles import check_timeout
 from .values import Event
 
 __all__ = ["DEFAULT_STREAM_SIZE", "Dispatcher", "EventStream"]
@@ -103,6 +104,7 @@ class EventStream:
 
     def get(self, timeout: float | None = None) -> Event | None:
         """Next event, or ``None`` on timeout or once closed and drained."""
+        timeout = check_timeout(timeout)
         with self._cond:
             if not self._cond.wait_for(lambda: self._items or self._closed, timeout):
                 return None
@@ -198,6 +200,11 @@ class Dispatcher:
         """Streams still subscribed."""
         with self._cond:
             return sum(1 for r in self._streams if r() is not None)
+
+    def audio_queued(self) -> int:
+        """Audio delta events waiting for callbacks (at most ``max_audio``)."""
+        with self._cond:
+            return self._audio_queued
 
     def wants(self, event_type: str) -> bool:
         """Cheap check (no lock: a stale answer costs one event) whether anyone listens."""

@@ -177,6 +177,9 @@ class ToolWorker:
             t = self._thread
         if busy is not None:
             log.info("closing while tools of %s run: they are abandoned", busy.response_id)
+            self._publish(Event("tool.abandoned", {
+                "response_id": busy.response_id, "names": [c.name for c in busy.calls],
+                "reason": "the session closed while they ran; their results are discarded"}))
         self._runner.close(wait=False)  # wakes a run_calls waiting on a tool
         here = threading.current_thread()
         if t is not None and t is not here and not here.name.startswith("rtqueue-tool"):

@@ -178,6 +178,11 @@ class Writer:
                     return True
         return False
 
+    def audio_queued(self) -> int:
+        """Mic chunks waiting on the audio lane (at most ``max_audio_chunks``)."""
+        with self._cond:
+            return len(self._audio)
+
     def queued_event_ids(self) -> set[str]:
         """Event ids of the control events not sent yet."""
         with self._cond:

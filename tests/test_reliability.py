@@ -486,7 +486,7 @@ def test_blocked_callback_bounds_audio_and_delivers_every_control_event(sim: Sim
         session.on("*", slow)
         response = _long_audio_response(session)  # completes while the callback is blocked
         assert response.status == "completed"
-        assert session.dispatcher._audio_queued <= 500
+        assert session.dispatcher.audio_queued() <= 500
         release.set()
         assert done.wait(UNIT)
         server = _response_events(sim)
@@ -504,7 +504,7 @@ def test_mic_audio_lane_is_bounded_while_the_socket_cannot_take_it(sim: Simulato
         assert session.writer.pause(UNIT)  # as while the socket is stalled or being replaced
         chunks = [i.to_bytes(2, "little") * 480 for i in range(400)]  # 20 ms each, tagged by index
         assert all(session.append_audio(c) for c in chunks)
-        assert len(session.writer._audio) == 250 and session.stats()["audio_dropped"] == 150
+        assert session.writer.audio_queued() == 250 and session.stats()["audio_dropped"] == 150
         session.writer.resume(drop_audio=False)
         session.send_text("marker").wait_sent(UNIT)
         assert sim.wait_until(lambda s: any(e.get("item", {}).get("content", [{}])[0].get("text") == "marker"

@@ -1,0 +1,138 @@
+"""rtqueue.testing: the mock transport and the socketless scripted server, and what they make testable."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+import rtqueue
+from rtqueue import Agent, Session, tool
+from rtqueue.audio import AudioIO, NullSpeaker
+from rtqueue.errors import AudioUnavailable, ConnectionLost, InvalidArgument, SessionClosed
+from rtqueue.protocol import METADATA_KEY
+from rtqueue.testing import MockTransport, ScriptedServer
+from tests.utils import UNIT
+
+
+@tool
+def lookup_order(order_id: str) -> dict:
+    """Look up an order by its id."""
+    return {"order_id": order_id, "status": "shipped"}
+
+
+def test_scripted_server_runs_agents_tools_and_handoffs_without_a_socket():
+    """A two-agent desk on ScriptedServer: the tool runs under its agent, the handoff lands, no conflicts."""
+    returns = Agent(name="returns", instructions="You are returns.", tools=[lookup_order])
+    greeter = Agent(name="greeter", instructions="You are the greeter.", handoffs=[returns])
+    server = ScriptedServer(seed=3)
+    with Session.connect(transport=server.transport, agent=greeter) as session:
+        results = session.events("tool.result", "agent.handoff")
+        session.ask("transfer me to returns", timeout=UNIT)
+        assert session.agent is not None and session.agent.name == "returns"
+        answer = session.ask("[tools: lookup_order] where is order 42", timeout=UNIT)
+        assert "shipped" in answer.text and answer.agent == "returns"
+        seen = [results.get(UNIT), results.get(UNIT)]
+        assert [e.type for e in seen if e is not None] == ["agent.handoff", "tool.result"]
+        assert seen[1] is not None and seen[1]["agent"] == "returns"
+    stats = server.connections[0].stats()
+    assert stats["conflicts"] == 0 and server.connections[0].internal_errors == []
+
+
+def test_scripted_server_serves_a_reconnect_on_a_new_connection():
+    """The transport factory is called again after a drop: the session reconnects and answers."""
+    server = ScriptedServer()
+    with Session.connect(transport=server.transport, instructions="Be brief.",
+                         reconnect=rtqueue.ReconnectPolicy(initial_backoff=0.01)) as session:
+        reconnected = session.events("session.reconnected")
+        assert session.ask("[say: one]", timeout=UNIT).text == "one"
+        server.transports[0].drop()
+        assert reconnected.get(UNIT) is not None
+        assert session.ask("[say: two]", timeout=UNIT).text == "two"
+    assert len(server.connections) == 2
+    replay = [e["type"] for e in server.client_events(1)]
+    assert replay[0] == "session.update" and "conversation.item.create" in replay
+
+
+def test_mock_transport_lets_the_test_be_the_server():
+    """The test answers the create itself; the handle resolves with what it pushed."""
+    mock = MockTransport()
+    with Session.connect(transport=mock, reconnect=False) as session:
+        handle = session.create_response(instructions="hi")
+        sent = mock.wait_sent(lambda e: e["type"] == "response.create")
+        assert sent["response"]["instructions"] == "hi" and METADATA_KEY in sent["response"]["metadata"]
+        meta = sent["response"]["metadata"]
+        mock.push(type="response.created", response={"id": "resp_1", "metadata": meta, "conversation_id": "c"})
+        mock.push(type="response.done", response={"id": "resp_1", "status": "completed", "metadata": meta,
+                                                  "output": [{"type": "message", "role": "assistant",
+                                                              "content": [{"type": "output_text",
+                                                                           "text": "hello"}]}]})
+        assert handle.wait(UNIT).text == "hello"
+
+
+def test_metadata_echo_missing_still_matches_the_pending_create():
+    """A proxy that drops response.metadata: the 16-pair create is matched as the one pending create."""
+    mock = MockTransport()
+    with Session.connect(transport=mock, reconnect=False) as session:
+        meta = {f"k{i}": str(i) for i in range(16)}
+        handle = session.create_response(metadata=meta)
+        sent = mock.wait_sent(lambda e: e["type"] == "response.create")
+        assert sent["response"]["metadata"] == meta  # no 17th pair
+        mock.push(type="response.created", response={"id": "resp_1", "conversation_id": "c"})
+        mock.push(type="response.done", response={"id": "resp_1", "status": "completed", "output": []})
+        assert handle.wait(UNIT).id == "resp_1" and handle.response_id == "resp_1"
+        assert session.gate.depth() == 0
+
+
+def test_update_is_answered_and_its_error_raised():
+    """update() returns the session the mock reports; a refused update raises ServerError."""
+
+    def refuse_voice(event: dict[str, Any]) -> list[dict[str, Any]]:
+        if event["type"] == "session.update" and "voice" in event["session"].get("audio", {}).get("output", {}):
+            return [{"type": "error", "error": {"code": "cannot_update_voice", "message": "no",
+                                                "event_id": event["event_id"]}}]
+        return []
+
+    mock = MockTransport(refuse_voice)
+    mock.auto_update = True
+    with Session.connect(transport=mock, reconnect=False) as session:
+        assert session.update(instructions="x", timeout=UNIT)["instructions"] == "x"
+        mock.auto_update = False
+        with pytest.raises(rtqueue.ServerError) as info:
+            session.update(audio={"output": {"voice": "cedar"}}, timeout=UNIT)
+        assert info.value.code == "cannot_update_voice"
+
+
+def test_server_close_ends_the_session_and_later_calls_raise_its_error():
+    """A server close without reconnect: session.closed is published, calls raise ConnectionLost at once."""
+    mock = MockTransport()
+    with Session.connect(transport=mock, reconnect=False) as session:
+        closed = session.events("session.closed")
+        mock.close_from_server(1011, "internal")
+        assert closed.get(UNIT) is not None
+        with pytest.raises(ConnectionLost):
+            session.ask("hello")
+    with pytest.raises(SessionClosed):
+        session.create_response()
+
+
+class _BrokenSpeaker(NullSpeaker):
+    def start(self) -> None:
+        raise AudioUnavailable("the device vanished")
+
+
+def test_connect_failing_half_way_leaves_nothing_running():
+    """An audio device that fails to start after the socket opened: connect raises, every thread ends."""
+    before = set(threading.enumerate())
+    mock = MockTransport()
+    with pytest.raises(AudioUnavailable):
+        Session.connect(transport=mock, audio=AudioIO(output=_BrokenSpeaker(realtime=False)), reconnect=False)
+    assert mock.closed
+    assert [t.name for t in threading.enumerate() if t not in before and t.name.startswith("rtqueue-")] == []
+
+
+def test_transport_argument_is_checked():
+    """transport= must be a Transport or a factory; an instance serves one connection only."""
+    with pytest.raises(InvalidArgument):
+        Session.connect(transport=42)  # type: ignore[arg-type]
