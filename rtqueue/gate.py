@@ -1,22 +1,15 @@
-"""The response gate: the lock-protected queue of in-flight response ids.
+"""The response gate: the lock shell around :class:`~rtqueue.gate_state.GateState`.
 
 This is the one structure the reader and writer threads share for response
 ordering (DESIGN.md section 2). It has no socket and runs no user code: the
 writer asks it for the slot before sending an in-band ``response.create``; the
-reader tells it what the server said. Every rule below comes from a bug seen in
-peer SDKs:
-
-- A create occupies the slot from the moment it is *reserved* for sending
-  (state ``pending``), not from ``response.created``: the gap between the two is
-  where a boolean "has active response" flag loses.
-- ``response.created`` is matched to its create by the client event id that the
-  session copies into ``response.metadata``; an unmatched in-band created
-  (server VAD, another client) still takes the slot.
-- Release is by response id (``response.done`` of any status), never a bare
-  flag: a late ``done`` for an old response cannot free a newer one.
-- Out-of-band responses (``conversation: "none"``) never take the slot.
-- A server-raced create (``conversation_already_has_active_response`` naming
-  our event id) is released and reported as ``RETRY`` (bounded), not dropped.
+reader tells it what the server said. The state and every rule (pending from
+reservation, match by event id, release by response id, out-of-band never
+takes the slot, bounded retry of a server-raced create) live in the sans-I/O
+:class:`~rtqueue.gate_state.GateState`; this module adds only the lock, the
+clock and the waiting. Each method takes the lock, reads the clock, calls the
+state, and wakes waiters when the in-band queue shrank (a release), on
+``reset`` / ``close`` and on ``poke``.
 
 Waiting is on a :class:`threading.Condition`, so a release wakes the writer in
 microseconds; the writer still waits in short slices so it can notice
@@ -25,87 +18,15 @@ shutdown, deadlines and audio between them.
 
 from __future__ import annotations
 
-import enum
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Literal
 
-import attrs
-
-from .errors import ConnectionLost, SessionClosed
+from .gate_state import GateEntry, GateState, GateStats, Verdict
+from .gate_state import percentile as percentile
 
 __all__ = ["GateEntry", "GateStats", "ResponseGate", "Verdict"]
-
-_SAMPLES = 1024  # the newest waits and latencies kept for percentiles (bounded per session)
-
-
-class Verdict(enum.Enum):
-    """What the session should do with a create the server answered with an error."""
-
-    RETRY = "retry"  # put it back at the head of the control lane
-    REJECT = "reject"  # fail its handle
-
-
-@attrs.frozen
-class GateEntry:
-    """One in-flight response as the gate sees it (a snapshot)."""
-
-    state: Literal["pending", "active"]
-    event_id: str | None
-    response_id: str | None
-    since: float  # clock time the entry was added or became active
-    ours: bool  # False for server-initiated (VAD) or foreign responses
-
-
-@attrs.frozen
-class GateStats:
-    """Counters and wait-time percentiles (milliseconds) of a gate."""
-
-    sent: int
-    created: int
-    done: int
-    retried: int
-    rejected: int
-    timed_out: int
-    evicted: int
-    depth: int
-    oob_depth: int
-    foreign: int
-    wait_p50_ms: float
-    wait_p99_ms: float
-    wait_max_ms: float
-    latency_p50_ms: float
-    latency_p99_ms: float
-    latency_max_ms: float
-    latency_samples: int
-
-    def as_dict(self) -> dict[str, float | int]:
-        """A plain dict (for JSON)."""
-        return attrs.asdict(self)
-
-
-def percentile(values: Iterable[float], q: float) -> float:
-    """Nearest-rank percentile of ``values`` (0.0 when empty)."""
-    data = sorted(values)
-    if not data:
-        return 0.0
-    k = min(len(data) - 1, max(0, round(q / 100.0 * len(data) + 0.5) - 1))
-    return data[k]
-
-
-@attrs.define(eq=False)
-class _Entry:
-    state: Literal["pending", "active"]
-    event_id: str | None
-    response_id: str | None
-    since: float
-    ours: bool
-    untagged: bool = False
-
-    def snapshot(self) -> GateEntry:
-        return GateEntry(self.state, self.event_id, self.response_id, self.since, self.ours)
 
 
 class ResponseGate:
@@ -116,22 +37,10 @@ class ResponseGate:
     """
 
     def __init__(self, *, max_retries: int = 3, clock: Callable[[], float] = time.monotonic):
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError("max_retries must be an int >= 0")
+        self._state = GateState(max_retries=max_retries)
         self._clock = clock
-        self._max_retries = max_retries
         self._cond = threading.Condition(threading.Lock())
-        self._queue: list[_Entry] = []
-        self._oob: dict[str, _Entry] = {}  # keyed by event_id, then response_id
-        self._retries: dict[str, int] = {}
-        self._closed: BaseException | None = None
         self._pokes = 0  # bumped by poke(): cuts a waiting acquire short without a state change
-        self._last_release: float | None = None  # clock time the last release was read
-        self._counts = dict.fromkeys(
-            ("sent", "created", "done", "retried", "rejected", "timed_out", "evicted", "foreign"), 0
-        )
-        self._waits: deque[float] = deque(maxlen=_SAMPLES)
-        self._latencies: deque[float] = deque(maxlen=_SAMPLES)
 
     # -- writer side ---------------------------------------------------------
 
@@ -149,11 +58,9 @@ class ResponseGate:
         with self._cond:
             pokes = self._pokes
             while True:
-                if self._closed is not None:
-                    raise self._closed_error()
-                if not self._queue:
-                    self._queue.append(_Entry("pending", event_id, None, self._clock(), True, untagged))
-                    return True
+                if self._state.closed or not self._state.depth():
+                    # Reserves (empty) or raises the close error; the clock is read only then.
+                    return self._state.try_reserve(event_id, self._clock(), untagged)
                 remaining = deadline - self._clock()
                 if remaining <= 0 or self._pokes != pokes:
                     return False
@@ -178,29 +85,23 @@ class ResponseGate:
         """
         now = self._clock() if at is None else at
         with self._cond:
-            self._counts["sent"] += 1
-            if gated:
-                self._waits.append(waited_s)
-                # Only a create that was waiting when the release came has a gate
-                # latency; one that found the gate free would measure idle time.
-                if waited_s > 0 and self._last_release is not None and self._last_release >= now - waited_s:
-                    self._latencies.append(max(0.0, now - self._last_release))
+            self._state.note_sent(event_id, waited_s, now, gated=gated)
 
     def abandon(self, event_id: str) -> None:
         """Drop a reservation whose create could not be sent (socket failure)."""
         with self._cond:
-            self._remove_where(lambda e: e.event_id == event_id and e.state == "pending")
+            if self._state.abandon(event_id):
+                self._cond.notify_all()
 
     def note_timed_out(self) -> None:
         """Count a create whose deadline passed before the gate let it through."""
         with self._cond:
-            self._counts["timed_out"] += 1
+            self._state.note_timed_out()
 
     def register_oob(self, event_id: str) -> None:
         """Track an out-of-band create as sent; it never takes the slot."""
         with self._cond:
-            self._oob[event_id] = _Entry("pending", event_id, None, self._clock(), True)
-            self._counts["sent"] += 1
+            self._state.register_oob(event_id, self._clock())
 
     # -- reader side ---------------------------------------------------------
 
@@ -214,10 +115,7 @@ class ResponseGate:
         error naming its id, which is retried as usual.
         """
         with self._cond:
-            for e in self._queue:
-                if e.state == "pending" and e.untagged:
-                    return e.event_id
-            return None
+            return self._state.untagged_pending()
 
     def on_created(
         self, response_id: str, event_id: str | None, *, in_band: bool | None = None
@@ -230,23 +128,7 @@ class ResponseGate:
         """
         now = self._clock()
         with self._cond:
-            self._counts["created"] += 1
-            if event_id is not None:
-                for entry in self._queue:
-                    if entry.event_id == event_id and entry.state == "pending":
-                        entry.state, entry.response_id, entry.since = "active", response_id, now
-                        return "ours"
-                oob = self._oob.pop(event_id, None)
-                if oob is not None:
-                    oob.state, oob.response_id, oob.since = "active", response_id, now
-                    self._oob[response_id] = oob
-                    return "oob"
-            if in_band is False:
-                self._oob[response_id] = _Entry("active", event_id, response_id, now, False)
-                return "foreign_oob"
-            self._counts["foreign"] += 1
-            self._queue.append(_Entry("active", event_id, response_id, now, False))
-            return "foreign"
+            return self._state.on_created(response_id, event_id, now, in_band=in_band)
 
     def on_done(self, response_id: str, event_id: str | None = None) -> bool:
         """Record ``response.done`` (any status): remove that response wherever it stands.
@@ -257,16 +139,9 @@ class ResponseGate:
         """
         now = self._clock()
         with self._cond:
-            released = self._remove_where(lambda e: e.response_id == response_id)
-            if not released and event_id is not None:
-                released = self._remove_where(lambda e: e.event_id == event_id)
-            oob = self._oob.pop(response_id, None)
-            if oob is None and event_id is not None:
-                oob = self._oob.pop(event_id, None)
-            released = released or oob is not None
-            if released:
-                self._counts["done"] += 1
-                self._last_release = now
+            depth = self._state.depth()
+            released = self._state.on_done(response_id, event_id, now)
+            self._notify_if_shrank(depth)
             return released
 
     def on_error(self, event_id: str | None, code: str | None) -> Verdict | None:
@@ -277,32 +152,18 @@ class ResponseGate:
         ``REJECT``. Any other error for a pending create yields ``REJECT``.
         ``None`` means the error was not about a create the gate holds.
         """
-        if event_id is None:
-            return None
         with self._cond:
-            if self._oob.pop(event_id, None) is not None:
-                self._counts["rejected"] += 1
-                return Verdict.REJECT
-            if not self._remove_where(lambda e: e.event_id == event_id and e.state == "pending"):
-                return None
-            if code == "conversation_already_has_active_response":
-                n = self._retries.get(event_id, 0)
-                if n < self._max_retries:
-                    self._retries[event_id] = n + 1
-                    self._counts["retried"] += 1
-                    return Verdict.RETRY
-            self._retries.pop(event_id, None)
-            self._counts["rejected"] += 1
-            return Verdict.REJECT
+            depth = self._state.depth()
+            verdict = self._state.on_error(event_id, code)
+            self._notify_if_shrank(depth)
+            return verdict
 
     def evict(self, response_id: str) -> bool:
         """Forcibly release a stale active response (its ``done`` never came)."""
         with self._cond:
-            removed = self._remove_where(lambda e: e.response_id == response_id)
-            removed = self._oob.pop(response_id, None) is not None or removed
-            if removed:
-                self._counts["evicted"] += 1
-                self._last_release = self._clock()
+            depth = self._state.depth()
+            removed = self._state.evict(response_id, self._clock())
+            self._notify_if_shrank(depth)
             return removed
 
     # -- connection owner ----------------------------------------------------
@@ -314,10 +175,7 @@ class ResponseGate:
         re-issued.
         """
         with self._cond:
-            dropped = [e.snapshot() for e in self._queue] + [e.snapshot() for e in self._oob.values()]
-            self._queue.clear()
-            self._oob.clear()
-            self._retries.clear()
+            dropped = self._state.reset()
             self._cond.notify_all()
             return dropped
 
@@ -328,45 +186,42 @@ class ResponseGate:
         error is kept).
         """
         with self._cond:
-            if self._closed is None:
-                self._closed = error if error is not None else SessionClosed("session closed")
-        return self.reset()
+            dropped = self._state.close(error)
+            self._cond.notify_all()
+            return dropped
 
     # -- queries ---------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._closed is not None
+        return self._state.closed
 
     def active_response_id(self) -> str | None:
         """The id of the active in-band response at the head, if any."""
         with self._cond:
-            for e in self._queue:
-                if e.state == "active":
-                    return e.response_id
-            return None
+            return self._state.active_response_id()
 
     def entries(self) -> list[GateEntry]:
         """A snapshot of the in-band queue, head first."""
         with self._cond:
-            return [e.snapshot() for e in self._queue]
+            return self._state.entries()
 
     def depth(self) -> int:
         """Number of in-band entries (0 means a create may go now)."""
         with self._cond:
-            return len(self._queue)
+            return self._state.depth()
 
     def wait_drained(self, timeout: float) -> bool:
         """Block until the in-band queue is empty (or closed); ``False`` on timeout."""
         deadline = self._clock() + timeout
         with self._cond:
-            while self._queue and self._closed is None:
+            while self._state.depth() and not self._state.closed:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     return False
                 self._cond.wait(remaining)
-            return not self._queue
+            return not self._state.depth()
 
     def wait_change(self, timeout: float) -> None:
         """Block until any release or reset happens, or ``timeout`` passes."""
@@ -376,56 +231,31 @@ class ResponseGate:
     def stats(self) -> GateStats:
         """Counters and wait/latency percentiles so far."""
         with self._cond:
-            waits = [w * 1000 for w in self._waits]
-            lats = [v * 1000 for v in self._latencies]
-            return GateStats(
-                **self._counters(),
-                wait_p50_ms=percentile(waits, 50),
-                wait_p99_ms=percentile(waits, 99),
-                wait_max_ms=max(waits, default=0.0),
-                latency_p50_ms=percentile(lats, 50),
-                latency_p99_ms=percentile(lats, 99),
-                latency_max_ms=max(lats, default=0.0),
-                latency_samples=len(lats),
-            )
+            return self._state.stats()
 
     def counts(self) -> dict[str, int]:
         """The counters of :meth:`stats` alone: cheap (no sorting), for frequent polling."""
         with self._cond:
-            return self._counters()
-
-    def _counters(self) -> dict[str, int]:
-        # caller holds self._cond
-        return {**self._counts, "depth": len(self._queue), "oob_depth": len(self._oob)}
+            return self._state.counts()
 
     def stores(self) -> dict[str, tuple[object, int]]:
         """The capped sample reservoirs, ``name -> (container, cap)`` (memory diagnostics; do not change)."""
-        return {"gate_samples": ((self._waits, self._latencies), 2 * _SAMPLES)}
+        return self._state.stores()
 
     def latencies_ms(self) -> list[float]:
         """Raw gate latencies (release read -> next create sent), in ms, for benchmarks."""
         with self._cond:
-            return [v * 1000 for v in self._latencies]
+            return self._state.latencies_ms()
 
     # -- internals -------------------------------------------------------------
 
-    def _remove_where(self, pred: Callable[[_Entry], bool]) -> bool:
-        # Caller holds the lock.
-        before = len(self._queue)
-        self._queue[:] = [e for e in self._queue if not pred(e)]
-        if len(self._queue) != before:
+    def _notify_if_shrank(self, depth_before: int) -> None:
+        # Caller holds the lock. A release is the in-band queue shrinking: that
+        # is what a waiting acquire / wait_drained is waiting for.
+        if self._state.depth() < depth_before:
             self._cond.notify_all()
-            return True
-        return False
-
-    def _closed_error(self) -> BaseException:
-        err = self._closed
-        assert err is not None
-        # A fresh instance each time so tracebacks don't pile up on one object.
-        if isinstance(err, (SessionClosed, ConnectionLost)):
-            return type(err)(*err.args)
-        return err
 
     def __repr__(self) -> str:
         with self._cond:
-            return f"<ResponseGate depth={len(self._queue)} oob={len(self._oob)} closed={self._closed is not None}>"
+            c = self._state.counts()
+            return f"<ResponseGate depth={c['depth']} oob={c['oob_depth']} closed={self._state.closed}>"
