@@ -110,7 +110,9 @@ def test_key_absent_from_reprs_logs_and_traces(tmp_path: Path, caplog: pytest.Lo
     assert caplog.records and KEY not in caplog.text  # the SDK's, websocket-client's and the simulator's
     text = trace.read_text()
     assert text and KEY not in text and "Bearer" not in text
-    assert all("event" in json.loads(line) for line in text.splitlines())
+    header, *frames = [json.loads(line) for line in text.splitlines()]
+    assert header["type"] == "rtqueue.recording"
+    assert all("event" in f or "raw" in f or "binary_len" in f for f in frames)
 
 
 def test_simulator_logs_do_not_carry_the_key(caplog: pytest.LogCaptureFixture):

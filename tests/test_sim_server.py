@@ -169,12 +169,13 @@ def test_trace_jsonl(tmp_path: Path) -> None:
         sim.wait_until(lambda s: s.stats()["active_sessions"] == 0, TIMEOUT)
     text = path.read_text()
     assert "sk-secret-123" not in text
-    lines = [json.loads(line) for line in text.splitlines()]
-    assert {line["dir"] for line in lines} == {"in", "out"}
+    header, *lines = [json.loads(line) for line in text.splitlines()]
+    assert header["type"] == "rtqueue.recording" and header["source"] == "simulator"
+    assert {line["from"] for line in lines} == {"client", "server"}
     assert all(line["session"] == 0 and isinstance(line["t"], float) for line in lines)
-    ins = [line["event"] for line in lines if line["dir"] == "in"]
-    assert ins[0]["type"] == "response.create" and ins[1] == {"binary_len": 3}
-    outs = [line["event"]["type"] for line in lines if line["dir"] == "out"]
+    ins = [line for line in lines if line["from"] == "client"]
+    assert ins[0]["event"]["type"] == "response.create" and ins[1]["binary_len"] == 3
+    outs = [line["event"]["type"] for line in lines if line["from"] == "server"]
     assert outs[0] == "session.created" and "response.done" in outs
 
 

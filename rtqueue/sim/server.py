@@ -36,7 +36,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import attrs
@@ -45,6 +45,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..errors import InvalidArgument
+from ..recording import Recorder
 from ..secrets import redact
 from ._checks import check_int, check_number
 from .core import SimSession
@@ -115,9 +116,10 @@ class Simulator:
         latency_ms: one-way delay applied to every frame in both directions
             (round trip = 2x), order preserved.
         seed: makes IDs, model choices and random faults reproducible.
-        trace: a path; every frame both ways is appended as a JSONL line
-            ``{"t", "session", "dir": "in"|"out", "event"}`` (binary frames as
-            ``{"binary_len": n}``, bad JSON as ``{"invalid_json": text}``).
+        trace: a path; every frame both ways is written as an rtqueue
+            recording (:mod:`rtqueue.recording`: a header line, then
+            ``{"t", "session", "from": "client"|"server", "event"}`` lines;
+            binary frames as ``{"binary_len": n}``, bad JSON as ``{"raw": text}``).
             Handshake headers (and so API keys) are never written.
         speed: pacing of audio and text relative to real time (1.0 real
             time, 20.0 twenty times faster, ``None`` or 0 unpaced).
@@ -225,7 +227,7 @@ class Simulator:
         self._changed = threading.Condition()
         self._generation = 0
         self._trace_lock = threading.Lock()
-        self._trace_file: IO[str] | None = None
+        self._trace_file: Recorder | None = None
         self._fault_rng = random.Random(f"faults|{seed}")
 
     # ------------------------------------------------------------------ lifecycle
@@ -248,7 +250,9 @@ class Simulator:
                 raise RuntimeError("Simulator already started")
             self._started = True
         if self._trace_path is not None:
-            self._trace_file = open(self._trace_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._trace_file = Recorder(self._trace_path, source="simulator")
+            self._trace_file.start({"simulator": {"seed": self._seed, "speed": self._speed,
+                                                  "latency_ms": self._latency * 1000.0}})
         ready = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, args=(ready,), name="rtqueue-sim-loop", daemon=True)
@@ -879,12 +883,17 @@ class Simulator:
         self._trace(conn.index, "out", event, t)
 
     def _trace(self, index: int, direction: str, event: dict[str, Any], t: float) -> None:
-        if self._trace_file is None:
+        """Append a frame to the trace, an rtqueue recording (:mod:`rtqueue.recording`)."""
+        recorder = self._trace_file
+        if recorder is None:
             return
-        line = json.dumps({"t": t, "session": index, "dir": direction, "event": event})
-        with self._trace_lock:
-            if self._trace_file is not None:
-                self._trace_file.write(line + "\n")
+        sender: Literal["client", "server"] = "client" if direction == "in" else "server"
+        if len(event) == 1 and isinstance(event.get("invalid_json"), str):
+            recorder.write_raw(sender, event["invalid_json"], t=t, session=index)
+        elif len(event) == 1 and isinstance(event.get("binary_len"), int):
+            recorder.write_raw(sender, b"\0" * event["binary_len"], t=t, session=index)
+        else:
+            recorder.write(sender, event, t=t, session=index)
 
 
 def _opaque(frame: str | bytes) -> dict[str, Any]:
