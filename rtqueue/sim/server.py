@@ -45,11 +45,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..errors import InvalidArgument
-from ..recording import Recorder
+from ..recording import Recorder, Recording
 from ..secrets import redact
 from ._checks import check_int, check_number
 from .core import SimSession
 from .faults import FaultPlan
+from .replay import ReplaySession, load_replay
 
 __all__ = ["Simulator"]
 
@@ -92,7 +93,7 @@ class _FaultState:
 class _Conn:
     index: int
     ws: ServerConnection
-    core: SimSession
+    core: SimSession | ReplaySession
     lock: threading.Lock = attrs.Factory(threading.Lock)
     # (due, parsed event or None, raw frame if unparsable)
     inbound: deque[tuple[float, Any, str | bytes | None]] = attrs.Factory(deque)
@@ -142,6 +143,10 @@ class Simulator:
             :meth:`server_events` (turn off for soak runs).
         close_timeout: seconds to wait for a client's closing handshake.
         session_max_duration_s: when ``session_expired`` is sent (60 min).
+        replay: a recording (path or :class:`~rtqueue.recording.Recording`)
+            whose server side is served instead of the scripted model (see
+            :mod:`rtqueue.sim.replay`); differences are listed in
+            ``stats()["replay_mismatches"]``.
 
     Arguments are checked here, before anything binds: a wrong type or value
     (a port outside 0..65535, a negative, NaN or infinite number, ``bool``
@@ -167,6 +172,7 @@ class Simulator:
         record: bool = True,
         close_timeout: float = 2.0,
         session_max_duration_s: float = 3600.0,
+        replay: str | os.PathLike[str] | Recording | None = None,
     ) -> None:
         if not isinstance(host, str) or not host:
             raise InvalidArgument(f"Simulator host must be a non-empty str, got {type(host).__name__} {host!r}")
@@ -201,6 +207,11 @@ class Simulator:
         self._record = record
         self._close_timeout = check_number("Simulator close_timeout", close_timeout, above=True)
         self._max_duration = check_number("Simulator session_max_duration_s", session_max_duration_s, above=True)
+        try:
+            self._replay = load_replay(replay) if replay is not None else None
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"Simulator replay: cannot read {replay!r}: {exc}") from None
+        self._replay_mismatches: list[dict[str, Any]] = []
 
         self._lock = threading.Lock()  # guards the fields below
         self._started = False
@@ -483,6 +494,9 @@ class Simulator:
             total[key] = sums.get(key, 0)
         total["errors"] = {k: v for k, v in errors.items() if v}
         total["client_events"] = dict(client)
+        if self._replay is not None:
+            with self._lock:
+                total["replay_mismatches"] = list(self._replay_mismatches)
         return total
 
     @staticmethod
@@ -567,7 +581,7 @@ class Simulator:
         if closed:
             await ws.close(1001, "simulator shutting down")
             return
-        core = SimSession(
+        core: SimSession | ReplaySession = SimSession(
             now=now,
             index=index,
             seed=self._seed,
@@ -579,6 +593,9 @@ class Simulator:
             first_output_ms=self._first_output_ms,
             min_response_ms=self._min_response_ms,
         )
+        if self._replay is not None:  # serve a recording instead of the scripted model
+            core = ReplaySession(self._replay, now=now, index=index, speed=self._speed,
+                                 mismatches=self._replay_mismatches)
         conn = _Conn(index=index, ws=ws, core=core, last_due=now)
         if not self._authorized(ws):
             await self._reject(conn)

@@ -1,0 +1,286 @@
+"""Replay a recording's server side to a live client: :class:`ReplaySession`.
+
+A drop-in for :class:`~rtqueue.sim.core.SimSession` in the simulator's server
+(``Simulator(replay="call.jsonl")``, ``rtqueue sim --replay call.jsonl``).
+Connection ``k`` replays the recording's ``k``-th connection (the last one
+once they run out).
+
+How it answers:
+
+- Every recorded server frame is attached to the client frame recorded just
+  before it (its *trigger*); frames recorded before any client frame (e.g.
+  ``session.created``) are sent at their recorded time after the connection.
+- Client events are matched by type and order: the live client's n-th
+  ``response.create`` is the recording's n-th ``response.create``, and
+  releases the server frames attached to it, at the recorded offsets after
+  the live event (divided by ``speed``; unpaced when ``speed`` is None),
+  never before a frame already released.
+- IDs the client makes up are rewritten: a recorded client ``event_id``,
+  item ``id``/``previous_item_id`` or ``response.metadata`` value is
+  replaced, everywhere in the server frames, by the live client's value at
+  the same place (so ``error.event_id`` and the metadata echo in
+  ``response.created``/``response.done`` match the live client's requests).
+- Differences it cannot explain are listed in :meth:`ReplaySession.stats`
+  (``"mismatches"``): a client event whose content differs from the recorded
+  one (``event_id``s and audio payloads aside), and a client event the
+  recording never had, which also gets a server ``error`` event
+  (``code: "replay_mismatch"``) naming what the recording had.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from ..recording import Frame, Recording, read_recording
+
+__all__ = ["ReplaySession", "load_replay"]
+
+_ID_KEYS = frozenset({"event_id", "id", "item_id", "previous_item_id"})
+_AUDIO_FIELDS = {"input_audio_buffer.append": "audio", "response.output_audio.delta": "delta"}
+
+
+def load_replay(source: str | os.PathLike[str] | Recording) -> Recording:
+    """A :class:`Recording` from a path (or the recording itself), checked to have server frames."""
+    rec = source if isinstance(source, Recording) else read_recording(source)
+    if not any(f.sender == "server" for f in rec.frames):
+        raise ValueError("the recording has no server frames to replay")
+    return rec
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _pairs(recorded: Any, live: Any, under_metadata: bool, out: dict[str, str]) -> None:
+    """Collect recorded -> live string pairs at the same place (ids and metadata values)."""
+    if isinstance(recorded, Mapping) and isinstance(live, Mapping):
+        for key, value in recorded.items():
+            if key not in live:
+                continue
+            other = live[key]
+            if isinstance(value, str) and isinstance(other, str):
+                if value != other and (under_metadata or key in _ID_KEYS):
+                    out[value] = other
+            else:
+                _pairs(value, other, under_metadata or key == "metadata", out)
+    elif isinstance(recorded, list) and isinstance(live, list):
+        for a, b in zip(recorded, live, strict=False):
+            _pairs(a, b, under_metadata, out)
+
+
+def _rewrite(value: Any, ids: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return ids.get(value, value)
+    if isinstance(value, dict):
+        return {k: _rewrite(v, ids) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rewrite(v, ids) for v in value]
+    return value
+
+
+def _comparable(event: Mapping[str, Any], ids: Mapping[str, str]) -> Any:
+    """An event without its event_id and audio payload, with recorded ids mapped to live ones."""
+    out = {k: v for k, v in event.items() if k != "event_id"}
+    field = _AUDIO_FIELDS.get(str(out.get("type")))
+    if field is not None:
+        out.pop(field, None)
+        out.pop("rtq_audio_ms", None)
+    return _rewrite(out, ids)
+
+
+def _fill_audio(event: dict[str, Any]) -> dict[str, Any]:
+    """A recording kept as durations has ``delta: null``: send silence of that length instead."""
+    if event.get("type") == "response.output_audio.delta" and event.get("delta") is None:
+        ms = event.get("rtq_audio_ms")
+        n = int(float(ms) * 48) if isinstance(ms, (int, float)) else 0
+        event = {k: v for k, v in event.items() if k != "rtq_audio_ms"}
+        event["delta"] = base64.b64encode(b"\0" * (n - n % 2)).decode("ascii")
+    return event
+
+
+class ReplaySession:
+    """Serves one recorded connection; the interface of ``SimSession`` the server uses."""
+
+    def __init__(
+        self,
+        recording: Recording,
+        *,
+        now: float,
+        index: int = 0,
+        speed: float | None = 1.0,
+        mismatches: list[dict[str, Any]] | None = None,
+    ) -> None:
+        sessions = sorted({f.session for f in recording.frames})
+        chosen = sessions[min(index, len(sessions) - 1)] if sessions else 0
+        frames = [f for f in recording.frames if f.session == chosen]
+        self.index = index
+        self._speed = speed or None
+        self._start = now
+        self._t0 = frames[0].t if frames else 0.0
+        # Client frames by type, each with the server frames it triggered.
+        self._by_type: dict[str, list[tuple[Frame, list[Frame]]]] = defaultdict(list)
+        self._initial: list[Frame] = []
+        current: list[Frame] | None = None
+        for f in frames:
+            if f.sender == "client":
+                kind = f.type or ("<binary>" if f.binary_len is not None else "<invalid_json>")
+                current = []
+                self._by_type[kind].append((f, current))
+            elif f.event is not None:
+                (self._initial if current is None else current).append(f)
+        self._seen: Counter[str] = Counter()
+        self._ids: dict[str, str] = {}
+        self._queue: list[tuple[float, int, dict[str, Any]]] = []
+        self._seq = itertools.count()
+        self._last_due = now
+        self._mismatches: list[dict[str, Any]] = mismatches if mismatches is not None else []
+        self._own: list[dict[str, Any]] = []
+        self._client_events: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._sent: Counter[str] = Counter()
+        self._n_errors = 0
+        self.close_request: tuple[int, str] | None = None
+        for f in self._initial:
+            self._schedule(now + self._scaled(f.t - self._t0), f.event or {})
+
+    # ------------------------------------------------------------------ helpers
+
+    def _scaled(self, dt: float) -> float:
+        return 0.0 if self._speed is None else max(0.0, dt) / self._speed
+
+    def _schedule(self, due: float, event: dict[str, Any]) -> None:
+        due = max(due, self._last_due)
+        self._last_due = due
+        self._queue.append((due, next(self._seq), event))
+
+    def _mismatch(self, **info: Any) -> None:
+        entry = {"session": self.index, **info}
+        self._mismatches.append(entry)
+        self._own.append(entry)
+
+    # ------------------------------------------------------------------ the SimSession interface
+
+    def receive_raw(self, frame: str | bytes, now: float) -> None:
+        if isinstance(frame, (bytes, bytearray, memoryview)):
+            self._answer("<binary>", None, now)
+        else:
+            try:
+                event = json.loads(frame)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                self.receive(event, now)
+            else:
+                self._answer("<invalid_json>", None, now)
+
+    def receive(self, event: Any, now: float) -> None:
+        if not isinstance(event, dict):
+            self._answer("<invalid_json>", None, now)
+            return
+        kind = event.get("type")
+        self._answer(kind if isinstance(kind, str) else "<no type>", event, now)
+
+    def _answer(self, kind: str, event: dict[str, Any] | None, now: float) -> None:
+        self._client_events[kind] += 1
+        n = self._seen[kind]
+        self._seen[kind] += 1
+        recorded = self._by_type.get(kind, [])
+        if n >= len(recorded):
+            had = len(recorded)
+            message = (
+                f"Replay: the client sent a {_ordinal(n + 1)} {kind!r} event; the recording has "
+                + (f"only {had}." if had else "none.")
+            )
+            self._mismatch(kind="unexpected_event", type=kind, nth=n + 1, message=message)
+            self._errors["replay_mismatch"] += 1
+            self._schedule(now, {
+                "type": "error",
+                "event_id": self.new_event_id(),
+                "error": {"type": "invalid_request_error", "code": "replay_mismatch", "message": message,
+                          "param": None, "event_id": event.get("event_id") if event else None},
+            })
+            return
+        client, answers = recorded[n]
+        if event is not None and client.event is not None:
+            _pairs(client.event, event, False, self._ids)
+            want, got = _comparable(client.event, self._ids), _comparable(event, {})
+            if want != got:
+                self._mismatch(kind="different_event", type=kind, nth=n + 1,
+                               recorded=want, received=got,
+                               message=f"Replay: the {_ordinal(n + 1)} {kind!r} differs from the recording")
+        for f in answers:
+            assert f.event is not None
+            self._schedule(now + self._scaled(f.t - client.t), _rewrite(f.event, self._ids))
+
+    def advance(self, now: float) -> list[dict[str, Any]]:
+        due = [e for e in self._queue if e[0] <= now]
+        if not due:
+            return []
+        self._queue = [e for e in self._queue if e[0] > now]
+        due.sort(key=lambda e: (e[0], e[1]))
+        out = [_fill_audio(e[2]) for e in due]
+        for ev in out:
+            self._sent[str(ev.get("type"))] += 1
+            if ev.get("type") == "error":
+                code = (ev.get("error") or {}).get("code")
+                if isinstance(code, str) and code != "replay_mismatch":
+                    self._errors[code] += 1
+        return out
+
+    def next_due(self) -> float | None:
+        return min((e[0] for e in self._queue), default=None)
+
+    def feed(self, event: Any, now: float) -> list[dict[str, Any]]:
+        self.receive(event, now)
+        return self.advance(now)
+
+    def make_error(self, code: str, message: str, *, type: str = "server_error", param: str | None = None
+                   ) -> dict[str, Any]:
+        self._errors[code] += 1
+        return {"type": "error", "event_id": self.new_event_id(),
+                "error": {"type": type, "code": code, "message": message, "param": param, "event_id": None}}
+
+    def new_event_id(self) -> str:
+        self._n_errors += 1
+        return f"event_replay{self.index}x{self._n_errors}"
+
+    def expire_at(self, when: float) -> None:
+        """Faults that expire a session do not apply to a replay."""
+
+    def withhold_done(self, nth: int) -> None:
+        """Faults that withhold a response.done do not apply to a replay."""
+
+    def unanswered(self) -> dict[str, int]:
+        """Recorded client events (by type) the live client has not sent (yet)."""
+        left = {k: len(v) - self._seen[k] for k, v in self._by_type.items()}
+        return {k: n for k, n in left.items() if n > 0}
+
+    def stats(self) -> dict[str, Any]:
+        sent = self._sent
+        return {
+            "responses": sent["response.created"],
+            "completed": 0,
+            "cancelled": 0,
+            "incomplete": 0,
+            "withheld": 0,
+            "conflicts": self._errors.get("conversation_already_has_active_response", 0),
+            "cancel_not_active": self._errors.get("response_cancel_not_active", 0),
+            "truncate_errors": 0,
+            "errors": dict(self._errors),
+            "client_events": dict(self._client_events),
+            "function_calls": sent["response.function_call_arguments.done"],
+            "vad_speech_started": sent["input_audio_buffer.speech_started"],
+            "vad_speech_stopped": sent["input_audio_buffer.speech_stopped"],
+            "truncations": self._client_events["conversation.item.truncate"],
+            "server_events": sum(sent.values()),
+            "audio_ms_sent": 0,
+            "mismatches": list(self._own),
+            "unanswered": self.unanswered(),
+        }

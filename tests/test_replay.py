@@ -1,0 +1,82 @@
+"""Replay (rtqueue.sim.replay): a recorded simulator conversation served back to a fresh client."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from rtqueue import Agent, Session, Simulator, tool
+from rtqueue.recording import read_recording
+from tests.utils import UNIT
+
+
+@tool
+def lookup_order(order_id: str) -> dict:
+    """Look up an order by its id."""
+    return {"order_id": order_id, "status": "shipped"}
+
+
+def _agents() -> Agent:
+    returns = Agent(name="returns", instructions="You are the returns agent. Handle returns.", tools=[lookup_order])
+    return Agent(name="greeter", instructions="You are the greeter. Greet, then route.", handoffs=[returns])
+
+
+def _conversation(url: str) -> dict[str, Any]:
+    """Tools, a handoff, a barge-in (cancel mid-answer) and a truncate; what the client saw."""
+    out: dict[str, Any] = {"handoffs": []}
+    with Session.connect(url=url, agent=_agents()) as session:
+        session.on("agent.handoff", lambda e: out["handoffs"].append((e.source, e.target)))
+        first = session.ask("I want to talk to returns about order 42", timeout=UNIT)
+        out["first"] = (first.text, first.agent, first.status)
+        out["agent_after"] = session.agent.name if session.agent else None
+        words = threading.Event()
+        session.on("response.output_audio_transcript.delta", lambda e: words.set())
+        session.send_text("Tell me everything about returns. [len: 60]")
+        handle = session.create_response()
+        assert words.wait(UNIT)
+        session.interrupt(timeout=UNIT)
+        cut = handle.wait(UNIT)
+        out["cut"] = (cut.status, cut.agent)
+        item = next(o for o in cut.output if o.get("type") == "message")
+        session.send({"type": "conversation.item.truncate", "item_id": item["id"], "content_index": 0,
+                      "audio_end_ms": 100})
+        last = session.ask("Thanks, and order 7?", timeout=UNIT)
+        out["last"] = (last.text, last.agent, last.status)
+        assert session.wait_idle(UNIT)
+        out["calls"] = [o.get("name") for o in first.output + last.output if o.get("type") == "function_call"]
+    return out
+
+
+def test_replay_a_recorded_conversation(tmp_path: Path) -> None:
+    path = tmp_path / "call.jsonl"
+    with Simulator(speed=4.0, trace=path) as sim:
+        recorded = _conversation(sim.url)
+        sim.wait_until(lambda s: s.stats()["active_sessions"] == 0, UNIT)
+    assert recorded["cut"][0] == "cancelled" and recorded["handoffs"] == [("greeter", "returns")]
+    assert "shipped" in recorded["first"][0]
+    rec = read_recording(path)
+    types = [f.type for f in rec.frames if f.sender == "client"]
+    assert "response.cancel" in types and "conversation.item.truncate" in types
+    for speed in (None, 8.0):
+        with Simulator(replay=path, speed=speed) as replay:
+            replayed = _conversation(replay.url)
+            replay.wait_until(lambda s: s.stats()["active_sessions"] == 0, UNIT)
+            stats = replay.stats()
+        assert replayed == recorded, speed
+        assert stats["replay_mismatches"] == [], stats["replay_mismatches"]
+
+
+def test_replay_reports_an_event_the_recording_never_had(tmp_path: Path) -> None:
+    path = tmp_path / "call.jsonl"
+    with Simulator(speed=None, trace=path) as sim, Session.connect(url=sim.url) as session:
+        session.ask("hello", timeout=UNIT)
+    with Simulator(replay=path, speed=None) as replay, Session.connect(url=replay.url) as session:
+        session.ask("hello", timeout=UNIT)
+        errors = session.events("error")
+        session.send({"type": "input_audio_buffer.clear"})
+        err = errors.get(UNIT)
+        assert err is not None and err["error"]["code"] == "replay_mismatch"
+        assert "input_audio_buffer.clear" in err["error"]["message"]
+        mismatches = replay.stats()["replay_mismatches"]
+    assert [m["kind"] for m in mismatches] == ["unexpected_event"]
