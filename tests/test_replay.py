@@ -80,3 +80,9 @@ def test_replay_reports_an_event_the_recording_never_had(tmp_path: Path) -> None
         assert "input_audio_buffer.clear" in err["error"]["message"]
         mismatches = replay.stats()["replay_mismatches"]
     assert [m["kind"] for m in mismatches] == ["unexpected_event"]
+
+
+def test_sim_cli_has_replay() -> None:
+    from rtqueue.sim.cli import build_parser
+
+    assert build_parser().parse_args(["--replay", "call.jsonl"]).replay == "call.jsonl"

@@ -1,7 +1,7 @@
 """Command line: run the simulator until Ctrl-C.
 
 ``rtqueue sim --port 8765 [--latency-ms N] [--speed X] [--seed N]
-[--trace FILE] [--require-api-key KEY]`` (or ``python -m rtqueue sim``, or
+[--trace FILE] [--replay FILE] [--require-api-key KEY]`` (or ``python -m rtqueue sim``, or
 ``python -m rtqueue.sim``) prints the URL and serves until interrupted.
 Invalid options are reported by argparse (usage and exit status 2), never as
 a traceback.
@@ -70,6 +70,13 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for IDs, the scripted model and faults")
     p.add_argument("--trace", type=_non_empty, default=None, help="append every frame as JSONL to this file")
     p.add_argument(
+        "--replay",
+        type=_non_empty,
+        default=None,
+        metavar="FILE",
+        help="serve this recording's server side instead of the scripted model (see rtqueue.sim.replay)",
+    )
+    p.add_argument(
         "--require-api-key",
         type=_non_empty,
         default=None,
@@ -119,6 +126,7 @@ def _serve(
             trace=args.trace,
             speed=args.speed or None,
             require_api_key=args.require_api_key,
+            replay=args.replay,
         )
     except InvalidArgument as exc:  # the option types above should catch everything first
         parser.error(str(exc))
