@@ -27,6 +27,7 @@ import base64
 import binascii
 import copy
 import functools
+import heapq
 import json
 import math
 import random
@@ -76,7 +77,11 @@ ERROR_CODES: Mapping[str, str] = {
     "unknown_parameter": "session.update with a field the GA session does not have",
     "missing_required_parameter": "a required field is absent (e.g. session.type)",
     "cannot_update_voice": "voice change after the session produced audio",
-    "invalid_json": "a frame that is not a JSON object",
+    "invalid_json": "a frame that is not a JSON object ('Invalid event: failed to parse JSON value. ...')",
+    "invalid_event": "a binary WebSocket frame",
+    "integer_below_min_value": "audio format rate below 24000 (the whole session.update is discarded)",
+    "object_above_max_properties": "response.metadata with more than 16 pairs",
+    "null": "(code null) truncate of an item that is not model output audio",
     "session_expired": "the session reached its maximum duration",
     "server_error": "an unexpected simulator bug (also listed in SimSession.internal_errors)",
 }
@@ -123,6 +128,26 @@ _SEMANTIC_VAD_FIELDS = frozenset({"type", "eagerness", "create_response", "inter
 # semantic_vad has no silence_duration_ms; eagerness stands in for it.
 _EAGERNESS_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 400}
 _MIN_COMMIT_MS = 100.0
+_MAX_METADATA = 16
+#: Voices the GA service accepts (a custom voice is ``{"id": ...}``).
+VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+_RESPONSE_FIELDS = frozenset(
+    {
+        "audio",
+        "conversation",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "metadata",
+        "output_modalities",
+        "parallel_tool_calls",
+        "prompt",
+        "reasoning",
+        "tool_choice",
+        "tools",
+    }
+)
+_RATE_LIMITS_DELAY_S = 0.04
 _TEXT_TOKENS_PER_WORD = 1.3
 _AUDIO_TOKENS_PER_SECOND = 20.0
 
@@ -132,7 +157,7 @@ def _default_server_vad() -> dict[str, Any]:
         "type": "server_vad",
         "threshold": 0.5,
         "prefix_padding_ms": 300,
-        "silence_duration_ms": 500,
+        "silence_duration_ms": 200,
         "create_response": True,
         "interrupt_response": True,
         "idle_timeout_ms": None,
@@ -148,7 +173,7 @@ class _Reject(Exception):
 
     def __init__(
         self,
-        code: str,
+        code: str | None,
         message: str,
         param: str | None = None,
         type: str = "invalid_request_error",
@@ -316,6 +341,8 @@ class SimSession:
     _errors: Counter[str] = attrs.field(init=False, factory=Counter)
     _client_events: Counter[str] = attrs.field(init=False, factory=Counter)
     _handler_table: dict[str, Callable[[dict[str, Any], str | None, float], None]] = attrs.field(init=False)
+    _later: list[tuple[float, int, Callable[[], None]]] = attrs.field(init=False, factory=list)
+    _later_seq: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self._handler_table = self._handlers()  # built once: receive() runs per mic chunk
@@ -336,6 +363,7 @@ class SimSession:
             "max_output_tokens": "inf",
             "tracing": None,
             "truncation": "auto",
+            "include": None,
             "prompt": None,
             "expires_at": int(self.epoch + self.max_duration_s),
             "audio": {
@@ -349,11 +377,8 @@ class SimSession:
             },
         }
         self._configure_vad()
+        # The real GA service sends no conversation.created: session.created comes first.
         self._emit("session.created", session=copy.deepcopy(self._session))
-        self._emit(
-            "conversation.created",
-            conversation={"id": self._conversation_id, "object": "realtime.conversation"},
-        )
 
     # ------------------------------------------------------------------ public
 
@@ -376,7 +401,7 @@ class SimSession:
             self._catch_up(now)
             self._client_events["<binary>"] += 1
             self._error(
-                _Reject("invalid_json", "Binary frames are not supported. Send JSON text frames."),
+                _Reject("invalid_event", "Expected a text WebSocket message; binary frames are not supported."),
                 None,
             )
             return
@@ -385,7 +410,7 @@ class SimSession:
         except ValueError as exc:
             self._catch_up(now)
             self._client_events["<invalid_json>"] += 1
-            self._error(_Reject("invalid_json", f"Invalid JSON in client event: {exc}."), None)
+            self._error(_Reject("invalid_json", f"Invalid event: failed to parse JSON value. {exc}."), None)
             return
         self.receive(event, now)
 
@@ -408,6 +433,8 @@ class SimSession:
         self._client_events[etype if isinstance(etype, str) else "<missing>"] += 1
         handler = self._handler_table.get(etype) if isinstance(etype, str) else None
         try:
+            if etype != "input_audio_buffer.append":
+                _check_surrogates(event, "")
             if etype is None:
                 raise _missing("type")
             if handler is None:
@@ -435,6 +462,8 @@ class SimSession:
         if self._ready:
             return self._last_now
         candidates = [r.steps[0][0] for r in self._responses if r.steps]
+        if self._later:
+            candidates.append(self._later[0][0])
         if not self._expired:
             candidates.append(self._expires_at)
         return min(candidates) if candidates else None
@@ -508,6 +537,16 @@ class SimSession:
         # digits: unique in practice, like the real service's IDs, and cheap.
         return prefix + base64.b64encode(self._ids.randbytes(15)).decode("ascii").translate(_ID_FIX)
 
+    def _schedule(self, when: float, step: Callable[[], None]) -> None:
+        """Run ``step`` at ``when`` (session-level timeline, outside any response)."""
+        self._later_seq += 1
+        heapq.heappush(self._later, (when, self._later_seq, step))
+
+    def _obfuscation(self, delta: str) -> str:
+        # The real service pads deltas with a random string (against length
+        # side channels); clients must ignore it.
+        return base64.b64encode(self._ids.randbytes(6 + (len(delta) * 7) % 9)).decode("ascii").rstrip("=")
+
     def _emit(self, etype: str, **fields: Any) -> dict[str, Any]:
         event = {"type": etype, "event_id": self._new_id("event_"), **fields}
         self._ready.append(event)
@@ -515,7 +554,7 @@ class SimSession:
         return event
 
     def _error(self, rej: _Reject, client_event_id: str | None) -> None:
-        self._errors[rej.code] += 1
+        self._errors[rej.code or "null"] += 1
         self._emit(
             "error",
             error={
@@ -542,6 +581,12 @@ class SimSession:
                 self._last_now = max(self._last_now, self._expires_at)
                 self._expire()
                 continue
+            if self._later and self._later[0][0] <= min(due, now) and (best is None or self._later[0][0] < due):
+                when, _, later = heapq.heappop(self._later)
+                self._last_now = max(self._last_now, when)
+                if not self._expired:
+                    later()
+                continue
             if best is None or due > now:
                 break
             self._last_now = max(self._last_now, due)
@@ -553,6 +598,7 @@ class SimSession:
         self._expired = True
         for r in self._responses:
             r.steps.clear()
+        self._later.clear()
         self._error(_Reject("session_expired", self.expiry_message), None)
         self.close_request = (1000, "session expired")
 
@@ -678,12 +724,7 @@ class SimSession:
             if "format" in aout:
                 cur["format"] = _check_format("session.audio.output.format", aout["format"])
             if "voice" in aout:
-                voice = aout["voice"]
-                if isinstance(voice, dict) and isinstance(voice.get("id"), str):
-                    voice = {"id": voice["id"]}
-                elif not isinstance(voice, str):
-                    raise _bad_type("session.audio.output.voice", "a string", voice)
-                cur["voice"] = voice
+                cur["voice"] = _check_voice("session.audio.output.voice", aout["voice"])
             if "speed" in aout:
                 sp = aout["speed"]
                 if not _is_number(sp):
@@ -768,7 +809,6 @@ class SimSession:
         self._emit("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
         item = {
             "id": item_id,
-            "object": "realtime.item",
             "type": "message",
             "status": "completed",
             "role": "user",
@@ -851,7 +891,7 @@ class SimSession:
         if raw_id is not None and not isinstance(raw_id, str):
             raise _bad_type(f"{param}.id", "a string", raw_id)
         item_id = raw_id or self._new_id("item_")
-        base = {"id": item_id, "object": "realtime.item", "type": itype, "status": "completed"}
+        base = {"id": item_id, "type": itype, "status": "completed"}
         if itype == "function_call_output":
             for key in ("call_id", "output"):
                 if key not in raw:
@@ -955,7 +995,10 @@ class SimSession:
             content_index = self._require_int(event, "content_index")
             end_ms = self._require_int(event, "audio_end_ms")
             msg = self._messages.get(item_id)
-            if msg is None or msg.text_mode or item_id not in self._items:
+            if item_id in self._items and (msg is None or msg.text_mode):
+                # What the real service answers for a user (or text) item: code null.
+                raise _Reject(None, "Only model output audio messages can be truncated", "item_id")
+            if msg is None or item_id not in self._items:
                 raise _Reject(
                     "item_truncate_invalid_item_id",
                     f"Invalid 'item_id': no assistant audio item with id '{item_id}'.",
@@ -979,7 +1022,7 @@ class SimSession:
                     "audio_end_ms",
                 )
         except _Reject as rej:
-            if rej.code in ("invalid_value", "item_truncate_invalid_item_id"):
+            if rej.code in ("invalid_value", "item_truncate_invalid_item_id", None):
                 self._counts["truncate_errors"] += 1
             raise
         msg.truncated_ms = end_ms
@@ -998,6 +1041,9 @@ class SimSession:
             params = {}
         if not isinstance(params, dict):
             raise _bad_type("response", "an object", params)
+        for key in params:
+            if key not in _RESPONSE_FIELDS:
+                raise _Reject("unknown_parameter", f"Unknown parameter: 'response.{key}'.", f"response.{key}")
         conversation = params.get("conversation", "auto")
         if conversation is not None and not isinstance(conversation, str):
             raise _bad_type("response.conversation", "a string", conversation)
@@ -1123,13 +1169,20 @@ class SimSession:
         if metadata is not None:
             if not isinstance(metadata, dict):
                 raise _bad_type("response.metadata", "an object", metadata)
+            if len(metadata) > _MAX_METADATA:
+                raise _Reject(
+                    "object_above_max_properties",
+                    "Invalid 'response.metadata': too many properties. Expected an object with at most "
+                    f"{_MAX_METADATA} properties, but got an object with {len(metadata)} properties instead.",
+                    "response.metadata",
+                )
             for key, value in metadata.items():
                 if not isinstance(value, str):
                     raise _bad_type(f"response.metadata.{key}", "a string", value)
         voice = sess["audio"]["output"]["voice"]
         r_audio = params.get("audio")
         if isinstance(r_audio, dict) and isinstance(r_audio.get("output"), dict) and "voice" in r_audio["output"]:
-            voice = r_audio["output"]["voice"]
+            voice = _check_voice("response.audio.output.voice", r_audio["output"]["voice"])
         turns, input_tokens = self._context_turns(params)
 
         reply = self._model.reply(instructions=instructions, tools=tools, tool_choice=tool_choice, turns=turns)
@@ -1163,13 +1216,6 @@ class SimSession:
         self._responses.append(resp)
         self._counts["responses"] += 1
         self._emit("response.created", response=copy.deepcopy(obj))
-        self._emit(
-            "rate_limits.updated",
-            rate_limits=[
-                {"name": "requests", "limit": 5000, "remaining": 4999, "reset_seconds": 0.012},
-                {"name": "tokens", "limit": 40000, "remaining": 40000 - input_tokens, "reset_seconds": 0.3},
-            ],
-        )
         self._plan(resp, reply, now, text_mode, voice, incomplete)
 
     def _apply_token_limit(self, reply: Reply, max_tokens: Any, text_mode: bool) -> tuple[Reply, bool]:
@@ -1251,7 +1297,6 @@ class SimSession:
                 content = [{"type": "output_audio", "transcript": msg.sent_text()}]
         return {
             "id": msg.item_id,
-            "object": "realtime.item",
             "type": "message",
             "status": status,
             "role": "assistant",
@@ -1287,7 +1332,9 @@ class SimSession:
         word = msg.words[msg.words_sent]
         delta = word if msg.words_sent == 0 else " " + word
         msg.words_sent += 1
-        self._emit("response.output_text.delta", **self._loc(resp, msg), delta=delta)
+        self._emit(
+            "response.output_text.delta", **self._loc(resp, msg), delta=delta, obfuscation=self._obfuscation(delta)
+        )
 
     def _msg_audio_chunk(self, resp: _Response, msg: _Message, k: int, chunk: int) -> None:
         speech = msg.speech
@@ -1299,7 +1346,12 @@ class SimSession:
             word = msg.words[msg.words_sent]
             delta = word if msg.words_sent == 0 else " " + word
             msg.words_sent += 1
-            self._emit("response.output_audio_transcript.delta", **self._loc(resp, msg), delta=delta)
+            self._emit(
+                "response.output_audio_transcript.delta",
+                **self._loc(resp, msg),
+                delta=delta,
+                obfuscation=self._obfuscation(delta),
+            )
         pcm = speech.read(lo, hi)
         msg.samples_sent = hi
         self._audio_produced = True
@@ -1332,9 +1384,7 @@ class SimSession:
             self._emit("response.content_part.done", **loc, part=part)
         item = self._assistant_item(msg, status)
         resp.obj["output"][msg.output_index] = item
-        self._emit(
-            "response.output_item.done", response_id=resp.id, output_index=msg.output_index, item=copy.deepcopy(item)
-        )
+        # Real order: conversation.item.done, then response.output_item.done.
         if resp.in_band and msg.item_id in self._items:
             if msg.truncated_ms is None:
                 self._items[msg.item_id] = copy.deepcopy(item)
@@ -1344,6 +1394,9 @@ class SimSession:
             self._emit(
                 "conversation.item.done", previous_item_id=previous, item=copy.deepcopy(self._items[msg.item_id])
             )
+        self._emit(
+            "response.output_item.done", response_id=resp.id, output_index=msg.output_index, item=copy.deepcopy(item)
+        )
 
     def _previous_of(self, item_id: str) -> str | None:
         pos = self._order.index(item_id)
@@ -1352,7 +1405,6 @@ class SimSession:
     def _call_item(self, fc: _FunctionCall, status: str) -> dict[str, Any]:
         return {
             "id": fc.item_id,
-            "object": "realtime.item",
             "type": "function_call",
             "status": status,
             "name": fc.name,
@@ -1399,14 +1451,14 @@ class SimSession:
             )
         item = self._call_item(fc, status)
         resp.obj["output"][fc.output_index] = item
-        self._emit(
-            "response.output_item.done", response_id=resp.id, output_index=fc.output_index, item=copy.deepcopy(item)
-        )
         if resp.in_band and fc.item_id in self._items:
             self._items[fc.item_id] = copy.deepcopy(item)
             self._emit(
                 "conversation.item.done", previous_item_id=self._previous_of(fc.item_id), item=copy.deepcopy(item)
             )
+        self._emit(
+            "response.output_item.done", response_id=resp.id, output_index=fc.output_index, item=copy.deepcopy(item)
+        )
 
     def _usage(self, resp: _Response) -> dict[str, Any]:
         text_tokens = sum(math.ceil(m.words_sent * _TEXT_TOKENS_PER_WORD) for m in resp.messages)
@@ -1446,8 +1498,18 @@ class SimSession:
         resp.obj["usage"] = self._usage(resp)
         self._counts[status] += 1
         self._emit("response.done", response=copy.deepcopy(resp.obj))
+        # rate_limits.updated follows response.done (about 40 ms later on the
+        # real service), with a tokens entry only.
+        used = int(resp.obj["usage"]["total_tokens"])
+        self._schedule(self._last_now + self._pace(_RATE_LIMITS_DELAY_S), functools.partial(self._rate_limits, used))
         # Finished responses are only needed for their IDs; keep memory bounded.
         self._responses = [r for r in self._responses if not r.finished]
+
+    def _rate_limits(self, used: int) -> None:
+        self._emit(
+            "rate_limits.updated",
+            rate_limits=[{"name": "tokens", "limit": 40000, "remaining": max(0, 40000 - used), "reset_seconds": 0.3}],
+        )
 
     def _cancel(self, resp: _Response, reason: str) -> None:
         """Stop ``resp`` now: close what is open as incomplete, then ``response.done`` cancelled."""
@@ -1532,9 +1594,47 @@ def _check_format(param: str, value: Any) -> dict[str, Any]:
             f"{param}.type",
         )
     rate = value.get("rate", SAMPLE_RATE)
+    if _is_number(rate) and rate < SAMPLE_RATE:
+        raise _Reject(
+            "integer_below_min_value",
+            f"Invalid '{param}.rate': integer below minimum value. Expected a value >= {SAMPLE_RATE}, "
+            f"but got {rate} instead.",
+            f"{param}.rate",
+        )
     if rate != SAMPLE_RATE:
         raise _bad_value(f"{param}.rate", rate, [str(SAMPLE_RATE)])
     return dict(_PCM)
+
+
+def _check_voice(param: str, voice: Any) -> Any:
+    if isinstance(voice, dict) and isinstance(voice.get("id"), str):
+        return {"id": voice["id"]}
+    if not isinstance(voice, str):
+        raise _bad_type(param, "a string", voice)
+    if voice not in VOICES:
+        raise _bad_value(param, voice, VOICES)
+    return voice
+
+
+def _check_surrogates(value: Any, path: str) -> None:
+    """A lone UTF-16 surrogate in any string is a client error (the real service: invalid_value)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            param = path or "event"
+            raise _Reject(
+                "invalid_value",
+                f"Invalid '{param}': string contains a lone surrogate at position {exc.start}; "
+                "expected valid UTF-8 text.",
+                param,
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_surrogates(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_surrogates(v, f"{path}[{i}]")
 
 
 def _merge_turn_detection(current: dict[str, Any] | None, value: Any) -> dict[str, Any] | None:

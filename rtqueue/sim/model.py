@@ -42,6 +42,9 @@ message (its ``function_call`` item is in the context) is not called again.
   ``text``/``reason``-like names take the user text; any other string takes
   the longest content word of the text (else ``"example"``); arrays are
   ``[]`` and nested objects recurse.
+- A tool with a place-like parameter is called once per place when the text
+  names several (capitalised words not at a sentence start): "weather in
+  Paris, Berlin and Rome" calls it three times, in one response.
 - A response that calls tools also says a short sentence first: ``"Let me
   transfer you to <name>."`` when every call is a handoff, else ``"Let me
   check that."`` (or ``[say: ...]``).
@@ -229,7 +232,15 @@ class ScriptedModel:
             chosen = [t for t in functions if str(t.get("name")) not in already and match_tools(t, words)]
             if not chosen and tool_choice == "required":
                 chosen = [t for t in functions if str(t.get("name")) not in already][:1]
-        return [ToolCall(str(t.get("name")), _arguments(t, text)) for t in chosen]
+        calls: list[ToolCall] = []
+        for t in chosen:
+            places = _places(text) if _place_param(t) else []
+            if len(places) > 1:
+                # "weather in Paris, Berlin and Rome": one call per place, in one response.
+                calls.extend(ToolCall(str(t.get("name")), _arguments(t, text, place=p)) for p in places)
+            else:
+                calls.append(ToolCall(str(t.get("name")), _arguments(t, text)))
+        return calls
 
 
 def match_tools(tool: Mapping[str, Any], user_words: set[str]) -> bool:
@@ -308,22 +319,40 @@ def _flatten(value: Any) -> str:
     return str(value)
 
 
-def _arguments(tool: Mapping[str, Any], text: str) -> str:
-    """JSON arguments for ``tool`` built from its schema and the user text."""
+_CAPS = re.compile(r"(?<![.!?]\s)(?<!^)\b([A-Z][a-z]{2,})")
+
+
+def _places(text: str) -> list[str]:
+    """Capitalised words (not at a sentence start), in order, without repeats: the places named."""
+    return list(dict.fromkeys(_CAPS.findall(text)))
+
+
+def _place_param(tool: Mapping[str, Any]) -> bool:
+    """Whether ``tool`` takes a place-like string (``city``, ``location``...)."""
+    schema = tool.get("parameters")
+    props = schema.get("properties") if isinstance(schema, Mapping) else None
+    if not isinstance(props, Mapping):
+        return False
+    return any(any(h in str(k).lower() for h in _PLACE_HINTS) for k in props)
+
+
+def _arguments(tool: Mapping[str, Any], text: str, *, place: str | None = None) -> str:
+    """JSON arguments for ``tool`` built from its schema and the user text (``place`` for place-like strings)."""
     schema = tool.get("parameters")
     numbers = _NUMBER.findall(text)
-    state = {"num": 0}
+    state: dict[str, Any] = {"num": 0, "place": place}
     value = _value_for(schema if isinstance(schema, Mapping) else {}, "", text, numbers, state)
     if not isinstance(value, dict):
         value = {}
     return json.dumps(value, separators=(",", ":"))
 
 
-def _value_for(schema: Mapping[str, Any], name: str, text: str, numbers: list[str], state: dict[str, int]) -> Any:
+def _value_for(schema: Mapping[str, Any], name: str, text: str, numbers: list[str], state: dict[str, Any]) -> Any:
     def next_number() -> str | None:
-        if state["num"] < len(numbers):
-            state["num"] += 1
-            return numbers[state["num"] - 1]
+        n = int(state["num"])
+        if n < len(numbers):
+            state["num"] = n + 1
+            return numbers[n]
         return None
 
     if "enum" in schema and isinstance(schema["enum"], list) and schema["enum"]:
@@ -353,7 +382,9 @@ def _value_for(schema: Mapping[str, Any], name: str, text: str, numbers: list[st
     if any(h in lname for h in _ID_HINTS):
         return next_number() or "12345"
     if any(h in lname for h in _PLACE_HINTS):
-        caps = re.findall(r"(?<![.!?]\s)(?<!^)\b([A-Z][a-z]{2,})", text)
+        if state.get("place"):
+            return state["place"]
+        caps = _CAPS.findall(text)
         return caps[0] if caps else "Paris"
     if any(h in lname for h in _FREE_TEXT_HINTS):
         return text or "example"
