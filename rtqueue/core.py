@@ -57,7 +57,7 @@ from .errors import (
 )
 from .history import History, reseed_plan
 from .protocol import METADATA_KEY, new_event_id
-from .values import Event, Response
+from .values import Response
 
 __all__ = [
     "HANDLED_TYPES",
@@ -68,6 +68,7 @@ __all__ = [
     "Fail",
     "Phase",
     "Publish",
+    "ReleaseHold",
     "Request",
     "Resolve",
     "ResponseRecord",
@@ -144,6 +145,14 @@ class Send:
     deadline: float | None = None
     prelude: tuple[dict[str, Any], ...] = ()
     untagged: bool = False
+    holder: str | None = None  # the response whose tool chain this create continues (takes its gate hold)
+
+
+@attrs.frozen
+class ReleaseHold:
+    """End the gate hold of ``response_id``'s tool chain: no follow-up will come."""
+
+    response_id: str
 
 
 @attrs.frozen
@@ -217,12 +226,13 @@ class RunTools:
 
 @attrs.frozen
 class Publish:
-    """Deliver ``event`` to subscribers (callbacks, streams)."""
+    """Deliver an event of ``type`` with ``data`` to subscribers (the shell stamps its time)."""
 
-    event: Event
+    type: str
+    data: dict[str, Any]
 
 
-Action = Send | Resolve | Fail | Started | Retried | SetFollowup | RunTools | Publish
+Action = Send | Resolve | Fail | Started | Retried | SetFollowup | RunTools | Publish | ReleaseHold
 
 
 # -- records ---------------------------------------------------------------------------------
@@ -239,6 +249,7 @@ class Request:
     deadline: float | None
     untagged: bool = False
     prelude: tuple[dict[str, Any], ...] = ()
+    holder: str | None = None
     phase: Phase = Phase.QUEUED
     response_id: str | None = None
     cancel_requested: bool = False
@@ -275,6 +286,7 @@ class _PendingUpdate:
     event_id: str
     agent: str | None  # the agent it makes current (None: no agent change)
     waiter: Any = None
+    previous: Agent | None = None  # the agent before a handoff's update (restored if the server refuses it)
 
 
 _EMPTY: list[Action] = []
@@ -365,7 +377,7 @@ class ConversationCore:
         return self._recent.get(response_id)
 
     def is_finished(self, response_id: str) -> bool:
-        """Whether ``response.done`` for this id was read (a cancel for it would be refused)."""
+        """Whether ``response.done`` for this id was read, or a reconnect cut it off (a cancel would be refused)."""
         return response_id in self._finished
 
     def has_item(self, item_id: str) -> bool:
@@ -420,6 +432,7 @@ class ConversationCore:
         deadline: float | None = None,
         event_id: str | None = None,
         prelude: tuple[dict[str, Any], ...] = (),
+        holder: str | None = None,
     ) -> list[Action]:
         """Ask for one response (``params`` are GA response fields, already checked).
 
@@ -440,7 +453,8 @@ class ConversationCore:
         event = {"type": "response.create", "event_id": eid, "response": resp}
         in_band = protocol.is_in_band(resp)
         limit = self._create_timeout if deadline is None else deadline
-        req = Request(eid, handle, event, in_band, now + limit, untagged=untagged and in_band, prelude=prelude)
+        req = Request(eid, handle, event, in_band, now + limit, untagged=untagged and in_band, prelude=prelude,
+                      holder=holder)
         self._requests[eid] = req
         return [self._send_for(req)]
 
@@ -453,8 +467,13 @@ class ConversationCore:
         question and its answer.
         """
         self._check_open()
-        self.turn_seq += 1
         item = {"id": new_event_id("item_rtq_"), **item}  # an id of ours: a reconnect can tell if it arrived
+        if not protocol.is_in_band(params):
+            # Out of band: the question is the response's own input, not a conversation item.
+            return self.create_response({**params, "input": [*params.get("input", ()), item]}, handle, now=now,
+                                        deadline=deadline)
+        # No turn_seq bump: the item goes out only when no response or tool chain
+        # holds the gate, so it can never cut into another turn's chain.
         event = {"type": "conversation.item.create", "event_id": new_event_id(), "item": item}
         return self.create_response(params, handle, now=now, deadline=deadline, prelude=(event,))
 
@@ -595,6 +614,8 @@ class ConversationCore:
         if req is None or req.phase is not Phase.QUEUED:
             return _EMPTY
         req.move("fail")
+        if req.holder is not None:  # a chain's follow-up that never went: its hold must not outlive it
+            return [Fail(req.handle, error), ReleaseHold(req.holder)]
         return [Fail(req.handle, error)]
 
     # -- server events ----------------------------------------------------------------------
@@ -714,7 +735,7 @@ class ConversationCore:
         if response.function_calls:
             # Decide on a follow-up before resolving the handle, so final() never
             # sees "done, no follow-up" in between.
-            actions += self._on_calls(response, agent, handle, rec.turn if rec else self.turn_seq)
+            actions += self._on_calls(response, agent, handle, self.turn_seq)
         if handle is not None:
             actions.append(Resolve(handle, response))
         for w in rec.waiters if rec is not None else ():
@@ -731,6 +752,12 @@ class ConversationCore:
                     self._updates.remove(upd)
                     if upd.waiter is not None:
                         actions.append(Fail(upd.waiter, err))
+                    if upd.agent is not None and self._agent is not None and self._agent.name == upd.agent:
+                        # The server refused the handoff's configuration: the agent did not change.
+                        self._agent = upd.previous
+                        actions.append(Publish("agent.handoff_failed", {
+                            "source": upd.previous.name if upd.previous else None, "target": upd.agent,
+                            "call_id": None, "error": err, "message": str(err)}))
                     break
         req = self._requests.get(eid) if eid is not None else None
         if req is not None and verdict == "retry" and req.phase is Phase.QUEUED:
@@ -769,6 +796,20 @@ class ConversationCore:
 
     # -- tools and handoffs -------------------------------------------------------------------
 
+    def will_follow_up(self, event: dict[str, Any]) -> bool:
+        """Whether this ``response.done`` will start a tool chain with a follow-up create.
+
+        The shell asks before the gate releases the response, so the gate can
+        hold the slot for the follow-up (:meth:`ResponseGate.on_done` ``hold``).
+        """
+        resp = event.get("response")
+        if self._closed is not None or not isinstance(resp, dict) or resp.get("status") != "completed":
+            return False
+        output = resp.get("output")
+        return isinstance(output, list) and any(
+            isinstance(i, dict) and i.get("type") == "function_call" and isinstance(i.get("call_id"), str)
+            and i["call_id"] not in self._handled for i in output)
+
     def _on_calls(self, response: Response, agent: str | None, handle: Any, turn: int) -> list[Action]:
         calls: list[ToolCallSpec] = []
         for item in response.function_calls:
@@ -789,20 +830,19 @@ class ConversationCore:
             actions: list[Action] = []
             for call in calls:
                 actions.append(self._output(call.call_id, json.dumps({"error": reason})))
-                actions.append(Publish(Event("tool.skipped", {"call_id": call.call_id, "name": call.name,
-                                                              "reason": reason, "response_id": response.id})))
+                actions.append(Publish("tool.skipped", {"call_id": call.call_id, "name": call.name,
+                                                              "reason": reason, "response_id": response.id}))
             return actions
         handoff_call = target = None
-        graph = self.graph
         for call in calls:
-            dest = graph.handoff_target(call.name, agent) if graph is not None and agent is not None else None
+            dest = self._handoff_dest(call.name, agent)
             if dest is not None and handoff_call is None:
                 handoff_call, target = call.call_id, dest.name
         job = ToolJob(response.id, agent, tuple(calls), handoff_call, target)
         self._jobs[response.id] = (job, handle, turn, response.status)
-        out: list[Action] = [RunTools(job)]
-        if handle is not None:
-            out.append(SetFollowup(handle, expect=True))
+        # The promise of a follow-up first: the worker may finish before RunTools is applied.
+        out: list[Action] = [SetFollowup(handle, expect=True)] if handle is not None else []
+        out.append(RunTools(job))
         return out
 
     def tool_results(
@@ -829,6 +869,10 @@ class ConversationCore:
         job, handle, turn, _status = entry
         if self._closed is not None:
             return [SetFollowup(handle)] if handle is not None else _EMPTY
+        current = self._agent.name if self._agent is not None else None
+        if job.handoff_call is not None and current != job.agent:
+            # The app handed off meanwhile: this stale transfer must not override it.
+            handoff_error = handoff_error or RuntimeError(f"the conversation was already transferred to {current}")
         actions: list[Action] = []
         target = self.graph.get(job.handoff_target) if self.graph is not None and job.handoff_target else None
         transferred = target is not None and handoff_config is not None and handoff_error is None
@@ -850,26 +894,33 @@ class ConversationCore:
                 assert target is not None and handoff_config is not None
                 actions += self._switch(target, handoff_config, call_id=job.handoff_call, response_id=response_id)
             else:
-                actions.append(Publish(Event("agent.handoff_failed", {
+                actions.append(Publish("agent.handoff_failed", {
                     "source": job.agent, "target": job.handoff_target, "call_id": job.handoff_call,
                     "response_id": response_id, "error": handoff_error,
                     "message": str(handoff_error) if handoff_error else "unknown agent",
-                })))
+                }))
         if self.turn_seq != turn:
-            actions.append(Publish(Event("turn.followup_skipped", {"response_id": response_id,
-                                                                   "reason": "the user started a new turn"})))
+            actions.append(Publish("turn.followup_skipped", {"response_id": response_id,
+                                                                   "reason": "the user started a new turn"}))
+            actions.append(ReleaseHold(response_id))
             if handle is not None:
                 actions.append(SetFollowup(handle))
-            return actions
+            return _to_front(actions)
         follow = self._new_handle({}, True)
-        actions += self.create_response({}, follow, now=now)
+        actions += self.create_response({}, follow, now=now, holder=response_id)
         if handle is not None:
             actions.append(SetFollowup(handle, follow))
-        return actions
+        return _to_front(actions)
 
     def _is_handoff(self, name: str, agent: str | None) -> bool:
+        return self._handoff_dest(name, agent) is not None
+
+    def _handoff_dest(self, name: str, agent: str | None) -> Agent | None:
+        """The agent ``name`` transfers to from ``agent``, if it is one of its handoff tools."""
         graph = self.graph
-        return graph is not None and agent is not None and graph.handoff_target(name, agent) is not None
+        if graph is None or agent is None or agent not in graph:
+            return None
+        return graph.handoff_target(name, agent)
 
     def _output(self, call_id: str, output: str) -> Send:
         return Send({"type": "conversation.item.create", "event_id": new_event_id(),
@@ -881,19 +932,19 @@ class ConversationCore:
         voice = self.voice()
         if target.voice and target.voice != voice:
             if self.produced_audio:
-                actions.append(Publish(Event("agent.voice_kept", {"agent": target.name, "requested": target.voice,
-                                                                  "voice": voice})))
+                actions.append(Publish("agent.voice_kept", {"agent": target.name, "requested": target.voice,
+                                                                  "voice": voice}))
             else:
                 config["audio"] = deep_merge(config.get("audio") or {}, {"output": {"voice": target.voice}})
         eid = new_event_id()
         self.desired = deep_merge(self.desired, config)
-        self._updates.append(_PendingUpdate(eid, target.name))
+        self._updates.append(_PendingUpdate(eid, target.name, previous=self._agent))
         source = self._agent
         self._agent = target
         self.handoffs += 1
         actions.insert(0, Send({"type": "session.update", "event_id": eid, "session": config}))
-        actions.append(Publish(Event("agent.handoff", {"source": source.name if source else None,
-                                                       "target": target.name, **info})))
+        actions.append(Publish("agent.handoff", {"source": source.name if source else None,
+                                                       "target": target.name, **info}))
         return actions
 
     # -- connection ------------------------------------------------------------------------
@@ -920,6 +971,7 @@ class ConversationCore:
                 reissue.append(self._send_for(req, front=True))
         for rid, rec in list(self._responses.items()):
             del self._responses[rid]
+            self.note_finished(rid)  # the new socket does not know it: a cancel queued for it is moot
             req = rec.request
             if req is not None and req.phase is Phase.CREATED:
                 req.move("fail")
@@ -930,6 +982,10 @@ class ConversationCore:
                 actions.append(Fail(w, ConnectionLost(f"the connection dropped before response.done for {rid}")))
         # Tool jobs of responses that ended still deliver their outputs (after the re-seed).
         return actions, failed, reissue
+
+    def item_known(self, event: dict[str, Any]) -> bool:
+        """Whether the item a ``conversation.item.create`` carries is in the conversation already."""
+        return self._item_known(event)
 
     def _item_known(self, event: dict[str, Any]) -> bool:
         item = event.get("item")
@@ -953,7 +1009,7 @@ class ConversationCore:
         eid = new_event_id()
         replay = _PendingUpdate(eid, self._agent.name if self._agent is not None else None)
         self._updates = deque([replay, *keep])
-        self._replay_waiters = [u.waiter for u in settled if u.waiter is not None]
+        self._replay_waiters += [u.waiter for u in settled if u.waiter is not None]
         config = json.loads(json.dumps(self.desired))
         seeds: list[dict[str, Any]] = []
         dropped: dict[str, int] = {}
@@ -985,6 +1041,8 @@ class ConversationCore:
             if upd.waiter is not None:
                 actions.append(Fail(upd.waiter, _copy(error)))
         self._updates.clear()
+        actions += [Fail(w, _copy(error)) for w in self._replay_waiters]
+        self._replay_waiters = []
         for _job, handle, _turn, _status in self._jobs.values():
             if handle is not None:
                 actions.append(SetFollowup(handle))
@@ -1014,15 +1072,15 @@ class ConversationCore:
                 actions.append(Fail(req.handle, error))
             for w in rec.waiters if rec is not None else ():
                 actions.append(Fail(w, error))
-            actions.append(Publish(Event("gate.evicted", {"response_id": rid, "event_id": eid,
-                                                          "age_s": now - since})))
+            actions.append(Publish("gate.evicted", {"response_id": rid, "event_id": eid,
+                                                          "age_s": now - since}))
         return actions
 
     # -- internals -----------------------------------------------------------------------
 
     def _send_for(self, req: Request, *, front: bool = False) -> Send:
         return Send(req.event, req.handle, gated=req.in_band, oob=not req.in_band, front=front,
-                    deadline=req.deadline, prelude=req.prelude, untagged=req.untagged)
+                    deadline=req.deadline, prelude=req.prelude, untagged=req.untagged, holder=req.holder)
 
 
 #: Server event types the core acts on (deltas aside); every other type passes through.
@@ -1045,6 +1103,12 @@ def response_ids(event: dict[str, Any]) -> tuple[dict[str, Any], str, str | None
     meta = resp.get("metadata")
     eid = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
     return resp, resp["id"], eid if isinstance(eid, str) else None
+
+
+def _to_front(actions: list[Action]) -> list[Action]:
+    """A tool chain's sends go to the head of the lane, in order: creates queued behind the gate's hold
+    must not block the follow-up that ends it."""
+    return [attrs.evolve(a, front=True) if isinstance(a, Send) else a for a in actions]
 
 
 def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

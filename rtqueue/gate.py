@@ -44,7 +44,7 @@ class ResponseGate:
 
     # -- writer side ---------------------------------------------------------
 
-    def acquire(self, event_id: str, timeout: float, *, untagged: bool = False) -> bool:
+    def acquire(self, event_id: str, timeout: float, *, untagged: bool = False, holder: str | None = None) -> bool:
         """Wait up to ``timeout`` seconds for an empty queue, then reserve it for ``event_id``.
 
         The emptiness check and the reservation are one atomic step. Returns
@@ -52,15 +52,16 @@ class ResponseGate:
         timeout. Raises :class:`SessionClosed` / :class:`ConnectionLost` once the
         gate is closed. ``untagged``: the create carries no id in its
         metadata, so a ``response.created`` without one is taken as its answer
-        (see :meth:`untagged_pending`).
+        (see :meth:`untagged_pending`). ``holder``: the response whose tool
+        chain this create continues (it takes over that response's hold).
         """
         deadline = self._clock() + max(0.0, timeout)
         with self._cond:
             pokes = self._pokes
             while True:
-                if self._state.closed or not self._state.depth():
-                    # Reserves (empty) or raises the close error; the clock is read only then.
-                    return self._state.try_reserve(event_id, self._clock(), untagged)
+                if self._state.can_reserve(holder):
+                    # Reserves (empty or our hold) or raises the close error; the clock is read only then.
+                    return self._state.try_reserve(event_id, self._clock(), untagged, holder)
                 remaining = deadline - self._clock()
                 if remaining <= 0 or self._pokes != pokes:
                     return False
@@ -130,17 +131,27 @@ class ResponseGate:
         with self._cond:
             return self._state.on_created(response_id, event_id, now, in_band=in_band)
 
-    def on_done(self, response_id: str, event_id: str | None = None) -> bool:
+    def on_done(self, response_id: str, event_id: str | None = None, *, hold: bool = False) -> bool:
         """Record ``response.done`` (any status): remove that response wherever it stands.
 
         ``event_id`` (from the done's metadata) also releases a still-pending
         entry whose ``response.created`` was never seen. Returns whether
-        anything was released.
+        anything was released. ``hold``: keep the slot for this response's
+        tool-chain follow-up (see :meth:`GateState.on_done`).
         """
         now = self._clock()
         with self._cond:
             depth = self._state.depth()
-            released = self._state.on_done(response_id, event_id, now)
+            released = self._state.on_done(response_id, event_id, now, hold=hold)
+            self._notify_if_shrank(depth)
+            return released
+
+    def release_hold(self, response_id: str) -> bool:
+        """End a tool chain's hold without a follow-up; wakes a waiting writer."""
+        now = self._clock()
+        with self._cond:
+            depth = self._state.depth()
+            released = self._state.release_hold(response_id, now)
             self._notify_if_shrank(depth)
             return released
 

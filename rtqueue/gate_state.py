@@ -57,7 +57,7 @@ class Verdict(enum.Enum):
 class GateEntry:
     """One in-flight response as the gate sees it (a snapshot)."""
 
-    state: Literal["pending", "active"]
+    state: Literal["pending", "active", "held"]
     event_id: str | None
     response_id: str | None
     since: float  # clock time the entry was added or became active
@@ -102,7 +102,7 @@ def percentile(values: Iterable[float], q: float) -> float:
 
 @attrs.define(eq=False)
 class _Entry:
-    state: Literal["pending", "active"]
+    state: Literal["pending", "active", "held"]
     event_id: str | None
     response_id: str | None
     since: float
@@ -137,12 +137,15 @@ class GateState:
 
     # -- writer side ---------------------------------------------------------
 
-    def try_reserve(self, event_id: str, now: float, untagged: bool = False) -> bool:
+    def try_reserve(self, event_id: str, now: float, untagged: bool = False, holder: str | None = None) -> bool:
         """Reserve the slot for ``event_id`` iff the in-band queue is empty; ``True`` when reserved.
 
         The reserved entry is ``pending`` since ``now``. ``untagged``: the
         create carries no id in its metadata, so a ``response.created``
         without one is taken as its answer (see :meth:`untagged_pending`).
+        ``holder``: the response whose tool chain this create continues; if
+        the only entry is that response's *hold* (see :meth:`on_done`), the
+        hold becomes this create's reservation in the same step.
         Raises the close error (:class:`SessionClosed` / :class:`ConnectionLost`
         / the one given) once closed, changing nothing.
         """
@@ -150,9 +153,26 @@ class GateState:
         if err is not None:
             raise err
         if self._queue:
-            return False
+            only = self._queue[0] if len(self._queue) == 1 else None
+            if holder is None or only is None or only.state != "held" or only.response_id != holder:
+                return False
+            self._queue.clear()
         self._queue.append(_Entry("pending", event_id, None, now, True, untagged))
         return True
+
+    def can_reserve(self, holder: str | None = None) -> bool:
+        """Whether :meth:`try_reserve` with this ``holder`` would reserve now (or raise: closed)."""
+        if self._closed is not None or not self._queue:
+            return True
+        only = self._queue[0] if len(self._queue) == 1 else None
+        return holder is not None and only is not None and only.state == "held" and only.response_id == holder
+
+    def release_hold(self, response_id: str, now: float) -> bool:
+        """End the hold of ``response_id``'s tool chain (no follow-up after all); ``True`` if it held."""
+        released = self._remove_where(lambda e: e.state == "held" and e.response_id == response_id)
+        if released:
+            self._last_release = now
+        return released
 
     def note_sent(self, event_id: str, waited_s: float, now: float, *, gated: bool = True) -> None:
         """Record that a create left on the wire at ``now`` after waiting ``waited_s`` in total.
@@ -224,16 +244,28 @@ class GateState:
         self._queue.append(_Entry("active", event_id, response_id, now, False))
         return "foreign"
 
-    def on_done(self, response_id: str, event_id: str | None, now: float) -> bool:
+    def on_done(self, response_id: str, event_id: str | None, now: float, *, hold: bool = False) -> bool:
         """Record ``response.done`` (any status) read at ``now``: remove that response wherever it stands.
 
         ``event_id`` (from the done's metadata) also releases a still-pending
         entry whose ``response.created`` was never seen. Returns whether
         anything (in-band or out-of-band) was released.
+
+        ``hold``: the response called tools and its follow-up ``response.create``
+        will come; its in-band entry stays as a ``held`` entry (keyed by the
+        response id) so no other create slips between the tool outputs and the
+        follow-up. Only the follow-up (``try_reserve(holder=response_id)``) or
+        :meth:`release_hold` ends it. A later ``done`` for the same id does not.
         """
-        released = self._remove_where(lambda e: e.response_id == response_id)
+        if hold:
+            for entry in self._queue:
+                if entry.response_id == response_id and entry.state != "held":
+                    entry.state, entry.since = "held", now
+                    self._counts["done"] += 1
+                    return False
+        released = self._remove_where(lambda e: e.response_id == response_id and e.state != "held")
         if not released and event_id is not None:
-            released = self._remove_where(lambda e: e.event_id == event_id)
+            released = self._remove_where(lambda e: e.event_id == event_id and e.state != "held")
         oob = self._oob.pop(response_id, None)
         if oob is None and event_id is not None:
             oob = self._oob.pop(event_id, None)

@@ -173,6 +173,7 @@ class ResponseHandle(SendHandle):
         self._response: Response | None = None
         self._followup: ResponseHandle | None = None
         self._followup_pending = False
+        self._followup_decided = False
         self._callbacks: list[Callable[[ResponseHandle], None]] = []
         self._retries = 0
 
@@ -297,13 +298,17 @@ class ResponseHandle(SendHandle):
         return True
 
     def expect_followup(self) -> None:
-        """Tools run for it: :meth:`final` waits for :meth:`set_followup`."""
+        """Tools run for it: :meth:`final` waits for :meth:`set_followup` (a no-op once that was called)."""
         with self._cond:
-            self._followup_pending = True
+            if not self._followup_decided:
+                self._followup_pending = True
 
     def set_followup(self, handle: ResponseHandle | None) -> None:
-        """The follow-up create (``None``: the chain ends here)."""
+        """The follow-up create (``None``: the chain ends here). The first decision stands."""
         with self._cond:
+            if self._followup_decided:
+                return
+            self._followup_decided = True
             self._followup = handle
             self._followup_pending = False
             self._cond.notify_all()

@@ -200,8 +200,8 @@ class ReconnectHost(Protocol):
     def wake(self) -> None:
         """Wake :meth:`wait_change` waiters."""
 
-    def resume_writer(self) -> None:
-        """Let the writer send what the app queued."""
+    def resume_writer(self, error: BaseException | None = None) -> None:
+        """Let the writer send what the app queued; ``error``: the server refused the replayed config."""
 
     def die(self, error: BaseException) -> None:
         """End the session for good with ``error``."""
@@ -480,5 +480,5 @@ class Reconnector:
             if self._stop.is_set():
                 raise _Stopped
             self._attempt = None
-            host.resume_writer()
+            host.resume_writer(err)
         return reseeded, dropped

@@ -185,7 +185,13 @@ class Session:
             name=name,
         )
         if graph is not None and start is not None:
-            config = self._shell.use_agents(graph, start, config)  # renders instructions: user code
+            try:
+                config = self._shell.use_agents(graph, start, config)  # renders instructions: user code
+            except RtqueueError:
+                raise
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                raise RtqueueError(f"agent {start.name!r}: its instructions raised {why}") from exc
         try:
             if audio is not None and audio is not False:
                 from .audio_session import AudioLink
@@ -208,6 +214,8 @@ class Session:
     def start(self, config: Mapping[str, Any] | None = None, timeout: float = 10.0) -> Session:
         """Open the connection of a session made with the low-level constructor; returns it."""
         _positive("timeout", timeout)
+        if self._shell.started:
+            raise InvalidArgument("start() was called already; a session starts once")
         cfg = {"type": "realtime", **dict(config or {})}
         try:
             self._shell.start(cfg, timeout)

@@ -18,13 +18,24 @@ Threads (all named ``rtqueue-*``, all ended by :meth:`SessionShell.close`):
   rendering (see :mod:`rtqueue.turns`), started on first use.
 - ``rtqueue-reconnect-N`` while reconnecting; audio threads when audio is on.
 
-**Lock order** (the one place it is written down): the session mutex (guards
-the core), then the writer's lock, then the gate's (a leaf). A handle's or a
-stream's own lock is a leaf too. Nothing blocks under the mutex: the actions
-that put events on the wire are applied under it, so the wire order is the
-core's order; settling futures, publishing and starting tools happen after
-it is released. User code and tools never run under any lock, nor on the
-reader.
+**Lock order** (the one place it is written down), outermost first:
+
+1. the audio link's lock (:class:`~rtqueue.audio_session.AudioLink`: one
+   barge-in at a time) and the reconnector's lock (it resumes the writer
+   atomically with its stop check); neither is held by anyone who takes the
+   other;
+2. the session mutex (an ``RLock``; guards the core);
+3. the writer's lock;
+4. the gate's lock;
+5. leaves, never held while taking another: a handle's or a waiter's
+   condition, an event stream's, the dispatcher's, ``_changed`` (the replies
+   condition) and the tool runner's batch conditions.
+
+Nothing blocks under the mutex: the actions that put events on the wire are
+applied under it, so the wire order is the core's order; settling futures,
+publishing and starting tools happen after it is released. User code and
+tools never run under any lock, nor on the reader. A few counters (the
+config version) are read without the mutex: single reads of an int.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from .core import (
     ConversationCore,
     Fail,
     Publish,
+    ReleaseHold,
     Resolve,
     Retried,
     RunTools,
@@ -208,7 +220,7 @@ class SessionShell:
             handles.append(handle)
             self._issue(handle)
             item = Outbound(action.event, handle, gated=action.gated, oob=action.oob, deadline=action.deadline,
-                            prelude=action.prelude, untagged=action.untagged)
+                            prelude=action.prelude, untagged=action.untagged, holder=action.holder)
             if group and front != action.front:
                 self.writer.enqueue_many(group, front=front)
                 group = []
@@ -235,9 +247,14 @@ class SessionShell:
                 else:
                     action.handle.set_followup(action.followup)
             elif isinstance(action, RunTools):
-                self._tool_worker().submit(action.job)
+                with self._mutex:  # close() reads self.tools once: no worker may start after it
+                    worker = None if self._closing else self._tool_worker()
+                if worker is not None:
+                    worker.submit(action.job)
+            elif isinstance(action, ReleaseHold):
+                self.gate.release_hold(action.response_id)
             elif isinstance(action, Publish):
-                self.publish(action.event)
+                self.publish(Event(action.type, action.data))
 
     def _issue(self, handle: SendHandle) -> None:
         if handle not in self._issued:  # a retried create comes back through here
@@ -384,7 +401,8 @@ class SessionShell:
             _resp, rid, eid = response_ids(event)
             with self._mutex:  # before the gate wakes the writer: a cancel queued for rid is now moot
                 self.core.note_finished(rid)
-            if self.gate.on_done(rid, eid):
+                hold = self.core.will_follow_up(event)  # its tool chain keeps the slot for its follow-up
+            if self.gate.on_done(rid, eid, hold=hold):
                 # Hand the GIL to a writer woken by this release: without it, the
                 # writer waits for the rest of this handler and the next frames (up
                 # to the 5 ms switch interval) before its create can go out.
@@ -438,8 +456,10 @@ class SessionShell:
         if event.get("type") != "response.cancel":
             return False
         rid = event.get("response_id")
-        with self._mutex:
-            return isinstance(rid, str) and self.core.is_finished(rid)
+        if not isinstance(rid, str):
+            return False
+        with self._mutex:  # done meanwhile, or cut off by a reconnect: the server no longer has it
+            return self.core.is_finished(rid)
 
     def _evict_stale(self) -> None:
         """Writer hook: release a response whose ``response.done`` never came (deadline)."""
@@ -601,13 +621,16 @@ class SessionShell:
         """Park the writer (no send in progress)."""
         self.writer.pause()
 
-    def resume_writer(self) -> None:
-        """Unpark the writer; settle update waiters the replay answered."""
+    def resume_writer(self, error: BaseException | None = None) -> None:
+        """Unpark the writer; settle update waiters the replay answered (or failed: ``error``)."""
         with self._mutex:
             waiters = self.core.take_replay_waiters()
             config = dict(self.core.session_config)
         for w in waiters:
-            w.set_result(config)
+            if error is not None:
+                w.set_error(error)
+            else:
+                w.set_result(config)
         self.writer.resume()
 
     def drop_in_flight(self) -> tuple[int, int]:
@@ -615,14 +638,17 @@ class SessionShell:
         dropped = [(e.event_id, e.response_id, e.state == "pending") for e in self.gate.reset()]
         with self._mutex:
             actions, failed, reissue = self.core.connection_lost(dropped)
+            # A turn whose create failed to send after its item went out: re-send the item only if
+            # the server never announced it (then the re-seed does not carry it either).
+            self.writer.filter_preludes(self.core.item_known)
             self._queue_sends(list(reissue))
         self._apply(actions)
         return failed, len(reissue)
 
     def replay(self, transport: Transport, *, reseed: bool, limit: int | None) -> tuple[str, int, Counter[str]]:
         """Queue the configuration and the re-seed for the new socket (the writer sends them)."""
-        queued = self.writer.queued_event_ids()
-        with self._mutex:
+        with self._mutex:  # the snapshot and the plan in one step (lock order: mutex, then writer)
+            queued = self.writer.queued_event_ids()
             update, seeds, dropped = self.core.reconnect_plan(reseed=reseed, limit=limit, queued=queued)
         texts = [json.dumps(update)]
         texts += [json.dumps({"type": "conversation.item.create", "event_id": protocol.new_event_id(), "item": s})
@@ -674,6 +700,11 @@ class SessionShell:
             self.publish(Event("rtqueue.send_failed", {"event": item.event, "error": err}))
         self.publish(Event("session.closed", {"reason": str(err), "error": err}))
         log.warning("%s", redact(str(err), self.secret))
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` ran (or is running)."""
+        return self._started
 
     @property
     def dead(self) -> BaseException | None:
@@ -733,7 +764,9 @@ class SessionShell:
             first = errors[0]
             if len(errors) > 1:
                 log.warning("close(): %d cleanup errors; raising the first: %r", len(errors), errors[1:])
-            raise first
+            if isinstance(first, RtqueueError):
+                raise first
+            raise RtqueueError(f"close(): a cleanup step failed after everything was closed: {first!r}") from first
 
     def _close_socket(self, timeout: float) -> None:
         transport = self._transport

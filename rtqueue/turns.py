@@ -109,7 +109,7 @@ class ToolWorker:
                 outputs, config, error = self._work(job)
                 if not self._closed:
                     self._on_done(job, outputs, config, error)
-            except Exception as exc:  # a bug must not leave ask() hanging
+            except BaseException as exc:  # a bug (or a SystemExit) must not leave ask() hanging
                 log.exception("tool worker failed on %s", job.response_id)
                 self._publish(Event("rtqueue.error", {"error": exc, "message": f"tool worker: {exc!r}"}))
                 if not self._closed:
@@ -122,8 +122,9 @@ class ToolWorker:
     def _work(self, job: ToolJob) -> tuple[dict[str, str], dict[str, Any] | None, BaseException | None]:
         graph = self._graph()
         agent = job.agent
+        known = graph is not None and agent is not None and agent in graph
         handoffs = {c.call_id for c in job.calls
-                    if graph is not None and agent is not None and graph.handoff_target(c.name, agent) is not None}
+                    if known and graph is not None and graph.handoff_target(c.name, agent or "") is not None}
         calls = [ToolCall(call_id=c.call_id, name=c.name, arguments=c.arguments, item_id=c.item_id,
                           response_id=job.response_id) for c in job.calls if c.call_id not in handoffs]
         outputs = {o.call.call_id: o.output for o in self._run_tools(calls, graph, agent or "")}
@@ -132,7 +133,7 @@ class ToolWorker:
         if job.handoff_target is not None and graph is not None:
             try:  # user code: the target's instructions callable
                 config = session_config_for(job.handoff_target, graph, self._context())
-            except Exception as exc:
+            except BaseException as exc:  # SystemExit & co. too: the model must still get an answer
                 error = exc
                 log.warning("handoff to %s failed: %r", job.handoff_target, exc)
         return outputs, config, error

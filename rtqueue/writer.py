@@ -54,6 +54,7 @@ class Outbound:
     deadline: float | None = None  # monotonic time after which it is never sent
     prelude: tuple[dict[str, Any], ...] = ()  # sent after the gate is reserved, just before the create
     untagged: bool = False  # the create has no id in its metadata (the gate matches it as the pending one)
+    holder: str | None = None  # the response whose tool chain it continues (it takes that response's hold)
     first_wait: float | None = None
     withdrawn: bool = False
 
@@ -177,6 +178,13 @@ class Writer:
                     self._cond.notify()
                     return True
         return False
+
+    def filter_preludes(self, known: Callable[[dict[str, Any]], bool]) -> None:
+        """Drop prelude events ``known(event)`` says arrived already (a reconnect's re-seed carries them)."""
+        with self._cond:
+            for item in self._control:
+                if item.prelude:
+                    item.prelude = tuple(p for p in item.prelude if not known(p))
 
     def audio_queued(self) -> int:
         """Mic chunks waiting on the audio lane (at most ``max_audio_chunks``)."""
@@ -318,7 +326,7 @@ class Writer:
             self._on_evict()
         wait = self.slice_s if head.deadline is None else max(0.0, min(self.slice_s, head.deadline - now))
         try:
-            acquired = self._gate.acquire(head.event_id, wait, untagged=head.untagged)
+            acquired = self._gate.acquire(head.event_id, wait, untagged=head.untagged, holder=head.holder)
         except (SessionClosed, ConnectionLost):
             return True  # stop() is under way; the next step sees it
         if not acquired:
@@ -334,7 +342,6 @@ class Writer:
         try:
             for pre in head.prelude:  # a turn's user item: right before its create, inside the gate
                 self._send(json.dumps(pre))
-            head.prelude = ()
             self._send(text)
         except ConnectionLost as exc:
             self._gate.abandon(head.event_id)

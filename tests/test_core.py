@@ -27,6 +27,7 @@ from rtqueue.core import (
     Fail,
     Phase,
     Publish,
+    ReleaseHold,
     Request,
     Resolve,
     RunTools,
@@ -150,7 +151,7 @@ def test_turn_holds_its_user_item_with_its_create():
     pre = send.prelude[0]
     assert pre["type"] == "conversation.item.create" and pre["item"]["role"] == "user"
     assert pre["item"]["id"].startswith("item_rtq_")  # ours: a reconnect can tell whether it arrived
-    assert core.turn_seq == 1
+    assert core.turn_seq == 0  # it cannot cut into a running tool chain, so it does not end one
 
 
 def test_conflict_is_retried_without_the_prelude_and_other_errors_reject():
@@ -216,7 +217,7 @@ def test_handoff_is_transactional():
     assert events[0]["item"]["call_id"] == "call_h" and "failed" in json.loads(events[0]["item"]["output"])["error"]
     assert [e["type"] for e in events] == ["conversation.item.create", "response.create"]  # no session.update
     assert core.agent is ALPHA
-    failed = [a.event for a in actions if isinstance(a, Publish) and a.event.type == "agent.handoff_failed"]
+    failed = [a.data for a in actions if isinstance(a, Publish) and a.type == "agent.handoff_failed"]
     assert failed and failed[0]["target"] == "bravo" and failed[0]["source"] == "alpha"
 
 
@@ -243,7 +244,7 @@ def test_interrupted_response_answers_calls_not_run_and_makes_no_followup():
     actions = core.receive(done("resp_1", eid, status="cancelled", calls=[("call_1", "lookup")]))
     assert not any(isinstance(a, RunTools) for a in actions)
     assert "not run" in sends(actions)[0]["item"]["output"]
-    assert any(isinstance(a, Publish) and a.event.type == "tool.skipped" for a in actions)
+    assert any(isinstance(a, Publish) and a.type == "tool.skipped" for a in actions)
 
 
 def test_a_call_is_handled_once():
@@ -413,6 +414,8 @@ class World:
                 self.agent_at_start[a.response_id] = a.agent
             elif isinstance(a, RunTools):
                 self.jobs.append(a.job)
+            elif isinstance(a, ReleaseHold):
+                self.gate.release_hold(a.response_id)
             elif isinstance(a, SetFollowup):
                 if a.expect:
                     a.handle.expect_followup()
@@ -441,7 +444,7 @@ class World:
         if not self.lane:
             return
         head = self.lane[0]
-        if head.gated and not self.gate.acquire(head.event["event_id"], 0, untagged=head.untagged):
+        if head.gated and not self.gate.acquire(head.event["event_id"], 0, untagged=head.untagged, holder=head.holder):
             return
         self.lane.popleft()
         if head.oob:
@@ -486,7 +489,8 @@ class World:
         elif typ == "response.done":
             resp = event["response"]
             self.core.note_finished(resp["id"])
-            self.gate.on_done(resp["id"], (resp.get("metadata") or {}).get(METADATA_KEY))
+            hold = self.core.will_follow_up(event)
+            self.gate.on_done(resp["id"], (resp.get("metadata") or {}).get(METADATA_KEY), hold=hold)
         elif typ == "error":
             v = self.gate.on_error(event["error"]["event_id"], event["error"]["code"])
             verdict = {Verdict.RETRY: "retry", Verdict.REJECT: "reject"}.get(v)  # type: ignore[arg-type]
@@ -602,7 +606,7 @@ def test_invariants_hold_through_any_interleaving(ops: list[str]):
         elif op == "tick":
             w.t += 1.0
         # At most one in-band response in flight, on our side and on the server's.
-        assert w.gate.depth() <= 1
+        assert sum(1 for e in w.gate.entries() if e.state != "held") <= 1  # a hold is no response in flight
         assert sum(1 for _, _, ib in w.server_active if ib) <= 1
     w.quiesce()
     assert w.conflicts == 0
@@ -613,3 +617,51 @@ def test_invariants_hold_through_any_interleaving(ops: list[str]):
     assert {cid for cid in w.calls} == set(w.outputs) and set(w.outputs.values()) <= {1}, "a call not answered once"
     w.apply(w.core.close(SessionClosed("end")))
     assert all(w.settled[id(h)] == 1 for h in w.handles)
+
+
+def test_stale_model_handoff_does_not_override_a_later_app_handoff():
+    """The app handed off while alpha's handoff call ran: the call is answered failed, the app's choice stands."""
+    core = make_core()
+    eid = core.create_response({}, handle(), now=0.0)[0].event["event_id"]
+    core.receive(created("resp_1", eid))
+    core.receive(done("resp_1", eid, calls=[("call_h", "transfer_to_bravo")]))
+    third = Agent(name="carol", instructions="You are carol.")
+    graph = resolve_agents(ALPHA, (third,))
+    core.set_graph(graph)
+    core.app_handoff(third, session_config_for(third, graph), None, now=0.0, respond=False)
+    actions = core.tool_results("resp_1", {}, handoff_config=session_config_for(BRAVO, graph), now=1.0)
+    assert core.agent is third
+    assert "failed" in json.loads(sends(actions)[0]["item"]["output"])["error"]
+    assert not any(e["type"] == "session.update" for e in sends(actions))
+
+
+def test_refused_handoff_update_restores_the_agent():
+    """The server refuses a handoff's session.update: the agent goes back and agent.handoff_failed is published."""
+    core = make_core()
+    [update] = sends(core.app_handoff(BRAVO, session_config_for(BRAVO, GRAPH), None, now=0.0, respond=False))
+    assert core.agent is BRAVO
+    actions = core.receive({"type": "error", "error": {"code": "invalid_value", "message": "bad tools",
+                                                       "event_id": update["event_id"]}})
+    assert core.agent is ALPHA
+    assert [a.type for a in actions if isinstance(a, Publish)] == ["agent.handoff_failed"]
+
+
+def test_tool_chain_holds_the_gate_until_its_follow_up():
+    """A response with tools keeps the gate (held); only its follow-up takes it over, and it jumps the lane."""
+    core = make_core()
+    gate = ResponseGate(max_retries=1)
+    eid = core.create_response({}, handle(), now=0.0)[0].event["event_id"]
+    assert gate.acquire(eid, 0)
+    gate.on_created("resp_1", eid, in_band=True)
+    event = done("resp_1", eid, calls=[("call_1", "lookup")])
+    assert core.will_follow_up(event)
+    gate.on_done("resp_1", eid, hold=True)
+    core.receive(event)
+    assert not gate.acquire("evt_other", 0)  # another create waits behind the chain
+    actions = core.tool_results("resp_1", {"call_1": "{}"}, now=1.0)
+    assert all(a.front for a in actions if isinstance(a, Send))
+    follow = next(a for a in actions if isinstance(a, Send) and a.gated)
+    assert follow.holder == "resp_1" and gate.acquire(follow.event["event_id"], 0, holder="resp_1")
+    gate.on_created("resp_2", follow.event["event_id"], in_band=True)
+    gate.on_done("resp_2", follow.event["event_id"])
+    assert gate.acquire("evt_other", 0)

@@ -136,3 +136,106 @@ def test_transport_argument_is_checked():
     """transport= must be a Transport or a factory; an instance serves one connection only."""
     with pytest.raises(InvalidArgument):
         Session.connect(transport=42)  # type: ignore[arg-type]
+
+
+# -- the review's findings, each end to end -------------------------------------------------------
+
+
+def test_concurrent_asks_with_tools_each_get_their_final_answer():
+    """4 threads x 3 ask() that call a tool: every ask returns its own tool-informed answer, never the call."""
+    desk = Agent(name="desk", instructions="You are the desk.", tools=[lookup_order])
+    answers: list[tuple[str, Any]] = []
+    lock = threading.Lock()
+    with rtqueue.Simulator(speed=20, seed=5) as sim, Session.connect(url=sim.url, agent=desk) as session:
+
+        def asker(n: int) -> None:
+            for k in range(3):
+                order = f"{n}{k}7"
+                r = session.ask(f"[tools: lookup_order] where is order {order}", timeout=3 * UNIT)
+                with lock:
+                    answers.append((order, r))
+
+        workers = [threading.Thread(target=asker, args=(n,), name=f"asker-{n}") for n in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(6 * UNIT)
+        assert not any(w.is_alive() for w in workers)
+        assert session.wait_idle(UNIT)
+        assert sim.stats()["conflicts"] == 0
+    assert len(answers) == 12
+    for order, r in answers:
+        assert not r.function_calls and order in r.text and "shipped" in r.text, (order, r.text)
+
+
+class _Swallow(MockTransport):
+    """A first connection that loses what is sent to it: the create (and what follows) drops the socket."""
+
+    def send(self, text: str) -> None:
+        if '"response.create"' in text:
+            self.drop()
+            raise ConnectionLost("the line went dead")
+        super().send(text)
+
+
+def test_a_turn_whose_create_dies_with_the_socket_is_asked_again_with_its_question():
+    """The user item went out, the create did not, nothing was echoed: the new socket gets both."""
+    server = ScriptedServer()
+    made: list[MockTransport] = []
+
+    def factory() -> MockTransport:
+        made.append(_Swallow() if not made else server.transport())
+        return made[-1]
+
+    with Session.connect(transport=factory, reconnect=rtqueue.ReconnectPolicy(initial_backoff=0.01)) as session:
+        assert session.ask("[say: still here]", timeout=UNIT).text == "still here"
+    second = [(e["type"], e.get("item", {}).get("role")) for e in server.client_events(0)]
+    assert ("conversation.item.create", "user") in second and ("response.create", None) in second
+
+
+def test_update_waiting_across_a_reconnect_is_answered_by_the_replay():
+    """update() whose session.updated never came on the old socket returns once the new one confirms it."""
+    server = ScriptedServer()
+    made: list[MockTransport] = []
+
+    def factory() -> MockTransport:
+        made.append(MockTransport() if not made else server.transport())
+        return made[-1]
+
+    with Session.connect(transport=factory, reconnect=rtqueue.ReconnectPolicy(initial_backoff=0.01)) as session:
+        made[0].auto_update = False  # the old server never answers the next update
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(session.update(instructions="be terse", timeout=UNIT)))
+        t.start()
+        made[0].wait_sent(lambda e: e["type"] == "session.update")
+        made[0].drop()
+        t.join(2 * UNIT)
+        assert out and out[0]["instructions"] == "be terse"
+
+
+def test_out_of_band_ask_sends_its_question_as_the_response_input():
+    """ask(conversation="none"): the question is the response's input; the conversation is untouched."""
+    server = ScriptedServer()
+    with Session.connect(transport=server.transport) as session:
+        assert session.ask("[say: aside]", conversation="none", timeout=UNIT).text == "aside"
+        assert session.items == []
+    [create] = [e for e in server.client_events(0) if e["type"] == "response.create"]
+    assert create["response"]["conversation"] == "none" and create["response"]["input"][0]["role"] == "user"
+
+
+def test_handoff_target_raising_system_exit_is_answered_and_the_worker_lives():
+    """A target whose instructions raise SystemExit: the model is told, the next tool call still runs."""
+
+    def broken(ctx: Any) -> str:
+        raise SystemExit("instructions unavailable")
+
+    billing = Agent(name="billing", instructions=broken)
+    desk = Agent(name="desk", instructions="You are the desk.", tools=[lookup_order], handoffs=[billing])
+    server = ScriptedServer()
+    with Session.connect(transport=server.transport, agent=desk) as session:
+        failed = session.events("agent.handoff_failed")
+        session.ask("transfer me to billing", timeout=UNIT)
+        ev = failed.get(UNIT)
+        assert ev is not None and ev["target"] == "billing" and session.agent is not None
+        assert session.agent.name == "desk"
+        assert "shipped" in session.ask("[tools: lookup_order] order 9", timeout=UNIT).text
