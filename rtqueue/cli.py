@@ -1,4 +1,4 @@
-"""The ``rtqueue`` command: ``demo``, ``sim`` and ``bench``."""
+"""The ``rtqueue`` command: ``demo``, ``sim``, ``timeline`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "rtqueue") -> int:
 
     sub.add_parser("sim", help="run the Realtime simulator standalone (see `rtqueue sim --help`)")
 
+    timeline = sub.add_parser("timeline", help="draw a recording as a self-contained HTML timeline")
+    timeline.add_argument("recording", help="a recording (JSONL) from Session.connect(record=...) or sim --trace")
+    timeline.add_argument("-o", "--output", default=None, help="the HTML file (default: RECORDING with .html)")
+
     bench = sub.add_parser("bench", help="run every benchmark in benchmarks/")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG results")
@@ -57,9 +61,27 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "rtqueue") -> int:
             live=ns.live, audio=ns.audio, scenario=ns.scenario, model=ns.model,
             speed=ns.speed, latency_ms=ns.latency_ms, json_path=ns.json,
         )
+    if ns.command == "timeline":
+        return _timeline(ns.recording, ns.output)
     if ns.command == "bench":
         return _bench(quick=ns.quick, out=ns.out)
     return 2  # pragma: no cover
+
+
+def _timeline(recording: str, output: str | None) -> int:
+    try:
+        from .timeline import write_timeline
+    except ImportError:  # pragma: no cover - plotly is the [timeline] extra
+        print("rtqueue timeline needs plotly: pip install 'rtqueue[timeline]'", file=sys.stderr)
+        return 1
+    out = output or str(Path(recording).with_suffix(".html"))
+    try:
+        n = write_timeline(recording, out)
+    except (OSError, ValueError) as exc:
+        print(f"rtqueue timeline: {exc}", file=sys.stderr)
+        return 1
+    print(f"{out}: {n} responses")
+    return 0
 
 
 def _bench(*, quick: bool, out: str) -> int:
