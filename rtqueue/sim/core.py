@@ -39,6 +39,7 @@ import attrs
 
 from .model import Reply, ScriptedModel, Turn, TurnKind
 from .synth import SAMPLE_RATE, SpeechStream
+from .transcribe import Listener
 from .vad import EnergyVad
 
 __all__ = [
@@ -148,6 +149,8 @@ _RESPONSE_FIELDS = frozenset(
     }
 )
 _RATE_LIMITS_DELAY_S = 0.04
+_TRANSCRIBE_DELAY_S = 0.15
+_TRANSCRIBE_WORD_S = 0.04
 _TEXT_TOKENS_PER_WORD = 1.3
 _AUDIO_TOKENS_PER_SECOND = 20.0
 
@@ -309,6 +312,11 @@ class SimSession:
     first_output_ms: float = 250.0
     min_response_ms: float = 0.0
     expiry_message: str = "Your session hit the maximum duration of 60 minutes."
+    #: With input transcription on, unintelligible audio (not made by the
+    #: synthesizer) gives ``...input_audio_transcription.failed`` instead of a
+    #: ``.completed`` with an empty transcript. A transcription ``prompt``
+    #: containing ``[fail]`` does the same for one session.
+    transcription_failures: bool = False
 
     #: ``(code, reason)`` once the session wants its connection closed (expiry).
     close_request: tuple[int, str] | None = attrs.field(init=False, default=None)
@@ -343,6 +351,8 @@ class SimSession:
     _handler_table: dict[str, Callable[[dict[str, Any], str | None, float], None]] = attrs.field(init=False)
     _later: list[tuple[float, int, Callable[[], None]]] = attrs.field(init=False, factory=list)
     _later_seq: int = attrs.field(init=False, default=0)
+    _listener: Listener = attrs.field(init=False, factory=Listener)
+    _heard: dict[str, str | None] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._handler_table = self._handlers()  # built once: receive() runs per mic chunk
@@ -772,6 +782,7 @@ class SimSession:
         data = self._carry + pcm
         usable = len(data) - len(data) % 2
         self._carry = data[usable:]
+        self._listener.feed(data[:usable], self._total_samples)
         self._total_samples += usable // 2
         td = self._session["audio"]["input"]["turn_detection"]
         if not td:
@@ -800,11 +811,12 @@ class SimSession:
         # The audio after the stop point stays in the buffer for the next turn.
         self._buffer_start_samples = min(self._total_samples, end_ms * SAMPLE_RATE // 1000)
         self._vad.buffer_start_ms = end_ms
-        self._commit_user_audio(item_id, duration)
+        heard = self._listener.take(end_ms * SAMPLE_RATE // 1000)
+        self._commit_user_audio(item_id, duration, heard, now)
         if td.get("create_response", True) and self._inband_active() is None:
             self._start_response({}, None, now, in_band=True)
 
-    def _commit_user_audio(self, item_id: str, duration_ms: int) -> None:
+    def _commit_user_audio(self, item_id: str, duration_ms: int, heard: str | None, now: float) -> None:
         previous = self._order[-1] if self._order else None
         self._emit("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
         item = {
@@ -815,9 +827,80 @@ class SimSession:
             "content": [{"type": "input_audio", "transcript": None}],
         }
         self._user_audio_ms[item_id] = duration_ms
+        self._heard[item_id] = heard
         self._insert_item(item, previous)
         self._emit("conversation.item.added", previous_item_id=previous, item=copy.deepcopy(item))
         self._emit("conversation.item.done", previous_item_id=previous, item=copy.deepcopy(item))
+        self._schedule_transcription(item_id, heard, duration_ms, now)
+
+    # ------------------------------------------------------------- input transcription
+
+    def _schedule_transcription(self, item_id: str, heard: str | None, duration_ms: int, now: float) -> None:
+        """Input transcription events, on the timeline after the commit (asynchronous, as for real)."""
+        cfg = self._session["audio"]["input"]["transcription"]
+        if not isinstance(cfg, dict):
+            return
+        model = str(cfg.get("model") or "whisper-1")
+        t = now + self._pace(_TRANSCRIBE_DELAY_S + duration_ms / 10_000)
+        if heard is None and (self.transcription_failures or "[fail]" in str(cfg.get("prompt") or "")):
+            self._schedule(t, functools.partial(self._transcription_failed, item_id))
+            return
+        text = heard or ""
+        words = text.split()
+        step = self._pace(_TRANSCRIBE_WORD_S)
+        for i, word in enumerate(words):
+            self._schedule(
+                t + i * step, functools.partial(self._transcription_delta, item_id, word if i == 0 else " " + word)
+            )
+        done = functools.partial(self._transcription_completed, item_id, text, duration_ms, model)
+        self._schedule(t + len(words) * step, done)
+
+    def _transcription_delta(self, item_id: str, delta: str) -> None:
+        self._emit(
+            "conversation.item.input_audio_transcription.delta",
+            item_id=item_id,
+            content_index=0,
+            delta=delta,
+            obfuscation=self._obfuscation(delta),
+        )
+
+    def _transcription_completed(self, item_id: str, text: str, duration_ms: int, model: str) -> None:
+        item = self._items.get(item_id)
+        if item is not None:
+            item["content"] = [{"type": "input_audio", "transcript": text}]
+        usage: dict[str, Any]
+        if model == "whisper-1":
+            usage = {"type": "duration", "seconds": round(duration_ms / 1000, 3)}
+        else:
+            audio_tokens = math.ceil(duration_ms / 1000 * _AUDIO_TOKENS_PER_SECOND / 2) + 1
+            out = math.ceil(len(text.split()) * _TEXT_TOKENS_PER_WORD)
+            usage = {
+                "type": "tokens",
+                "input_tokens": audio_tokens,
+                "output_tokens": out,
+                "total_tokens": audio_tokens + out,
+                "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens},
+            }
+        self._emit(
+            "conversation.item.input_audio_transcription.completed",
+            item_id=item_id,
+            content_index=0,
+            transcript=text,
+            usage=usage,
+        )
+
+    def _transcription_failed(self, item_id: str) -> None:
+        self._emit(
+            "conversation.item.input_audio_transcription.failed",
+            item_id=item_id,
+            content_index=0,
+            error={
+                "type": "transcription_error",
+                "code": "audio_unintelligible",
+                "message": "Audio could not be transcribed: no intelligible speech.",
+                "param": None,
+            },
+        )
 
     def _on_commit(self, event: dict[str, Any], eid: str | None, now: float) -> None:
         ms = self._buffer_ms()
@@ -831,9 +914,10 @@ class SimSession:
         self._speech_item_id = None
         self._buffer_start_samples = self._total_samples
         self._vad.reset()
-        self._commit_user_audio(item_id, int(ms))
+        self._commit_user_audio(item_id, int(ms), self._listener.take(), now)
 
     def _on_clear(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        self._listener.reset()
         self._buffer_start_samples = self._total_samples
         self._speech_item_id = None
         self._vad.reset()
@@ -960,6 +1044,7 @@ class SimSession:
             raise _Reject("item_delete_invalid_item_id", f"Invalid 'item_id': no item with id '{item_id}'.", "item_id")
         self._order.remove(item_id)
         self._turn_cache.pop(item_id, None)
+        self._heard.pop(item_id, None)
         del self._items[item_id]
         self._emit("conversation.item.deleted", item_id=item_id)
 
@@ -1138,8 +1223,12 @@ class SimSession:
                 texts.append(str(part.get("text") or ""))
             elif ptype in ("input_audio", "output_audio"):
                 transcript = part.get("transcript")
+                heard = self._heard.get(str(item.get("id"))) if ptype == "input_audio" else None
                 if transcript:
                     texts.append(str(transcript))
+                elif heard:
+                    # The model hears the audio, transcription or not.
+                    texts.append(heard)
                 elif ptype == "input_audio":
                     texts.append(f"(audio {self._user_audio_ms.get(str(item.get('id')), 0)} ms)")
         role = item.get("role")

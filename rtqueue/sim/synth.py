@@ -6,13 +6,18 @@ sound that *behaves* like speech for the things a Realtime client cares about:
 - it is clearly voiced (a harmonic tone around a voice-dependent pitch, shaped
   by one raised-cosine envelope per syllable), so an energy VAD fires on it;
 - every word has a duration that grows with its length, followed by a short
-  low-energy gap (longer after ``.``, ``?``, ``!``), all well under the
-  default 500 ms silence that ends a turn;
+  low-energy gap (longer after ``.``, ``?``, ``!``), all under the GA
+  default 200 ms of silence that ends a turn (at the default rate and speed);
 - it is a pure function of its arguments: the same text, voice and seed give
   the same bytes on every machine (numpy float64 arithmetic, no global RNG).
 
 The same module also gives tests microphone-like input: :func:`silence`,
 :func:`noise` and, through :func:`synthesize`, "user speech".
+
+Speech from :func:`synthesize` (and :func:`hum` given ``text=``) is
+registered with :mod:`rtqueue.sim.transcribe` under an audio fingerprint, so
+the simulator knows what it says when a client sends it as input: the input
+transcription events carry that text and the scripted model answers it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import zlib
 
 import attrs
 import numpy as np
+
+from .transcribe import HEAD_SAMPLES, register, register_parts
 
 __all__ = [
     "BYTES_PER_MS",
@@ -99,12 +106,18 @@ def silence(ms: float) -> bytes:
     return bytes(2 * int(ms * SAMPLE_RATE / 1000))
 
 
-def hum(ms: float, *, amp: float = 0.3, freq: float = 220.0) -> bytes:
+def hum(ms: float, *, amp: float = 0.3, freq: float = 220.0, text: str | None = None) -> bytes:
     """A voiced hum of ``ms`` milliseconds (4 Hz syllable-like swell): the simplest
-    stand-in for a user speaking, loud enough for server VAD at default settings."""
+    stand-in for a user speaking, loud enough for server VAD at default settings.
+
+    With ``text``, the simulator hears the hum as saying that text (see
+    :mod:`rtqueue.sim.transcribe`); without, it is unintelligible."""
     t = np.arange(int(ms * SAMPLE_RATE / 1000)) / SAMPLE_RATE
     wave = amp * np.sin(2 * np.pi * freq * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
-    return _to_pcm16(wave)
+    pcm = _to_pcm16(wave)
+    if text:
+        register(pcm, text)
+    return pcm
 
 
 def noise(ms: float, *, level_dbfs: float = -60.0, seed: int = 0) -> bytes:
@@ -136,7 +149,9 @@ def synthesize(
     gives empty audio. Raises ``ValueError`` for a non-positive rate or speed.
     """
     stream = SpeechStream(text, voice=voice, seed=seed, words_per_second=words_per_second, speed=speed)
-    return Speech(pcm=stream.read(0, stream.samples), words=stream.words, word_starts=stream.word_starts)
+    pcm = stream.read(0, stream.samples)
+    register(pcm, " ".join(stream.words))
+    return Speech(pcm=pcm, words=stream.words, word_starts=stream.word_starts)
 
 
 class SpeechStream:
@@ -159,6 +174,7 @@ class SpeechStream:
         seed: int = 0,
         words_per_second: float = 4.0,
         speed: float = 1.0,
+        register: bool = False,
     ) -> None:
         if words_per_second <= 0 or speed <= 0:
             raise ValueError("words_per_second and speed must be positive")
@@ -177,7 +193,7 @@ class SpeechStream:
             dur_s = base_s * min(2.5, max(0.5, 0.45 + 0.11 * letters))
             gap_s = 0.18 * dur_s
             if word[-1] in ".?!":
-                gap_s += 0.12 / speed
+                gap_s += 0.05 / speed
             self._voiced_n.append(max(1, int((dur_s - gap_s * 0.5) * SAMPLE_RATE)))
             self._gap_n.append(int(gap_s * SAMPLE_RATE))
             pos += self._voiced_n[-1] + self._gap_n[-1]
@@ -185,6 +201,28 @@ class SpeechStream:
         #: Total number of samples.
         self.samples = pos
         self._cache: dict[int, bytes] = {}
+        if register and self.words:
+            self._register()
+
+    def _register(self) -> None:
+        """Register the fingerprint (head and loud span) without rendering every word."""
+        head: list[bytes] = []
+        size = 0
+        i = 0
+        while i < len(self.words) and size < 2 * (HEAD_SAMPLES + 480):
+            pcm = _render_word(self.words[i], self._voiced_n[i], self._gap_n[i], self._f0, self._seed)
+            head.append(pcm)
+            size += len(pcm)
+            i += 1
+        # Same fingerprint as the whole buffer: first loud sample from the head
+        # words, last loud sample from the last word.
+        last = len(self.words) - 1
+        tail = _render_word(self.words[last], self._voiced_n[last], self._gap_n[last], self._f0, self._seed)
+        if i > last:
+            register(b"".join(head), " ".join(self.words))
+        else:
+            gap = self.word_starts[last] - size // 2
+            register_parts(b"".join(head), gap, tail, " ".join(self.words))
 
     @property
     def duration_ms(self) -> int:
