@@ -35,9 +35,9 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -52,13 +52,45 @@ from .core import SimSession
 from .faults import FaultPlan
 from .replay import ReplaySession, load_replay
 
-__all__ = ["Simulator"]
+__all__ = ["DEFAULT_MODELS", "Simulator"]
 
 _DELTA_TYPES = frozenset({"response.output_audio.delta", "response.output_text.delta"})
 _AUDIO_TYPES = frozenset({"response.output_audio.delta"})
 _MALFORMED = '{"type": "response.output_audio.delta", "event_id": "event_'
 _BINARY = b"\x00\x01rtqueue-sim-binary-frame\xff"
 _AUTH_CLOSE_CODE = 3000
+_REQUEST_CLOSE_CODE = 4000  # model / beta-header refusals: the real service's code
+
+#: Models the default simulator accepts in ``?model=`` (the documented Realtime
+#: models and snapshots); ``Simulator(models=None)`` accepts any name.
+DEFAULT_MODELS = frozenset({
+    "gpt-realtime",
+    "gpt-realtime-2025-08-28",
+    "gpt-realtime-mini",
+    "gpt-realtime-mini-2025-10-06",
+    "gpt-4o-realtime-preview",
+    "gpt-4o-realtime-preview-2024-10-01",
+    "gpt-4o-realtime-preview-2024-12-17",
+    "gpt-4o-realtime-preview-2025-06-03",
+    "gpt-4o-mini-realtime-preview",
+    "gpt-4o-mini-realtime-preview-2024-12-17",
+})
+
+# Connection-level refusals, as the real GA service sends them: an ``error``
+# event, then a close whose reason is "<error type>.<error code>".
+# Seen in recordings: the beta text and every close code / reason below except
+# the two marked "guessed", and invalid_model's wording (seen for transcription
+# mode: 'Model "X" is not supported in transcription mode.').
+_BETA_MESSAGE = "The Realtime Beta API is no longer supported. Please use /v1/realtime for the GA API."
+# guessed: the code and close reason are real, this wording is ours.
+_MISSING_MODEL_MESSAGE = "Missing required parameter: 'model'. Pass it in the URL: /v1/realtime?model=gpt-realtime."
+_NO_AUTH_MESSAGE = "Missing bearer or basic authentication in header"
+# The REST API's 401 body with this message carries ``code: null``; the close
+# reason for it is guessed.
+_NO_AUTH_REASON = "invalid_request_error"
+_BAD_KEY_MESSAGE = (
+    "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
+)
 _CALL_TIMEOUT = 10.0  # a cross-thread call into the loop (inject) gives up after this
 
 
@@ -124,9 +156,22 @@ class Simulator:
             Handshake headers (and so API keys) are never written.
         speed: pacing of audio and text relative to real time (1.0 real
             time, 20.0 twenty times faster, ``None`` or 0 unpaced).
-        require_api_key: when set, a connection without ``Authorization:
-            Bearer <key>`` or ``api-key: <key>`` gets an ``invalid_api_key``
-            error and is closed with code 3000.
+        require_api_key: when set, a connection must carry ``Authorization:
+            Bearer <key>`` or ``api-key: <key>``. As on the real service the
+            upgrade succeeds, then: no such header -> an ``error`` event
+            ("Missing bearer or basic authentication in header", ``code``
+            null) and close 3000; a wrong key -> ``invalid_api_key`` and close
+            3000 with reason ``invalid_request_error.invalid_api_key``.
+        models: the names accepted in the URL's ``?model=`` (default
+            :data:`DEFAULT_MODELS`; ``None``: any). No ``model`` (and no
+            ``call_id`` or ``intent=transcription``) -> ``missing_model``, a
+            name not listed -> ``invalid_model``; the retired header
+            ``OpenAI-Beta: realtime=v1`` -> ``beta_api_shape_disabled``. Each
+            is an ``error`` event then close 4000 (reason
+            ``invalid_request_error.<code>``).
+        ping_interval: seconds between the server's pings (the real service
+            pings about every 20 s); ``None`` sends none. A missing pong is
+            not held against the client.
         faults: a :class:`FaultPlan` for every session.
         audio_chunk_ms: duration of each ``response.output_audio.delta``.
         words_per_second: speech / text rate of the scripted model.
@@ -163,6 +208,8 @@ class Simulator:
         trace: str | os.PathLike[str] | None = None,
         speed: float | None = 1.0,
         require_api_key: str | None = None,
+        models: Iterable[str] | None = DEFAULT_MODELS,
+        ping_interval: float | None = 20.0,
         faults: FaultPlan | None = None,
         audio_chunk_ms: int = 50,
         words_per_second: float = 4.0,
@@ -193,6 +240,18 @@ class Simulator:
                 f"Simulator require_api_key must be a non-empty str or None, got {type(require_api_key).__name__}"
             )
         self._api_key = require_api_key
+        if models is not None:
+            if isinstance(models, str) or not isinstance(models, Iterable):
+                raise InvalidArgument(f"Simulator models must be an iterable of str or None, got {models!r}")
+            models = frozenset(models)
+            if not models or not all(isinstance(m, str) and m for m in models):
+                raise InvalidArgument(
+                    f"Simulator models must hold non-empty str names, got {sorted(map(repr, models))}"
+                )
+        self._models: frozenset[str] | None = models
+        if ping_interval is not None:
+            ping_interval = check_number("Simulator ping_interval", ping_interval, above=True)
+        self._ping_interval = ping_interval
         self._default_faults = _check_plan("Simulator faults", faults)
         self._session_faults: dict[int, FaultPlan] = {}
         self._audio_chunk_ms = check_int("Simulator audio_chunk_ms", audio_chunk_ms, minimum=1)
@@ -221,6 +280,7 @@ class Simulator:
         # Totals of finished sessions (one summary, so a long soak stays small).
         self._finished: dict[str, Counter[str]] = {"sums": Counter(), "errors": Counter(), "client_events": Counter()}
         self._extra: Counter[str] = Counter()
+        self._refused: Counter[str] = Counter()  # connections refused, by error code
         self._faults_fired: Counter[str] = Counter()
         self._client_log: dict[int, list[tuple[float, dict[str, Any]]]] = {}
         self._server_log: dict[int, list[tuple[float, dict[str, Any]]]] = {}
@@ -337,7 +397,8 @@ class Simulator:
                 self._requested_port,
                 process_request=self._process_request,
                 compression=None,
-                ping_interval=None,
+                ping_interval=self._ping_interval,
+                ping_timeout=None,  # pings only: no deadline on the pong is known of the real service
                 close_timeout=self._close_timeout,
                 max_size=16 * 2**20,
                 server_header="rtqueue-sim",
@@ -451,7 +512,7 @@ class Simulator:
         """Server-side counters summed over all sessions, live and finished.
 
         Keys: ``sessions`` (connections accepted), ``active_sessions``,
-        ``auth_failures``, ``responses`` (created), ``completed``,
+        ``auth_failures`` (connections refused with close 3000), ``responses`` (created), ``completed``,
         ``cancelled``, ``incomplete``, ``withheld``, ``conflicts``
         (``conversation_already_has_active_response`` errors),
         ``cancel_not_active``, ``truncate_errors``, ``errors`` (code -> count,
@@ -474,7 +535,7 @@ class Simulator:
                 self._add_totals(acc, conn.core.stats())
         sums, errors, client = acc["sums"], acc["errors"], acc["client_events"]
         with self._lock:
-            errors["invalid_api_key"] += self._extra["auth_failures"]
+            errors.update(self._refused)
         for key in (
             "responses",
             "completed",
@@ -558,16 +619,45 @@ class Simulator:
                 return ws.respond(429, "Too many concurrent sessions\n")
         return None
 
-    def _authorized(self, ws: ServerConnection) -> bool:
-        if self._api_key is None:
-            return True
-        headers = ws.request.headers if ws.request is not None else None
-        if headers is None:
-            return False
-        auth = headers.get("Authorization") or ""
-        if auth.startswith("Bearer ") and auth[len("Bearer ") :].strip() == self._api_key:
-            return True
-        return (headers.get("api-key") or "").strip() == self._api_key
+    def _refusal(self, ws: ServerConnection) -> tuple[str | None, str, int, str] | None:
+        """Why the real service would refuse this connection after the upgrade, if it would.
+
+        ``(error code, message, close code, close reason)``. Checked in the
+        order: authentication, the retired beta header, the model (the order
+        among them is our choice: no recording shows two at once).
+        """
+        request = ws.request
+        headers = request.headers if request is not None else None
+        if self._api_key is not None:
+            if headers is None:
+                return None, _NO_AUTH_MESSAGE, _AUTH_CLOSE_CODE, _NO_AUTH_REASON
+            auth = (headers.get("Authorization") or "").strip()
+            api_key = headers.get("api-key")
+            scheme = auth.split(" ", 1)[0].lower()
+            if scheme not in ("bearer", "basic") and api_key is None:  # none, or e.g. "Token x"
+                return None, _NO_AUTH_MESSAGE, _AUTH_CLOSE_CODE, _NO_AUTH_REASON
+            bearer = auth[len("Bearer ") :].strip() if auth.startswith("Bearer ") else None
+            if bearer != self._api_key and (api_key or "").strip() != self._api_key:
+                return "invalid_api_key", _BAD_KEY_MESSAGE, _AUTH_CLOSE_CODE, "invalid_request_error.invalid_api_key"
+        if headers is not None:
+            beta = ",".join(headers.get_all("OpenAI-Beta"))
+            if "realtime=v1" in (part.strip().lower() for part in beta.split(",")):
+                return "beta_api_shape_disabled", _BETA_MESSAGE, _REQUEST_CLOSE_CODE, (
+                    "invalid_request_error.beta_api_shape_disabled"
+                )
+        query = parse_qs(urlsplit(request.path).query if request is not None else "", keep_blank_values=True)
+        model = (query.get("model") or [""])[0]
+        if not model:
+            # A SIP call's control socket (?call_id=) and a transcription
+            # session (?intent=transcription) need no model.
+            if query.get("call_id") or "transcription" in query.get("intent", ()):
+                return None
+            return "missing_model", _MISSING_MODEL_MESSAGE, _REQUEST_CLOSE_CODE, "invalid_request_error.missing_model"
+        if self._models is not None and model not in self._models:
+            return "invalid_model", f'Model "{model}" is not supported in realtime mode.', _REQUEST_CLOSE_CODE, (
+                "invalid_request_error.invalid_model"
+            )
+        return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         now = time.monotonic()
@@ -597,8 +687,9 @@ class Simulator:
             core = ReplaySession(self._replay, now=now, index=index, speed=self._speed,
                                  mismatches=self._replay_mismatches)
         conn = _Conn(index=index, ws=ws, core=core, last_due=now)
-        if not self._authorized(ws):
-            await self._reject(conn)
+        refusal = self._refusal(ws)
+        if refusal is not None:
+            await self._reject(conn, *refusal)
             return
         with self._lock:
             self._live[index] = conn
@@ -622,19 +713,23 @@ class Simulator:
                 self._add_totals(self._finished, final)
             self._notify()
 
-    async def _reject(self, conn: _Conn) -> None:
-        """Refuse a connection with a bad key, as the real service does."""
-        event = conn.core.make_error(
-            "invalid_api_key",
-            "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
-            type="invalid_request_error",
-        )
+    async def _reject(self, conn: _Conn, code: str | None, message: str, close_code: int, reason: str) -> None:
+        """Refuse a connection as the real service does: one ``error`` event, then the close."""
+        event = {
+            "type": "error",
+            "event_id": conn.core.new_event_id(),
+            "error": {"type": "invalid_request_error", "code": code, "message": message, "param": None,
+                      "event_id": None},
+        }
         with self._lock:
-            self._extra["auth_failures"] += 1
+            if close_code == _AUTH_CLOSE_CODE:
+                self._extra["auth_failures"] += 1
+            if code is not None:  # stats()["errors"] is by code; "missing auth" has none
+                self._refused[code] += 1
         self._record_out(conn, event, time.monotonic())
         try:
             await conn.ws.send(json.dumps(event))
-            await conn.ws.close(_AUTH_CLOSE_CODE, "invalid_api_key")
+            await conn.ws.close(close_code, reason)
         except ConnectionClosed:
             pass
         self._notify()
