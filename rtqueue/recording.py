@@ -42,7 +42,7 @@ import attrs
 
 from .secrets import redact
 
-__all__ = ["Frame", "Recorder", "Recording", "audio_ms", "read_recording", "redact_event"]
+__all__ = ["CoreReplay", "Frame", "Recorder", "Recording", "audio_ms", "read_recording", "redact_event", "replay_core"]
 
 FORMAT = "rtqueue.recording"
 VERSION = 1
@@ -323,3 +323,101 @@ def parse_recording(lines: Iterable[str]) -> Recording:
         raise ValueError("not an rtqueue recording (no header line)")
     return Recording(header=header, frames=tuple(frames))
 
+
+
+@attrs.frozen
+class CoreReplay:
+    """What :func:`replay_core` saw the conversation core do."""
+
+    responses: tuple[Any, ...]  # rtqueue.values.Response (the core's record), in the order they finished
+    actions: dict[str, int]  # action class name -> count
+    published: tuple[str, ...]  # types of the Publish actions
+    verdicts: tuple[tuple[str | None, str | None, str | None], ...]  # (error code, event_id, verdict)
+    failures: tuple[str, ...]  # repr of the errors Fail actions carried
+
+
+def replay_core(recording: Recording, *, session: int | None = None) -> CoreReplay:
+    """Drive the pure :class:`rtqueue.core.ConversationCore` with a recording (no socket, no thread).
+
+    The recorded client ``response.create`` events become the core's own
+    requests (same event ids, so the metadata echo of the recorded
+    ``response.created`` matches them), the recorded server events go through
+    a :class:`rtqueue.gate.ResponseGate` and the core as the session's shell
+    routes them. ``session`` picks one connection (default: the first).
+    A recorded incident so becomes a unit test of the core.
+    """
+    from .core import ConversationCore, Fail, Publish
+    from .gate import ResponseGate
+    from .protocol import METADATA_KEY
+
+    streaming = {"response.output_audio.delta", "response.output_text.delta", "response.output_audio_transcript.delta"}
+    frames = [f for f in recording.frames if f.event is not None]
+    if frames:
+        chosen = min(f.session for f in frames) if session is None else session
+        frames = [f for f in frames if f.session == chosen]
+    core = ConversationCore(handle_factory=lambda event, in_band: None)
+    gate = ResponseGate()
+    counts: dict[str, int] = {}
+    published: list[str] = []
+    verdicts: list[tuple[str | None, str | None, str | None]] = []
+    failures: list[str] = []
+    responses: list[Any] = []
+
+    def apply(actions: Iterable[Any]) -> None:
+        for action in actions:
+            name = type(action).__name__
+            counts[name] = counts.get(name, 0) + 1
+            if isinstance(action, Publish):
+                published.append(action.type)
+            elif isinstance(action, Fail):
+                failures.append(repr(action.error))
+
+    for f in frames:
+        event = dict(f.event or {})
+        kind = event.get("type")
+        if f.sender == "client":
+            if kind == "response.create" and isinstance(event.get("event_id"), str):
+                eid = event["event_id"]
+                params = dict(event.get("response") or {})
+                meta = {k: v for k, v in (params.get("metadata") or {}).items() if k != METADATA_KEY}
+                params.pop("metadata", None)
+                if meta:
+                    params["metadata"] = meta
+                apply(core.create_response(params, None, now=f.t, event_id=eid))
+                if params.get("conversation") == "none":
+                    gate.register_oob(eid)
+                elif gate.acquire(eid, 0.0):
+                    gate.note_sent(eid, 0.0)
+            continue
+        if kind in streaming:
+            core.stream(event)
+            continue
+        verdict = matched = None
+        if kind in ("response.created", "response.done"):
+            resp = event.get("response") or {}
+            rid = str(resp.get("id"))
+            tag = (resp.get("metadata") or {}).get(METADATA_KEY)
+            eid = tag if isinstance(tag, str) else None
+            if kind == "response.created":
+                in_band = (resp.get("conversation_id") is not None) if "conversation_id" in resp else None
+                if eid is None and in_band is not False:
+                    matched = gate.untagged_pending()
+                gate.on_created(rid, eid or matched, in_band=in_band)
+            else:
+                core.note_finished(rid)
+                core.will_follow_up(event)
+                gate.on_done(rid, eid)
+                apply(core.receive(event))
+                finished = core.recent(rid)
+                if finished is not None:
+                    responses.append(finished)
+                continue
+        elif kind == "error":
+            err = event.get("error") or {}
+            code, err_eid = err.get("code"), err.get("event_id")
+            got = gate.on_error(err_eid, code)
+            verdict = str(got.value) if got is not None else None
+            verdicts.append((code, err_eid, verdict))
+        apply(core.receive(event, verdict=verdict, matched=matched))
+    return CoreReplay(responses=tuple(responses), actions=counts, published=tuple(published),
+                      verdicts=tuple(verdicts), failures=tuple(failures))

@@ -86,3 +86,20 @@ def test_sim_cli_has_replay() -> None:
     from rtqueue.sim.cli import build_parser
 
     assert build_parser().parse_args(["--replay", "call.jsonl"]).replay == "call.jsonl"
+
+
+def test_core_replay_of_a_recorded_conversation(tmp_path: Path) -> None:
+    """The same recording drives the pure ConversationCore: same answers, statuses and calls, no failure."""
+    from rtqueue.recording import replay_core
+
+    path = tmp_path / "call.jsonl"
+    with Simulator(speed=4.0, trace=path) as sim:
+        recorded = _conversation(sim.url)
+        sim.wait_until(lambda s: s.stats()["active_sessions"] == 0, UNIT)
+    result = replay_core(read_recording(path))
+    texts = [r.text for r in result.responses]
+    assert recorded["first"][0] in texts and recorded["last"][0] in texts
+    assert [r.status for r in result.responses].count("cancelled") == 1
+    calls = [o.get("name") for r in result.responses for o in r.output if o.get("type") == "function_call"]
+    assert "lookup_order" in calls and "transfer_to_returns" in calls
+    assert result.failures == () and len(result.responses) >= 4
