@@ -18,7 +18,7 @@ The fingerprint, computed on PCM16 24 kHz mono:
 A registered utterance matches a committed buffer when the heads hash the
 same; among several utterances with the same head (texts starting with the
 same word, same voice and seed), the one whose loud-span length is closest
-wins. The fingerprint is computed incrementally as chunks arrive, so it does
+wins, if it is within 100 ms (or 5 %) of the committed one. The fingerprint is computed incrementally as chunks arrive, so it does
 not depend on how the client chunks its audio. Audio mixed with noise,
 resampled, or never registered (a microphone, :func:`hum` without text)
 does not match: it reads as unintelligible.
@@ -53,6 +53,8 @@ __all__ = [
 LOUD = 1000
 #: Samples hashed from the first loud sample on (100 ms at 24 kHz).
 HEAD_SAMPLES = 2400
+#: Loud-span difference (samples, 100 ms) still taken as the same utterance.
+SPAN_TOLERANCE = 2400
 #: Utterances remembered at most.
 MAX_ENTRIES = 4096
 
@@ -128,7 +130,10 @@ def recognize(key: bytes, span: int) -> str | None:
         entries = _registry.get(key)
         if not entries:
             return None
-        return min(entries, key=lambda e: abs(e[0] - span))[1]
+        best_span, text = min(entries, key=lambda e: abs(e[0] - span))
+    # The same head with a clearly different length is other audio (a hum of
+    # another duration, an utterance cut short or run into the next one).
+    return text if abs(best_span - span) <= max(SPAN_TOLERANCE, best_span // 20) else None
 
 
 def transcribe(pcm: bytes | bytearray | memoryview) -> str | None:
