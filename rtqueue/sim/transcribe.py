@@ -18,8 +18,9 @@ The fingerprint, computed on PCM16 24 kHz mono:
 A registered utterance matches a committed buffer when the heads hash the
 same; among several utterances with the same head (texts starting with the
 same word, same voice and seed), the one whose loud-span length is closest
-wins, if it is within 100 ms (or 5 %) of the committed one. The fingerprint is computed incrementally as chunks arrive, so it does
-not depend on how the client chunks its audio. Audio mixed with noise,
+wins, if it is within 100 ms (or 5 %) of the committed one. The fingerprint
+is computed incrementally as chunks arrive, so it does not depend on how the
+client chunks its audio. Audio mixed with noise,
 resampled, or never registered (a microphone, :func:`hum` without text)
 does not match: it reads as unintelligible.
 
