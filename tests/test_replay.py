@@ -103,3 +103,33 @@ def test_core_replay_of_a_recorded_conversation(tmp_path: Path) -> None:
     calls = [o.get("name") for r in result.responses for o in r.output if o.get("type") == "function_call"]
     assert "lookup_order" in calls and "transfer_to_returns" in calls
     assert result.failures == () and len(result.responses) >= 4
+
+
+def _voice_turn(url: str, chunk_ms: int) -> tuple[str, str]:
+    from tests.utils import silence_pcm, speech_pcm
+
+    pcm = speech_pcm(800) + silence_pcm(700)
+    step = chunk_ms * 48
+    with Session.connect(url=url) as session:
+        done = session.events("response.done")
+        for i in range(0, len(pcm), step):
+            session.append_audio(pcm[i : i + step])
+        ev = done.get(UNIT)
+        assert ev is not None
+        resp = ev["response"]
+        text = " ".join(c.get("transcript") or c.get("text") or "" for o in resp["output"]
+                        for c in o.get("content") or [])
+        return resp["status"], text
+
+
+def test_replay_matches_audio_by_duration_not_chunks(tmp_path: Path) -> None:
+    """A voice turn recorded in 100 ms chunks replays to a client sending 30 ms chunks."""
+    path = tmp_path / "voice.jsonl"
+    with Simulator(speed=None, trace=path) as sim:
+        recorded = _voice_turn(sim.url, 100)
+        sim.wait_until(lambda s: s.stats()["active_sessions"] == 0, UNIT)
+    assert recorded[0] == "completed"
+    with Simulator(replay=path, speed=None) as replay:
+        assert _voice_turn(replay.url, 30) == recorded
+        replay.wait_until(lambda s: s.stats()["active_sessions"] == 0, UNIT)
+        assert replay.stats()["replay_mismatches"] == []

@@ -10,7 +10,10 @@ How it answers:
 - Every recorded server frame is attached to the client frame recorded just
   before it (its *trigger*); frames recorded before any client frame (e.g.
   ``session.created``) are sent at their recorded time after the connection.
-- Client events are matched by type and order: the live client's n-th
+- Input audio (``input_audio_buffer.append``) is matched by duration, not
+  by chunk: what followed a recorded append is released once the live audio
+  reaches the recorded duration at that append.
+- Other client events are matched by type and order: the live client's n-th
   ``response.create`` is the recording's n-th ``response.create``, and
   releases the server frames attached to it, at the recorded offsets after
   the live event (divided by ``speed``; unpaced when ``speed`` is None),
@@ -37,7 +40,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from ..recording import Frame, Recording, read_recording
+from ..recording import Frame, Recording, audio_ms, read_recording
 
 __all__ = ["ReplaySession", "load_replay"]
 
@@ -95,6 +98,16 @@ def _comparable(event: Mapping[str, Any], ids: Mapping[str, str]) -> Any:
     return _rewrite(out, ids)
 
 
+def _frame_ms(frame: Frame) -> float:
+    """The audio duration of a recorded ``input_audio_buffer.append`` (kept or as ``rtq_audio_ms``)."""
+    event = frame.event or {}
+    ms = event.get("rtq_audio_ms")
+    if isinstance(ms, (int, float)):
+        return float(ms)
+    payload = event.get("audio")
+    return audio_ms(payload) if isinstance(payload, str) else 0.0
+
+
 def _fill_audio(event: dict[str, Any]) -> dict[str, Any]:
     """A recording kept as durations has ``delta: null``: send silence of that length instead."""
     if event.get("type") == "response.output_audio.delta" and event.get("delta") is None:
@@ -136,6 +149,8 @@ class ReplaySession:
             elif f.event is not None:
                 (self._initial if current is None else current).append(f)
         self._seen: Counter[str] = Counter()
+        self._live_audio_ms = 0.0
+        self._recorded_audio_ms = 0.0
         self._ids: dict[str, str] = {}
         self._queue: list[tuple[float, int, dict[str, Any]]] = []
         self._seq = itertools.count()
@@ -185,7 +200,31 @@ class ReplaySession:
             self._answer("<invalid_json>", None, now)
             return
         kind = event.get("type")
+        if kind == "input_audio_buffer.append":
+            self._append(event, now)
+            return
         self._answer(kind if isinstance(kind, str) else "<no type>", event, now)
+
+    def _append(self, event: dict[str, Any], now: float) -> None:
+        """Audio is matched by duration, not by chunk: chunking may differ from the recording's.
+
+        The frames recorded after the recorded appends are released once the
+        live audio reaches the duration the recording had at that append.
+        """
+        kind = "input_audio_buffer.append"
+        self._client_events[kind] += 1
+        payload = event.get("audio")
+        self._live_audio_ms += audio_ms(payload) if isinstance(payload, str) else 0.0
+        recorded = self._by_type.get(kind, [])
+        while self._seen[kind] < len(recorded):
+            client, answers = recorded[self._seen[kind]]
+            if self._recorded_audio_ms + _frame_ms(client) > self._live_audio_ms + 0.5:
+                break
+            self._recorded_audio_ms += _frame_ms(client)
+            self._seen[kind] += 1
+            for f in answers:
+                assert f.event is not None
+                self._schedule(now + self._scaled(f.t - client.t), _rewrite(f.event, self._ids))
 
     def _answer(self, kind: str, event: dict[str, Any] | None, now: float) -> None:
         self._client_events[kind] += 1
