@@ -133,3 +133,29 @@ def test_replay_matches_audio_by_duration_not_chunks(tmp_path: Path) -> None:
         assert _voice_turn(replay.url, 30) == recorded
         replay.wait_until(lambda s: s.stats()["active_sessions"] == 0, UNIT)
         assert replay.stats()["replay_mismatches"] == []
+
+
+def test_replay_reproduces_a_reconnect(tmp_path: Path) -> None:
+    """A connection dropped in the recording ends in the replay too; the client reconnects the same way."""
+    from rtqueue import FaultPlan, ReconnectPolicy
+
+    def run(sim: Simulator, drop: bool) -> list[str]:
+        policy = ReconnectPolicy(initial_backoff=0.01, connect_timeout=UNIT)
+        with Session.connect(url=sim.url, reconnect=policy) as session:
+            reconnected = session.events("session.reconnected")
+            texts = [session.ask("hello", timeout=UNIT).text]
+            if drop:
+                sim.inject(FaultPlan(drop_after_events=0), session=0)
+            assert reconnected.get(UNIT) is not None
+            texts.append(session.ask("again", timeout=UNIT).text)
+            return texts
+
+    path = tmp_path / "drop.jsonl"
+    with Simulator(speed=None, trace=path) as sim:
+        recorded = run(sim, True)
+        sim.wait_until(lambda s: s.stats()["active_sessions"] == 0, UNIT)
+    assert {f.session for f in read_recording(path).frames} == {0, 1}
+    with Simulator(replay=path, speed=None) as replay:
+        assert run(replay, False) == recorded
+        replay.wait_until(lambda s: s.stats()["active_sessions"] == 0, UNIT)
+        assert replay.stats()["sessions"] == 2 and replay.stats()["replay_mismatches"] == []

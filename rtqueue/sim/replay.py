@@ -23,6 +23,9 @@ How it answers:
   replaced, everywhere in the server frames, by the live client's value at
   the same place (so ``error.event_id`` and the metadata echo in
   ``response.created``/``response.done`` match the live client's requests).
+- When the recording has a later connection, this one is closed (code
+  1011) once everything recorded on it was replayed: the client reconnects
+  as it did, and its next connection replays the next recorded one.
 - Differences it cannot explain are listed in :meth:`ReplaySession.stats`
   (``"mismatches"``): a client event whose content differs from the recorded
   one (``event_id``s and audio payloads aside), and a client event the
@@ -133,6 +136,8 @@ class ReplaySession:
         sessions = sorted({f.session for f in recording.frames})
         chosen = sessions[min(index, len(sessions) - 1)] if sessions else 0
         frames = [f for f in recording.frames if f.session == chosen]
+        # A later connection in the recording means this one ended: end it too once replayed.
+        self._ends = any(s > chosen for s in sessions)
         self.index = index
         self._speed = speed or None
         self._start = now
@@ -261,6 +266,7 @@ class ReplaySession:
     def advance(self, now: float) -> list[dict[str, Any]]:
         due = [e for e in self._queue if e[0] <= now]
         if not due:
+            self._maybe_end()
             return []
         self._queue = [e for e in self._queue if e[0] > now]
         due.sort(key=lambda e: (e[0], e[1]))
@@ -271,7 +277,12 @@ class ReplaySession:
                 code = (ev.get("error") or {}).get("code")
                 if isinstance(code, str) and code != "replay_mismatch":
                     self._errors[code] += 1
+        self._maybe_end()
         return out
+
+    def _maybe_end(self) -> None:
+        if self._ends and self.close_request is None and not self._queue and not self.unanswered():
+            self.close_request = (1011, "replay: the recorded connection ended here")
 
     def next_due(self) -> float | None:
         return min((e[0] for e in self._queue), default=None)
