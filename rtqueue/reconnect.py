@@ -71,12 +71,23 @@ from .secrets import Secret, redact
 from .transport import Transport
 from .values import Event
 
-__all__ = ["AUTH_CLOSE_CODES", "ReconnectHost", "ReconnectPolicy", "Reconnector", "fatal_loss", "reseed_plan"]
+__all__ = [
+    "AUTH_CLOSE_CODES",
+    "REQUEST_CLOSE_CODES",
+    "ReconnectHost",
+    "ReconnectPolicy",
+    "Reconnector",
+    "fatal_loss",
+    "reseed_plan",
+]
 
 log = logging.getLogger("rtqueue")
 
 #: WebSocket close codes after which reconnecting cannot help (authentication).
 AUTH_CLOSE_CODES = frozenset({3000})
+#: Close codes for a request the service refuses as such (missing or unknown model, the retired
+#: beta header): the same request will be refused again.
+REQUEST_CLOSE_CODES = frozenset({4000})
 
 _AUTH_CODES = frozenset({"invalid_api_key"})
 
@@ -138,19 +149,26 @@ class ReconnectPolicy:
 
 
 def fatal_loss(
-    close_code: int | None, error: ServerError | None, secret: Secret | str | None = None
+    close_code: int | None, error: ServerError | None, secret: Secret | str | None = None, close_reason: str = ""
 ) -> RtqueueError | None:
     """The error a lost connection must end with, if reconnecting cannot help; else ``None``.
 
     ``error`` is the last fatal server error seen on that connection (a code
-    in :data:`~rtqueue.protocol.FATAL_CODES`). Messages are redacted.
+    in :data:`~rtqueue.protocol.FATAL_CODES`), or, for a close with one of
+    :data:`AUTH_CLOSE_CODES` / :data:`REQUEST_CLOSE_CODES`, the error event
+    that came just before it: its text goes into the error raised. Messages
+    are redacted.
     """
+    if error is not None:
+        detail = f"{error.code or error.type or 'error'}: {error.message}"
+    else:
+        detail = close_reason or f"close code {close_code}"
     if (error is not None and error.code in _AUTH_CODES) or close_code in AUTH_CLOSE_CODES:
-        detail = f"{error.code}: {error.message}" if error is not None else f"close code {close_code}"
         return AuthenticationError(redact(f"the server refused the API key ({detail}); not reconnecting", secret))
+    if close_code in REQUEST_CLOSE_CODES:
+        return ConnectError(redact(f"the server refused the connection ({detail}); not reconnecting", secret))
     if error is not None and error.code in FATAL_CODES:
-        return ConnectionLost(redact(f"the server ended the session ({error.code}: {error.message}); "
-                                     "not reconnecting", secret))
+        return ConnectionLost(redact(f"the server ended the session ({detail}); not reconnecting", secret))
     return None
 
 
@@ -232,6 +250,7 @@ class Reconnector:
         self._attempt: tuple[Transport, threading.Thread] | None = None  # socket being adopted, its reader
         # Per connection, written by the reader only:
         self._fatal: ServerError | None = None
+        self._last: ServerError | None = None
         self._expired = False
         self.reconnects = 0
         self.failures = 0  # attempts that failed
@@ -243,19 +262,23 @@ class Reconnector:
     # -- reader side (never blocks) ------------------------------------------------------
 
     def note_server_error(self, err: ServerError) -> None:
-        """Reader: remember a fatal error or an expiry; the close that follows decides."""
+        """Reader: remember a fatal error, an expiry, and the last error (a refusing close carries it)."""
+        self._last = err
         if err.code in FATAL_CODES:
             self._fatal = err
         elif err.code == SESSION_EXPIRED:
             self._expired = True
 
-    def handle_lost(self, error: BaseException, transport: Transport, close_code: int | None) -> bool:
+    def handle_lost(self, error: BaseException, transport: Transport, close_code: int | None,
+                    close_reason: str = "") -> bool:
         """Reader of a lost socket: reconnect (in the background) or end the session.
 
         Returns ``False`` only when reconnecting is stopped (the app closes),
         so the caller ends the session its usual way.
         """
-        fatal = fatal_loss(close_code, self._fatal, self._host.secret)
+        refusing = close_code in AUTH_CLOSE_CODES or close_code in REQUEST_CLOSE_CODES
+        fatal = fatal_loss(close_code, self._fatal or (self._last if refusing else None), self._host.secret,
+                           close_reason)
         with self._cond:
             if self._stop.is_set():
                 return False
@@ -459,6 +482,7 @@ class Reconnector:
             self._lost = None
             self._fatal_loss = None
         self._fatal = None
+        self._last = None
         self._expired = False
         reader = host.adopt(transport)
         with self._cond:

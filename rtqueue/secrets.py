@@ -28,7 +28,8 @@ _URL_PARAM = re.compile(
 # Authorization / Proxy-Authorization (with or without a Bearer/Basic scheme),
 # api-key, x-api-key, OpenAI-Api-Key, Ocp-Apim-Subscription-Key, *token, *secret, password.
 _HEADER = re.compile(
-    r"(?P<name>\b(?:proxy-)?authorization|\b[\w-]*(?:api[-_]?key|subscription[-_]?key|access[-_]?key"
+    # (An error code such as "invalid_api_key: Incorrect API key" is a name, not a header.)
+    r"(?P<name>\b(?:proxy-)?authorization|\b(?!invalid_)[\w-]*(?:api[-_]?key|subscription[-_]?key|access[-_]?key"
     r"|token|secret|password))(?P<sep>[\"']?[ \t]*[:=][ \t]*[\"']?)(?P<scheme>(?:bearer|basic|token)[ \t]+)?"
     # The value: not one already redacted, and not the scheme word (no backtracking past it).
     r"(?P<value>(?!\*\*\*|(?:bearer|basic|token)[ \t])[^\s'\",;&<>)\]}]+)",

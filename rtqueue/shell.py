@@ -86,7 +86,7 @@ from .errors import (
 from .gate import ResponseGate, Verdict
 from .handles import ResponseHandle, SendHandle, Waiter
 from .history import History
-from .reconnect import Reconnector, fatal_loss
+from .reconnect import AUTH_CLOSE_CODES, REQUEST_CLOSE_CODES, Reconnector, fatal_loss
 from .secrets import Secret, redact
 from .transport import Transport
 from .turns import ToolWorker
@@ -172,6 +172,7 @@ class SessionShell:
         self._issued: weakref.WeakSet[SendHandle] = weakref.WeakSet()
         self.issued_count = 0
         self._fatal_error: ServerError | None = None
+        self._last_error: ServerError | None = None  # a refusing close (3000/4000) carries its text
         self._started = False
 
     # -- handles ------------------------------------------------------------------------
@@ -424,9 +425,10 @@ class SessionShell:
                 while len(self._errors) > _RECENT_ERRORS:
                     self._errors.popitem(last=False)
                 self._changed.notify_all()
+        self._last_error = err
         if err.code in protocol.FATAL_CODES:
             self._fatal_error = err
-        if (err.code in protocol.FATAL_CODES or err.code == protocol.SESSION_EXPIRED) and self.reconnector:
+        if self.reconnector is not None:
             self.reconnector.note_server_error(err)
 
     # -- writer hooks ------------------------------------------------------------------------------
@@ -680,15 +682,16 @@ class SessionShell:
     def _on_connection_lost(self, error: BaseException, transport: Transport) -> None:
         if self._closing:
             return
-        code = transport.close_code
-        if self.reconnector is not None and self.reconnector.handle_lost(error, transport, code):
+        code, reason = transport.close_code, transport.close_reason
+        if self.reconnector is not None and self.reconnector.handle_lost(error, transport, code, reason):
             return
-        fatal = fatal_loss(code, self._fatal_error, self.secret)
+        refusing = code in AUTH_CLOSE_CODES or code in REQUEST_CLOSE_CODES
+        fatal = fatal_loss(code, self._fatal_error or (self._last_error if refusing else None), self.secret, reason)
         self.die(fatal or (error if isinstance(error, RtqueueError) else ConnectionLost(str(error))))
 
     def die(self, error: BaseException) -> None:
         """The connection is gone for good: fail everything queued or in flight."""
-        err = error if isinstance(error, (ConnectionLost, AuthenticationError)) else ConnectionLost(str(error))
+        err = error if isinstance(error, (ConnectionLost, ConnectError)) else ConnectionLost(str(error))
         self._dead = err
         self.wake()
         with self._mutex:

@@ -211,7 +211,7 @@ def test_sdk_bad_key_is_authentication_error_without_retry() -> None:
         assert sim.stats()["sessions"] == 1
 
 
-@pytest.mark.xfail(reason="client side: lead", strict=True)
+
 def test_sdk_missing_auth_raises_authentication_error_with_the_server_text() -> None:
     with Simulator(speed=None, require_api_key=KEY) as sim:
         err, _ = _connect_error(sim.url)
@@ -220,7 +220,7 @@ def test_sdk_missing_auth_raises_authentication_error_with_the_server_text() -> 
         assert sim.stats()["sessions"] == 1
 
 
-@pytest.mark.xfail(reason="client side: lead", strict=True)
+
 def test_sdk_bad_key_error_carries_the_server_text() -> None:
     """Today redact() reads "invalid_api_key: Incorrect" as a credential header and masks "Incorrect"."""
     with Simulator(speed=None, require_api_key=KEY) as sim:
@@ -228,7 +228,7 @@ def test_sdk_bad_key_error_carries_the_server_text() -> None:
         assert "Incorrect API key provided" in str(err)
 
 
-@pytest.mark.xfail(reason="client side: lead", strict=True)
+
 @pytest.mark.parametrize(
     ("query", "text"),
     [("", "Missing required parameter: 'model'"),
@@ -242,7 +242,7 @@ def test_sdk_4000_close_is_fatal_with_the_server_text(query: str, text: str) -> 
         assert sim.stats()["sessions"] == 1 and took < 2.0
 
 
-@pytest.mark.xfail(reason="client side: lead", strict=True)
+
 def test_sdk_4000_close_on_reconnect_is_fatal_not_retried() -> None:
     """The reconnect handshake gets invalid_model + close 4000: the session ends at once, with the text."""
     policy = ReconnectPolicy(initial_backoff=0.01, max_backoff=0.05, max_attempts=5, connect_timeout=5.0)
@@ -266,7 +266,7 @@ def test_sdk_4000_close_on_reconnect_is_fatal_not_retried() -> None:
         assert sim.stats()["sessions"] == 2  # the first socket and one refused attempt, no loop
 
 
-@pytest.mark.xfail(reason="client side: lead", strict=True)
+
 def test_fatal_loss_treats_a_4000_close_as_fatal() -> None:
     """The rule itself: a 4000 close is never worth a retry, even if its error event was not seen."""
     from rtqueue.errors import ServerError

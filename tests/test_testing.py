@@ -239,3 +239,63 @@ def test_handoff_target_raising_system_exit_is_answered_and_the_worker_lives():
         assert ev is not None and ev["target"] == "billing" and session.agent is not None
         assert session.agent.name == "desk"
         assert "shipped" in session.ask("[tools: lookup_order] order 9", timeout=UNIT).text
+
+
+def test_four_agent_triage_with_app_handoffs_and_barge_ins_resolves_every_call_under_its_agent():
+    """Model and app handoffs mixed with barge-ins: every tool runs under the agent whose response called it."""
+    import random
+
+    @tool
+    def check_balance(account: str) -> dict:
+        """Check an account balance."""
+        return {"account": account, "balance": 10}
+
+    @tool
+    def track_parcel(order_id: str) -> dict:
+        """Track a parcel."""
+        return {"order_id": order_id, "where": "depot"}
+
+    billing = Agent(name="billing", instructions="You are billing.", tools=[check_balance],
+                    handoffs=["triage", "shipping"])
+    shipping = Agent(name="shipping", instructions="You are shipping.", tools=[track_parcel],
+                     handoffs=["triage", "billing"])
+    human = Agent(name="human", instructions="You are a human.", handoffs=["triage"])
+    triage = Agent(name="triage", instructions="You are triage.", handoffs=[billing, shipping, human])
+    rng = random.Random(7)
+    results: list[rtqueue.Event] = []
+    stop = threading.Event()
+    with rtqueue.Simulator(speed=10, seed=11) as sim, Session.connect(
+        url=sim.url, agent=triage, agents=[billing, shipping, human]
+    ) as session:
+        session.on("tool.result", results.append)
+        session.on("tool.error", results.append)
+
+        def meddle() -> None:  # the app: handoffs and barge-ins at random moments
+            while not stop.wait(rng.uniform(0.02, 0.15)):
+                try:
+                    if rng.random() < 0.5:
+                        session.handoff(rng.choice(["triage", "billing", "shipping", "human"]), respond=False)
+                    else:
+                        session.interrupt(timeout=UNIT)
+                except rtqueue.SessionClosed:
+                    return
+
+        meddler = threading.Thread(target=meddle, name="test-meddler")
+        meddler.start()
+        lines = ["transfer me to billing", "[tools: check_balance] account 5", "transfer me to shipping",
+                 "[tools: track_parcel] order 8", "transfer me to triage", "[tools: check_balance] account 2"]
+        try:
+            for line in lines * 2:
+                session.ask(line, timeout=3 * UNIT)
+        finally:
+            stop.set()
+            meddler.join(UNIT)
+        assert session.wait_idle(UNIT)
+        assert sim.stats()["conflicts"] == 0
+    owner = {"check_balance": "billing", "track_parcel": "shipping"}
+    ran = [e for e in results if e.type == "tool.result"]
+    assert ran and all(e["agent"] == owner[e["name"]] for e in ran)
+    # The [tools:] hook makes the model call a tool even when the meddler had handed the conversation to
+    # an agent without it: only then is a call "unknown", judged by the agent of the calling response.
+    unknown = [e for e in results if e.type == "tool.error" and "unknown tool" in str(e.get("error"))]
+    assert all(e["agent"] != owner[e["name"]] for e in unknown)
