@@ -17,6 +17,7 @@ for good: that error, e.g. :class:`~rtqueue.errors.ConnectionLost`).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from .values import Event, Response
 if TYPE_CHECKING:
     from .audio_session import AudioLink, Interruption
     from .dispatch import Dispatcher
+    from .recording import Recorder
     from .writer import Writer
 
 __all__ = ["Session"]
@@ -116,6 +118,8 @@ class Session:
         reconnect: bool | Any = True,
         name: str | None = None,
         transport: Transport | Callable[[], Transport] | None = None,
+        record: str | os.PathLike[str] | Recorder | None = None,
+        record_audio: str = "kept",
     ) -> Session:
         """Connect, configure, and return a ready session.
 
@@ -136,6 +140,12 @@ class Session:
         (used for the first connection only) or a zero-argument factory called for
         each connection, e.g. :class:`rtqueue.testing.MockTransport` for tests
         without sockets. ``url`` and the key are then ignored.
+
+        ``record`` writes every frame both ways to a JSONL recording (a path, or
+        a :class:`~rtqueue.recording.Recorder`), with the session's config,
+        keys and auth headers redacted; ``record_audio="duration"`` replaces
+        audio by its length. Replay it with ``rtqueue.Simulator(replay=...)``,
+        draw it with ``rtqueue timeline``.
 
         Blocks until the server's ``session.created`` and the answer to our
         ``session.update`` arrived (``connect_timeout``). Raises
@@ -184,6 +194,18 @@ class Session:
             secret=secret,
             name=name,
         )
+        if record is not None:
+            from .recording import Recorder
+
+            if record_audio not in ("kept", "duration"):
+                raise InvalidArgument(f'record_audio must be "kept" or "duration", not {record_audio!r}')
+            if isinstance(record, Recorder):
+                self._shell.recorder = record
+            elif isinstance(record, (str, os.PathLike)):
+                self._shell.recorder = Recorder(record, audio=record_audio)  # type: ignore[arg-type]
+                self._shell.own_recorder = True
+            else:
+                raise InvalidArgument(f"record must be a path or an rtqueue.recording.Recorder, not {record!r}")
         if graph is not None and start is not None:
             try:
                 config = self._shell.use_agents(graph, start, config)  # renders instructions: user code

@@ -96,6 +96,7 @@ from .writer import Outbound, Writer
 if TYPE_CHECKING:
     from .audio import PlaybackCut
     from .audio_session import AudioLink
+    from .recording import Recorder
 
 __all__ = ["SessionShell"]
 
@@ -174,6 +175,8 @@ class SessionShell:
         self._fatal_error: ServerError | None = None
         self._last_error: ServerError | None = None  # a refusing close (3000/4000) carries its text
         self._started = False
+        self.recorder: Recorder | None = None  # every frame both ways, when recording
+        self.own_recorder = False  # close it with the session (it was made from a path)
 
     # -- handles ------------------------------------------------------------------------
 
@@ -306,6 +309,8 @@ class SessionShell:
     def start(self, config: dict[str, Any], timeout: float) -> None:
         """Open the socket, start the threads, wait for ``session.created``, send ``config``."""
         self._started = True
+        if self.recorder is not None:
+            self.recorder.start(config)
         self._transport = self._factory()
         self._generation += 1
         self.dispatcher.start()
@@ -354,6 +359,8 @@ class SessionShell:
                 except ConnectionLost as exc:
                     error = exc
                     break
+                if self.recorder is not None and frame is not None:
+                    self._record_in(frame)
                 if frame is None:
                     code = transport.close_code
                     reason = transport.close_reason
@@ -438,6 +445,20 @@ class SessionShell:
         if transport is None:
             raise ConnectionLost("not connected")
         transport.send(text)
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.write("client", json.loads(text))
+
+    def _record_in(self, frame: str | bytes) -> None:
+        assert self.recorder is not None
+        try:
+            event = json.loads(frame) if isinstance(frame, str) else None
+        except ValueError:
+            event = None
+        if isinstance(event, dict):
+            self.recorder.write("server", event)
+        else:
+            self.recorder.write_raw("server", frame)
 
     def _on_send_error(self, exc: BaseException) -> None:
         # Wake the reader: it owns the socket and takes the one "lost" path.
@@ -608,6 +629,8 @@ class SessionShell:
         """Use ``transport`` from now on and start its reader."""
         self._transport = transport
         self._generation += 1
+        if self.recorder is not None:
+            self.recorder.new_connection()
         return self._start_reader(transport)
 
     def current_transport(self) -> Transport | None:
@@ -655,7 +678,7 @@ class SessionShell:
         texts = [json.dumps(update)]
         texts += [json.dumps({"type": "conversation.item.create", "event_id": protocol.new_event_id(), "item": s})
                   for s in seeds]
-        self.writer.prime(transport.send, texts)
+        self.writer.prime(self._send_text, texts)  # adopt() made it the current socket
         return str(update["event_id"]), len(seeds), Counter(dropped)
 
     def config_version(self) -> int:
@@ -762,6 +785,9 @@ class SessionShell:
         if self._started:
             step(lambda: self.publish(Event("session.closed", {"reason": "closed by the app"})))
         step(lambda: self.dispatcher.stop(timeout))
+        if self.recorder is not None:
+            recorder = self.recorder
+            step(recorder.close if self.own_recorder else recorder.flush)
         self._closed.set()
         if errors:
             first = errors[0]
