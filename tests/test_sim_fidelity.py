@@ -294,3 +294,85 @@ def test_three_cities_three_calls_in_one_response() -> None:
     assert [c["arguments"] for c in calls] == ['{"city":"Paris"}', '{"city":"Berlin"}', '{"city":"Rome"}']
     assert len({c["response_id"] for c in calls}) == 1
     assert len(of(out, "response.done")) == 1
+
+
+# ------------------------------------------------------------------ 3. races and extras
+
+
+def test_several_assistant_items_in_one_response() -> None:
+    d = Driver(speed=None)
+    d.user("tell me two things [items: 2] [len: 8]")
+    out = run(d, lambda: d.send({"type": "response.create"}))
+    done = last_done(out)
+    assert [it["type"] for it in done["output"]] == ["message", "message"]
+    assert [e["output_index"] for e in of(out, "response.output_item.done")] == [0, 1]
+    words = sum(len(it["content"][0]["transcript"].split()) for it in done["output"])
+    assert words == 8
+
+
+def test_response_done_without_response_created_on_barge_in() -> None:
+    """Speech that starts while a VAD response is being created cancels it before it is announced."""
+    d = Driver(speed=None, vad_create_delay_s=0.05)
+    first = synthesize("hello there", voice="cedar", seed=7).pcm
+    second = synthesize("wait a moment", voice="cedar", seed=7).pcm
+    out = run(d, lambda: d.append(silence(300) + first + silence(300) + second + silence(400)))
+    dones = of(out, "response.done")
+    created = {e["response"]["id"] for e in of(out, "response.created")}
+    orphan = [e["response"] for e in dones if e["response"]["id"] not in created]
+    assert orphan and orphan[0]["status"] == "cancelled"
+    assert orphan[0]["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
+    assert orphan[0]["output"] == []
+    # The second turn's response is announced normally once the delay passed.
+    assert any(e["response"]["status"] == "completed" for e in dones)
+
+
+def test_function_call_arguments_done_inside_a_cancelled_response() -> None:
+    d = Driver(speed=1.0)
+    update(d, tools=[LOOKUP], output_modalities=["text"])
+    d.user("lookup order 123456789 please [say: ok]")
+    d.send({"type": "response.create"})
+    out: list[dict[str, Any]] = []
+    while "response.function_call_arguments.delta" not in types(out):
+        out += d.at(d.s.next_due() or d.t)
+    out += d.send({"type": "response.cancel"})
+    out += d.run_out()
+    done = last_done(out)
+    assert done["status"] == "cancelled"
+    [args_done] = of(out, "response.function_call_arguments.done")
+    assert args_done["response_id"] == done["id"]
+    assert args_done["arguments"] and '{"order_id":"123456789"}'.startswith(args_done["arguments"])
+    call_items = [it for it in done["output"] if it["type"] == "function_call"]
+    assert call_items and call_items[0]["status"] == "incomplete"
+
+
+def test_idle_timeout_flow() -> None:
+    """timeout_triggered, then committed, then a response; once per idle period."""
+    d = Driver(speed=None)
+    update(d, audio={"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000}}})
+    d.user("hi [len: 3]")
+    d.send({"type": "response.create"})
+    t_done = d.t
+    assert not [e for e in d.at(t_done + 4.9) if e["type"] == "input_audio_buffer.timeout_triggered"]
+    out = d.at(t_done + 5.0) + d.run_out()
+    order = types(out)
+    i = order.index("input_audio_buffer.timeout_triggered")
+    assert order[i + 1 : i + 5] == [
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "conversation.item.done",
+        "response.created",
+    ]
+    assert out[i]["item_id"] == out[i + 1]["item_id"]
+    assert order.count("input_audio_buffer.timeout_triggered") == 1
+    assert order.count("response.done") == 1
+
+
+def test_speech_disarms_idle_timeout() -> None:
+    d = Driver(speed=None)
+    update(d, audio={"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000}}})
+    d.user("hi [len: 3]")
+    d.send({"type": "response.create"})
+    d.at(1.0)
+    d.append(silence(100) + synthesize("hello", seed=1).pcm[:24_000])  # speech starts, not yet stopped
+    out = d.at(10.0)
+    assert "input_audio_buffer.timeout_triggered" not in types(out)

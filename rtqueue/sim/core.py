@@ -264,6 +264,7 @@ class _FunctionCall:
     name: str
     arguments: str
     done: bool = False
+    sent: str = ""
 
 
 @attrs.define(eq=False)
@@ -278,6 +279,8 @@ class _Response:
     messages: list[_Message] = attrs.Factory(list)
     calls: list[_FunctionCall] = attrs.Factory(list)
     input_tokens: int = 0
+    announced: bool = True
+    idle: bool = False
 
 
 @attrs.define(eq=False)
@@ -312,6 +315,12 @@ class SimSession:
     first_output_ms: float = 250.0
     min_response_ms: float = 0.0
     expiry_message: str = "Your session hit the maximum duration of 60 minutes."
+    #: Delay (seconds, not scaled by ``speed``) between a server-VAD turn and
+    #: its ``response.created``. Speech that starts within it cancels the
+    #: response before it was announced: ``response.done`` (cancelled) for a
+    #: response whose ``response.created`` was never sent, as the real
+    #: service does around interruptions. 0 announces at once.
+    vad_create_delay_s: float = 0.0
     #: With input transcription on, unintelligible audio (not made by the
     #: synthesizer) gives ``...input_audio_transcription.failed`` instead of a
     #: ``.completed`` with an empty transcript. A transcription ``prompt``
@@ -352,6 +361,8 @@ class SimSession:
     _later: list[tuple[float, int, Callable[[], None]]] = attrs.field(init=False, factory=list)
     _later_seq: int = attrs.field(init=False, default=0)
     _listener: Listener = attrs.field(init=False, factory=Listener)
+    _server_turn: bool = attrs.field(init=False, default=False)
+    _idle_gen: int = attrs.field(init=False, default=0)
     _heard: dict[str, str | None] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
@@ -794,6 +805,7 @@ class SimSession:
                 self._speech_stopped(vev.ms, td, now)
 
     def _speech_started(self, start_ms: int, td: Mapping[str, Any]) -> None:
+        self._disarm_idle()
         self._speech_item_id = self._new_id("item_")
         self._speech_start_ms = start_ms
         self._counts["vad_speech_started"] += 1
@@ -814,7 +826,11 @@ class SimSession:
         heard = self._listener.take(end_ms * SAMPLE_RATE // 1000)
         self._commit_user_audio(item_id, duration, heard, now)
         if td.get("create_response", True) and self._inband_active() is None:
-            self._start_response({}, None, now, in_band=True)
+            self._server_turn = True
+            try:
+                self._start_response({}, None, now, in_band=True)
+            finally:
+                self._server_turn = False
 
     def _commit_user_audio(self, item_id: str, duration_ms: int, heard: str | None, now: float) -> None:
         previous = self._order[-1] if self._order else None
@@ -1304,8 +1320,18 @@ class SimSession:
         )
         self._responses.append(resp)
         self._counts["responses"] += 1
-        self._emit("response.created", response=copy.deepcopy(obj))
-        self._plan(resp, reply, now, text_mode, voice, incomplete)
+        self._disarm_idle()
+        if self._server_turn and self.vad_create_delay_s > 0:
+            resp.announced = False
+            self._plan(resp, reply, now + self.vad_create_delay_s, text_mode, voice, incomplete)
+            resp.steps.appendleft((now + self.vad_create_delay_s, functools.partial(self._announce, resp)))
+        else:
+            self._emit("response.created", response=copy.deepcopy(obj))
+            self._plan(resp, reply, now, text_mode, voice, incomplete)
+
+    def _announce(self, resp: _Response) -> None:
+        resp.announced = True
+        self._emit("response.created", response=copy.deepcopy(resp.obj))
 
     def _apply_token_limit(self, reply: Reply, max_tokens: Any, text_mode: bool) -> tuple[Reply, bool]:
         """Cut the reply to ``max_output_tokens``; report whether it was cut."""
@@ -1317,46 +1343,21 @@ class SimSession:
         if math.ceil(len(words) * per_word) + call_tokens <= max_tokens:
             return reply, False
         keep = max(1, int(max_tokens / per_word)) if words else 0
-        return Reply(text=" ".join(words[:keep]), calls=()), True
+        return Reply(text=" ".join(words[:keep]), calls=(), items=reply.items), True
 
     def _plan(self, resp: _Response, reply: Reply, now: float, text_mode: bool, voice: Any, incomplete: bool) -> None:
         """Schedule the whole stream of ``resp`` as steps with due times."""
         t = now + self._pace(self.first_output_ms / 1000)
         tick = self._pace(self.audio_chunk_ms / 1000)
         add = resp.steps.append
-        words = tuple(reply.text.split())
-        if words:
-            msg = _Message(
-                item_id=self._new_id("item_"),
-                output_index=0,
-                text_mode=text_mode,
-                words=words,
-                speech=None,
-            )
-            if not text_mode:
-                voice_name = voice if isinstance(voice, str) else str(voice.get("id", "marin"))
-                msg.speech = SpeechStream(
-                    " ".join(words),
-                    voice=voice_name,
-                    seed=self.seed,
-                    words_per_second=self.words_per_second,
-                    speed=float(self._session["audio"]["output"]["speed"]),
-                )
-            resp.messages.append(msg)
-            add((t, lambda: self._msg_open(resp, msg)))
-            if text_mode:
-                word_s = self._pace(1 / self.words_per_second)
-                for i in range(len(words)):
-                    add((t + i * word_s, lambda: self._msg_text_delta(resp, msg)))
-                t += (len(words) - 1) * word_s
-            else:
-                assert msg.speech is not None
-                chunk = SAMPLE_RATE * self.audio_chunk_ms // 1000
-                n_chunks = max(1, math.ceil(msg.speech.samples / chunk))
-                for k in range(n_chunks):
-                    add((t + k * tick, functools.partial(self._msg_audio_chunk, resp, msg, k, chunk)))
-                t += (n_chunks - 1) * tick
-            add((t, lambda: self._msg_close(resp, msg, "completed")))
+        all_words = tuple(reply.text.split())
+        n_items = max(1, min(reply.items, len(all_words)))
+        size = math.ceil(len(all_words) / n_items) if all_words else 0
+        groups = [all_words[g : g + size] for g in range(0, len(all_words), size)] if size else []
+        for index, words in enumerate(groups):
+            t = self._plan_message(resp, index, words, t, tick, text_mode, voice)
+            if index + 1 < len(groups):
+                t += tick
         for call in reply.calls:
             fc = _FunctionCall(
                 item_id=self._new_id("item_"),
@@ -1376,6 +1377,45 @@ class SimSession:
         status = "incomplete" if incomplete else "completed"
         t = max(t, now + self.min_response_ms / 1000)
         add((t, lambda: self._finish(resp, status, "max_output_tokens" if incomplete else None)))
+
+    def _plan_message(
+        self,
+        resp: _Response,
+        index: int,
+        words: tuple[str, ...],
+        t: float,
+        tick: float,
+        text_mode: bool,
+        voice: Any,
+    ) -> float:
+        """Schedule one assistant message item from ``t``; return when it closes."""
+        add = resp.steps.append
+        msg = _Message(item_id=self._new_id("item_"), output_index=index, text_mode=text_mode, words=words, speech=None)
+        if not text_mode:
+            voice_name = voice if isinstance(voice, str) else str(voice.get("id", "marin"))
+            msg.speech = SpeechStream(
+                " ".join(words),
+                voice=voice_name,
+                seed=self.seed,
+                words_per_second=self.words_per_second,
+                speed=float(self._session["audio"]["output"]["speed"]),
+            )
+        resp.messages.append(msg)
+        add((t, lambda: self._msg_open(resp, msg)))
+        if text_mode:
+            word_s = self._pace(1 / self.words_per_second)
+            for _ in range(len(words)):
+                add((t + _ * word_s, lambda: self._msg_text_delta(resp, msg)))
+            t += (len(words) - 1) * word_s
+        else:
+            assert msg.speech is not None
+            chunk = SAMPLE_RATE * self.audio_chunk_ms // 1000
+            n_chunks = max(1, math.ceil(msg.speech.samples / chunk))
+            for k in range(n_chunks):
+                add((t + k * tick, functools.partial(self._msg_audio_chunk, resp, msg, k, chunk)))
+            t += (n_chunks - 1) * tick
+        add((t, lambda: self._msg_close(resp, msg, "completed")))
+        return t
 
     def _assistant_item(self, msg: _Message, status: str) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
@@ -1514,6 +1554,7 @@ class SimSession:
             self._emit("conversation.item.added", previous_item_id=previous, item=copy.deepcopy(item))
 
     def _call_delta(self, resp: _Response, fc: _FunctionCall, piece: str) -> None:
+        fc.sent += piece
         self._emit(
             "response.function_call_arguments.delta",
             response_id=resp.id,
@@ -1527,8 +1568,12 @@ class SimSession:
         if fc.done:
             return
         fc.done = True
-        if status == "completed":
-            self._counts["function_calls"] += 1
+        if status == "completed" or fc.sent:
+            # A call cut by a cancel still reports its arguments so far: the
+            # real service sends function_call_arguments.done inside cancelled
+            # responses (the item itself ends incomplete).
+            if status == "completed":
+                self._counts["function_calls"] += 1
             self._emit(
                 "response.function_call_arguments.done",
                 response_id=resp.id,
@@ -1536,7 +1581,7 @@ class SimSession:
                 output_index=fc.output_index,
                 call_id=fc.call_id,
                 name=fc.name,
-                arguments=fc.arguments,
+                arguments=fc.arguments if status == "completed" else fc.sent,
             )
         item = self._call_item(fc, status)
         resp.obj["output"][fc.output_index] = item
@@ -1587,12 +1632,52 @@ class SimSession:
         resp.obj["usage"] = self._usage(resp)
         self._counts[status] += 1
         self._emit("response.done", response=copy.deepcopy(resp.obj))
+        if resp.in_band and not resp.idle:
+            self._arm_idle()
         # rate_limits.updated follows response.done (about 40 ms later on the
         # real service), with a tokens entry only.
         used = int(resp.obj["usage"]["total_tokens"])
         self._schedule(self._last_now + self._pace(_RATE_LIMITS_DELAY_S), functools.partial(self._rate_limits, used))
         # Finished responses are only needed for their IDs; keep memory bounded.
         self._responses = [r for r in self._responses if not r.finished]
+
+    def _disarm_idle(self) -> None:
+        self._idle_gen += 1
+
+    def _arm_idle(self) -> None:
+        """Server VAD ``idle_timeout_ms``: no speech that long after a response -> a new turn.
+
+        Counted from ``response.done`` in session time (not scaled by
+        ``speed``); fires once per response, and a response it starts does
+        not re-arm it.
+        """
+        td = self._session["audio"]["input"]["turn_detection"]
+        if not td or td.get("type") != "server_vad" or not td.get("idle_timeout_ms"):
+            return
+        self._idle_gen += 1
+        gen = self._idle_gen
+        self._schedule(self._last_now + td["idle_timeout_ms"] / 1000, functools.partial(self._idle_timeout, gen))
+
+    def _idle_timeout(self, gen: int) -> None:
+        if gen != self._idle_gen or self._vad.speaking or self._inband_active() is not None:
+            return
+        td = self._session["audio"]["input"]["turn_detection"]
+        if not td or not td.get("idle_timeout_ms"):
+            return
+        item_id = self._new_id("item_")
+        start_ms = self._buffer_start_samples * 1000 // SAMPLE_RATE
+        end_ms = self._total_samples * 1000 // SAMPLE_RATE
+        self._emit(
+            "input_audio_buffer.timeout_triggered", audio_start_ms=start_ms, audio_end_ms=end_ms, item_id=item_id
+        )
+        self._buffer_start_samples = self._total_samples
+        self._vad.reset()
+        self._commit_user_audio(item_id, end_ms - start_ms, self._listener.take(), self._last_now)
+        if td.get("create_response", True):
+            self._start_response({}, None, self._last_now, in_band=True)
+            live = self._inband_active()
+            if live is not None:
+                live.idle = True
 
     def _rate_limits(self, used: int) -> None:
         self._emit(

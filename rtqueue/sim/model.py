@@ -13,6 +13,8 @@ wins; hooks are removed before anything is echoed):
 
 - ``[say: some text]``: the reply is exactly ``some text``.
 - ``[len: N]``: the reply has exactly N words (1 <= N <= 1000).
+- ``[items: N]``: the words are spread over N assistant message items in one
+  response (1 <= N <= 8), as the real service sometimes does.
 - ``[tools: a, b]``: call exactly these tools, in this order, instead of
   keyword matching. A name that is not among the available function tools is
   still called, with ``{}`` arguments (a "hallucinated" call, for testing).
@@ -90,7 +92,7 @@ _STOP_WORDS = frozenset(_STOP_TEXT.split())
 _ID_HINTS = ("id", "number", "num", "code", "zip", "postal", "phone", "account", "order", "ticket", "ref")
 _PLACE_HINTS = ("city", "location", "place", "town", "country", "destination", "address", "region")
 _FREE_TEXT_HINTS = ("query", "text", "question", "message", "reason", "topic", "description", "note", "input")
-_HOOK = re.compile(r"\[(say|len|tools)\s*:\s*([^\]]*)\]", re.IGNORECASE)
+_HOOK = re.compile(r"\[(say|len|tools|items)\s*:\s*([^\]]*)\]", re.IGNORECASE)
 _WORD = re.compile(r"[a-z0-9]+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _ROLE = re.compile(r"\byou are\s+((?:a|an|the)\s+)?([^.,;:!?\n]{1,48})", re.IGNORECASE)
@@ -137,6 +139,8 @@ class Reply:
 
     text: str
     calls: tuple[ToolCall, ...] = ()
+    #: Assistant message items the words are spread over (``[items: N]``).
+    items: int = 1
 
 
 @attrs.define(eq=False)
@@ -203,7 +207,13 @@ class ScriptedModel:
                 text = _join([text, "How can I help?"], _MAX_WORDS)
         if "len" in hooks and "say" not in hooks:
             text = _exact_length(text, hooks["len"])
-        return Reply(text=text, calls=tuple(calls))
+        items = 1
+        if "items" in hooks:
+            try:
+                items = max(1, min(8, int(hooks["items"])))
+            except ValueError:
+                items = 1
+        return Reply(text=text, calls=tuple(calls), items=items)
 
     def _choose_calls(
         self,
