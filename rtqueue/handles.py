@@ -97,6 +97,8 @@ class SendHandle:
     def __init__(self, event: dict[str, Any], *, dispatch: Dispatch | None = None) -> None:
         self.event = event
         self._cond = threading.Condition()
+        #: When the app queued it (``time.monotonic()``).
+        self.queued_at = time.monotonic()
         self._sent_at: float | None = None
         self._error: BaseException | None = None
         self._dispatch = dispatch or _run_here
@@ -115,6 +117,11 @@ class SendHandle:
     def sent(self) -> bool:
         """Whether the event has been written to the socket."""
         return self._sent_at is not None
+
+    @property
+    def sent_at(self) -> float | None:
+        """When it was written (``time.monotonic()``), if it was."""
+        return self._sent_at
 
     def wait_sent(self, timeout: float | None = None) -> None:
         """Block until written; raise the failure, or :class:`ResponseTimeout`."""

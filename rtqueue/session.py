@@ -90,8 +90,9 @@ class Session:
             tool_timeout=tool_timeout,
             context=context,
             secret=secret,
+            label=name,
         )
-        self.name = name or f"session-{self._shell.n}"
+        self.name = self._shell.label
 
     @classmethod
     def connect(
@@ -120,6 +121,7 @@ class Session:
         transport: Transport | Callable[[], Transport] | None = None,
         record: str | os.PathLike[str] | Recorder | None = None,
         record_audio: str = "kept",
+        tracing: str | Mapping[str, Any] | None = None,
     ) -> Session:
         """Connect, configure, and return a ready session.
 
@@ -147,6 +149,12 @@ class Session:
         audio by its length. Replay it with ``rtqueue.Simulator(replay=...)``,
         draw it with ``rtqueue timeline``.
 
+        ``tracing`` sets the GA session's ``tracing`` field (``"auto"``, or a
+        dict of ``workflow_name``, ``group_id``, ``metadata``): OpenAI's own
+        traces of the session. rtqueue's OpenTelemetry spans (see
+        :mod:`rtqueue.telemetry`) need no argument: they appear whenever
+        ``opentelemetry-api`` is installed.
+
         Blocks until the server's ``session.created`` and the answer to our
         ``session.update`` arrived (``connect_timeout``). Raises
         :class:`~rtqueue.errors.ConnectError`, :class:`AuthenticationError`,
@@ -173,6 +181,8 @@ class Session:
         start = agent if agent is not None else (extra[0] if extra else None)
         graph = resolve_agents(start, extra) if start is not None else None
         config = _initial_config(instructions, voice, output_modalities, turn_detection, session)
+        if tracing is not None:
+            config["tracing"] = _tracing(tracing)
         secret: Secret | None = None
         if transport is not None:
             factory = _transport_factory(transport)
@@ -305,8 +315,15 @@ class Session:
         shell = self._open()
         handle = shell.new_response_handle()
         now = time.monotonic()
-        shell.run(lambda core: core.turn(item, params, handle, now=now))
-        return handle.final(timeout)
+        span = shell.telemetry.turn(text)
+        try:
+            shell.run(lambda core: core.turn(item, params, handle, now=now))
+            answer = handle.final(timeout)
+        except BaseException as exc:
+            shell.telemetry.end_turn(span, handle.response_id, exc)
+            raise
+        shell.telemetry.end_turn(span, answer.id)
+        return answer
 
     def cancel(self, timeout: float | None = 10.0) -> Response | None:
         """Cancel the active in-band response by id; return it once its ``response.done`` is in.
@@ -635,6 +652,23 @@ def _check_json(value: Any, what: str) -> None:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"{what} is not JSON-serializable: {exc}") from None
+
+
+def _tracing(value: object) -> Any:
+    """The GA ``tracing`` field: ``"auto"`` or ``{workflow_name, group_id, metadata}``."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"workflow_name", "group_id", "metadata"}
+        if unknown:
+            raise InvalidArgument(f"tracing takes workflow_name, group_id and metadata, not {sorted(unknown)}")
+        for key in ("workflow_name", "group_id"):
+            if key in value and not isinstance(value[key], str):
+                raise InvalidArgument(f"tracing {key} must be a str")
+        if "metadata" in value and not isinstance(value["metadata"], Mapping):
+            raise InvalidArgument("tracing metadata must be a dict")
+        return dict(value)
+    raise InvalidArgument(f'tracing must be "auto" or a dict, not {value!r}')
 
 
 def _message(text: object, role: str) -> dict[str, Any]:

@@ -88,6 +88,7 @@ from .handles import ResponseHandle, SendHandle, Waiter
 from .history import History
 from .reconnect import AUTH_CLOSE_CODES, REQUEST_CLOSE_CODES, Reconnector, fatal_loss
 from .secrets import Secret, redact
+from .telemetry import Telemetry
 from .transport import Transport
 from .turns import ToolWorker
 from .values import Event, Response
@@ -134,8 +135,11 @@ class SessionShell:
         tool_timeout: float = 30.0,
         context: Any = None,
         secret: Secret | None = None,
+        label: str | None = None,
     ) -> None:
         self.n = next(_ids)
+        self.label = label or f"session-{self.n}"
+        self.telemetry = Telemetry()
         self.name = str(self.n)
         self.secret = secret
         self.context = context
@@ -258,6 +262,8 @@ class SessionShell:
             elif isinstance(action, ReleaseHold):
                 self.gate.release_hold(action.response_id)
             elif isinstance(action, Publish):
+                if action.type == "agent.handoff":
+                    self.telemetry.handoff(action.data.get("source"), action.data.get("target"))
                 self.publish(Event(action.type, action.data))
 
     def _issue(self, handle: SendHandle) -> None:
@@ -309,6 +315,7 @@ class SessionShell:
     def start(self, config: dict[str, Any], timeout: float) -> None:
         """Open the socket, start the threads, wait for ``session.created``, send ``config``."""
         self._started = True
+        self.telemetry.session_started(self.label)
         if self.recorder is not None:
             self.recorder.start(config)
         self._transport = self._factory()
@@ -420,9 +427,24 @@ class SessionShell:
             verdict = _VERDICTS.get(self.gate.on_error(err.event_id, err.code))  # type: ignore[arg-type]
             self._note_error(err)
         self.run(lambda core: core.receive(event, verdict=verdict, matched=matched))
+        if self.telemetry.enabled and typ in ("response.created", "response.done"):
+            self._trace_response(typ, event)
         if typ in ("session.created", "session.updated"):
             with self._changed:
                 self._changed.notify_all()
+
+    def _trace_response(self, typ: str, event: dict[str, Any]) -> None:
+        resp, rid, _eid = response_ids(event)
+        if typ == "response.done":
+            self.telemetry.response_done(rid, str(resp.get("status")))
+            return
+        with self._mutex:
+            rec = self.core.response(rid)
+            agent = rec.agent if rec is not None else None
+            handle = rec.request.handle if rec is not None and rec.request is not None else None
+        sent = handle.sent_at if handle is not None else None
+        wait = sent - handle.queued_at if handle is not None and sent is not None else None
+        self.telemetry.response_created(rid, agent, wait)
 
     def _note_error(self, err: ServerError) -> None:
         eid = err.event_id
@@ -514,8 +536,14 @@ class SessionShell:
                 publish=self.publish,
                 on_done=self._tools_done,
                 tool_timeout=self._tool_timeout,
+                observe=self._trace_tool if self.telemetry.enabled else None,
             )
         return self.tools
+
+    def _trace_tool(self, data: dict[str, Any]) -> None:
+        self.telemetry.tool_call(name=data["name"], call_id=data["call_id"], agent=data.get("agent"),
+                                 response_id=data.get("response_id"), ok=bool(data["ok"]),
+                                 duration_ms=float(data["duration_ms"]))
 
     def _graph(self) -> AgentGraph | None:
         with self._mutex:
@@ -785,6 +813,7 @@ class SessionShell:
         if self._started:
             step(lambda: self.publish(Event("session.closed", {"reason": "closed by the app"})))
         step(lambda: self.dispatcher.stop(timeout))
+        step(self.telemetry.session_closed)
         if self.recorder is not None:
             recorder = self.recorder
             step(recorder.close if self.own_recorder else recorder.flush)

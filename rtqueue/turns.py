@@ -61,12 +61,14 @@ class ToolWorker:
         publish: Callable[[Event], None],
         on_done: Callable[[ToolJob, dict[str, str], dict[str, Any] | None, BaseException | None], None],
         tool_timeout: float,
+        observe: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._name = name
         self._graph = graph
         self._context = context
         self._publish = publish
         self._on_done = on_done
+        self._observe = observe
         self._runner = ToolRunner(default_timeout=tool_timeout)
         self._cond = threading.Condition()
         self._jobs: deque[ToolJob] = deque()
@@ -157,8 +159,10 @@ class ToolWorker:
         for o in outcomes:
             data = {"call_id": o.call.call_id, "name": o.call.name, "arguments": o.call.arguments,
                     "output": o.output, "ok": o.ok, "error": o.error, "duration_ms": o.duration_ms,
-                    "agent": agent}
+                    "agent": agent, "response_id": o.call.response_id}
             self._publish(Event("tool.result" if o.ok else "tool.error", data))
+            if self._observe is not None:
+                self._observe(data)
         return outcomes
 
     # -- closing --------------------------------------------------------------------------
