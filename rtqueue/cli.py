@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "rtqueue") -> int:
     demo.add_argument("--latency-ms", type=non_negative_number, default=20.0,
                       help="simulated one-way network latency")
     demo.add_argument("--json", metavar="FILE", help="also write the transcript and summary as JSON")
+    demo.add_argument("--record", metavar="DIR", help="write the session's recording (demo.jsonl) and its timeline "
+                                                      "(demo.html) into DIR")
 
     sub.add_parser("sim", help="run the Realtime simulator standalone (see `rtqueue sim --help`)")
 
@@ -59,7 +61,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "rtqueue") -> int:
 
         return run_demo(
             live=ns.live, audio=ns.audio, scenario=ns.scenario, model=ns.model,
-            speed=ns.speed, latency_ms=ns.latency_ms, json_path=ns.json,
+            speed=ns.speed, latency_ms=ns.latency_ms, json_path=ns.json, record_dir=ns.record,
         )
     if ns.command == "timeline":
         return _timeline(ns.recording, ns.output)

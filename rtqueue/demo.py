@@ -39,6 +39,7 @@ def run_demo(
     speed: float | None = None,
     latency_ms: float = 20.0,
     json_path: str | None = None,
+    record_dir: str | None = None,
     out: Any = None,
 ) -> int:
     """Run the demo conversation; returns a process exit code (0 = no conflicts, no errors)."""
@@ -80,9 +81,13 @@ def run_demo(
             where = f"the embedded simulator at {sim.url} (latency {latency_ms:g} ms, speed {pace:g}x)"
         say(f"rtqueue demo: {scenario.replace('_', ' ')} on {where}")
         t0 = time.monotonic()
+        recording = None
+        if record_dir is not None:
+            os.makedirs(record_dir, exist_ok=True)
+            recording = os.path.join(record_dir, "demo.jsonl")
         session = stack.enter_context(
             Session.connect(url=url, model=model, agent=agent, audio=audio_io,
-                            turn_detection="push_to_talk", name="demo")
+                            turn_detection="push_to_talk", name="demo", record=recording)
         )
         stream = stack.enter_context(session.events("response.done", "agent.handoff", "tool.result",
                                                      "tool.error", "tool.skipped", "error"))
@@ -124,6 +129,16 @@ def run_demo(
         say("\nsummary")
         for k, v in summary.items():
             say(f"  {k:<17} {v}")
+        if recording is not None:
+            say(f"\nrecording: {recording}")
+            try:
+                from .timeline import write_timeline
+            except ImportError as exc:  # plotly is the optional [timeline] extra
+                say(f"timeline: not drawn ({exc}; pip install 'rtqueue[timeline]')")
+            else:
+                page = os.path.join(os.path.dirname(recording), "demo.html")
+                write_timeline(recording, page)
+                say(f"timeline : {page}")
         if json_path:
             with open(json_path, "w", encoding="utf-8") as f:
                 json.dump({"transcript": transcript, "summary": summary}, f, indent=2, default=str)

@@ -62,15 +62,23 @@ def test_demo_runs_with_zero_conflicts(tmp_path: Path):
     """`rtqueue demo` (as python -m rtqueue demo) completes with handoffs, tools and 0 conflicts."""
     out = tmp_path / "demo.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "rtqueue", "demo", "--speed", "50", "--json", str(out)],
+        [sys.executable, "-m", "rtqueue", "demo", "--speed", "50", "--json", str(out),
+         "--record", str(tmp_path / "rec")],
         capture_output=True, text=True, timeout=6 * UNIT, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     import json
 
+    from rtqueue.recording import read_recording
+
     summary = json.loads(out.read_text())["summary"]
     assert summary["conflicts"] == 0 and summary["failures"] == 0
     assert summary["handoffs"] >= 3 and summary["tool_calls"] >= 3
+    # --record DIR: the session's recording and its timeline page.
+    rec = read_recording(tmp_path / "rec" / "demo.jsonl")
+    assert rec.header["source"] == "client"
+    assert sum(1 for f in rec.frames if f.type == "response.done") == summary["responses"]
+    assert (tmp_path / "rec" / "demo.html").stat().st_size > 0
     assert re.search(r"--> handoff\s+: front_desk -> authentication", proc.stdout)
     assert "[tool] verify_customer(" in proc.stdout
 
