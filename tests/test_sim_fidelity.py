@@ -376,3 +376,80 @@ def test_speech_disarms_idle_timeout() -> None:
     d.append(silence(100) + synthesize("hello", seed=1).pcm[:24_000])  # speech starts, not yet stopped
     out = d.at(10.0)
     assert "input_audio_buffer.timeout_triggered" not in types(out)
+
+
+def mcp_tool(label: str = "docs", **extra: Any) -> dict[str, Any]:
+    return {"type": "mcp", "server_label": label, "server_url": f"https://{label}.example/mcp", **extra}
+
+
+def test_mcp_tools_are_listed_on_session_update() -> None:
+    d = Driver(speed=None)
+    out = run(
+        d,
+        lambda: update(
+            d,
+            tools=[
+                mcp_tool(allowed_tools=["search"], require_approval="never"),
+                mcp_tool("broken", server_url="https://fail.example/mcp"),
+            ],
+        ),
+    )
+    order = types(out)
+    assert order[0] == "session.updated"
+    assert order.count("mcp_list_tools.in_progress") == 2
+    [ok] = of(out, "mcp_list_tools.completed")
+    [bad] = of(out, "mcp_list_tools.failed")
+    done = [e["item"] for e in of(out, "conversation.item.done") if e["item"]["id"] == ok["item_id"]]
+    assert done[0]["type"] == "mcp_list_tools" and [t["name"] for t in done[0]["tools"]] == ["search"]
+    assert bad["item_id"] != ok["item_id"]
+    # The same tools again: nothing new to list.
+    assert "mcp_list_tools.in_progress" not in types(
+        run(d, lambda: update(d, tools=[mcp_tool(allowed_tools=["search"], require_approval="never")]))
+    )
+
+
+def test_mcp_call_flow_and_failure() -> None:
+    d = Driver(speed=None)
+    update(d, tools=[mcp_tool(require_approval="never")])
+    d.user("find the refund policy [mcp: docs.search]")
+    out = run(d, lambda: d.send({"type": "response.create"}))
+    seq = [t for t in types(out) if t.startswith(("response.mcp", "response.output_item", "conversation.item"))]
+    seq = [t for t in seq if t != "response.mcp_call_arguments.delta"]
+    assert seq[:7] == [
+        "response.output_item.added",
+        "conversation.item.added",
+        "response.mcp_call_arguments.done",
+        "response.mcp_call.in_progress",
+        "response.mcp_call.completed",
+        "conversation.item.done",
+        "response.output_item.done",
+    ]
+    assert of(out, "response.mcp_call_arguments.delta")
+    done = last_done(out)
+    assert done["status"] == "completed"
+    call = done["output"][0]
+    assert call["type"] == "mcp_call" and call["server_label"] == "docs" and call["name"] == "search"
+    assert '"result":"ok"' in call["output"] and call["error"] is None
+    assert done["output"][1]["type"] == "message"
+    assert "Here is what I found" in done["output"][1]["content"][0]["transcript"]
+
+    d.user("and now [mcp: docs.fail_lookup]")
+    out = run(d, lambda: d.send({"type": "response.create"}))
+    assert "response.mcp_call.failed" in types(out)
+    assert last_done(out)["output"][0]["error"]["type"] == "tool_execution_error"
+
+
+def test_mcp_approval_request_then_response() -> None:
+    d = Driver(speed=None)
+    update(d, tools=[mcp_tool(require_approval="always")])
+    d.user("search the docs [mcp: docs.search]")
+    out = run(d, lambda: d.send({"type": "response.create"}))
+    assert not [t for t in types(out) if t.startswith("response.mcp_call")]
+    request = last_done(out)["output"][0]
+    assert request["type"] == "mcp_approval_request" and request["name"] == "search"
+    approval = {"type": "mcp_approval_response", "approval_request_id": request["id"], "approve": True}
+    assert not errors(d.send({"type": "conversation.item.create", "item": approval}))
+    out = run(d, lambda: d.send({"type": "response.create"}))
+    assert "response.mcp_call.completed" in types(out)
+    call = last_done(out)["output"][0]
+    assert call["type"] == "mcp_call" and call["approval_request_id"] == request["id"]

@@ -37,7 +37,7 @@ from typing import Any, TypeGuard
 
 import attrs
 
-from .model import Reply, ScriptedModel, Turn, TurnKind
+from .model import McpCall, Reply, ScriptedModel, Turn, TurnKind
 from .synth import SAMPLE_RATE, SpeechStream
 from .transcribe import Listener
 from .vad import EnergyVad
@@ -151,6 +151,7 @@ _RESPONSE_FIELDS = frozenset(
 _RATE_LIMITS_DELAY_S = 0.04
 _TRANSCRIBE_DELAY_S = 0.15
 _TRANSCRIBE_WORD_S = 0.04
+_MCP_LIST_S = 0.2
 _TEXT_TOKENS_PER_WORD = 1.3
 _AUDIO_TOKENS_PER_SECOND = 20.0
 
@@ -362,6 +363,7 @@ class SimSession:
     _later_seq: int = attrs.field(init=False, default=0)
     _listener: Listener = attrs.field(init=False, factory=Listener)
     _server_turn: bool = attrs.field(init=False, default=False)
+    _mcp_listed: dict[str, str] = attrs.field(init=False, factory=dict)
     _idle_gen: int = attrs.field(init=False, default=0)
     _heard: dict[str, str | None] = attrs.field(init=False, factory=dict)
 
@@ -671,6 +673,53 @@ class SimSession:
         self._session = new
         self._configure_vad()
         self._emit("session.updated", session=copy.deepcopy(self._session))
+        if "tools" in patch:
+            self._list_mcp_tools(now)
+
+    def _list_mcp_tools(self, now: float) -> None:
+        """Hosted MCP servers new in the session: an mcp_list_tools item, listed asynchronously.
+
+        A ``server_url`` containing ``fail`` is unreachable: ``mcp_list_tools.failed``.
+        """
+        for tool in self._session["tools"]:
+            if tool.get("type") != "mcp":
+                continue
+            label = str(tool.get("server_label") or "")
+            key = json.dumps(tool, sort_keys=True)
+            if not label or self._mcp_listed.get(label) == key:
+                continue
+            self._mcp_listed[label] = key
+            item_id = self._new_id("mcpl_")
+            item: dict[str, Any] = {"id": item_id, "type": "mcp_list_tools", "server_label": label, "tools": []}
+            previous = self._order[-1] if self._order else None
+            self._insert_item(copy.deepcopy(item), previous)
+            self._emit("conversation.item.added", previous_item_id=previous, item=copy.deepcopy(item))
+            self._emit("mcp_list_tools.in_progress", item_id=item_id)
+            failed = "fail" in str(tool.get("server_url") or "").lower()
+            self._schedule(
+                now + self._pace(_MCP_LIST_S), functools.partial(self._mcp_listed_done, item_id, tool, failed)
+            )
+
+    def _mcp_listed_done(self, item_id: str, tool: dict[str, Any], failed: bool) -> None:
+        if failed:
+            self._emit("mcp_list_tools.failed", item_id=item_id)
+            return
+        allowed = tool.get("allowed_tools")
+        names = allowed if isinstance(allowed, list) and allowed else ["search", "fetch"]
+        listed = [
+            {
+                "name": str(n),
+                "description": f"{n} on {tool.get('server_label')}",
+                "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}},
+            }
+            for n in names
+        ]
+        item = self._items.get(item_id)
+        if item is None:
+            return
+        item["tools"] = listed
+        self._emit("mcp_list_tools.completed", item_id=item_id)
+        self._emit("conversation.item.done", previous_item_id=self._previous_of(item_id), item=copy.deepcopy(item))
 
     def _check_unknown(self, patch: dict[str, Any]) -> None:
         def unknown(prefix: str, obj: Any, allowed: frozenset[str]) -> None:
@@ -1007,8 +1056,28 @@ class SimSession:
                     raise _bad_type(f"{param}.{key}", "a string", raw[key])
             call_id = raw.get("call_id") or self._new_id("call_")
             return {**base, "call_id": call_id, "name": raw["name"], "arguments": raw["arguments"]}, None
+        if itype == "mcp_approval_response":
+            rid = raw.get("approval_request_id")
+            if rid is None:
+                raise _missing(f"{param}.approval_request_id")
+            if not isinstance(rid, str):
+                raise _bad_type(f"{param}.approval_request_id", "a string", rid)
+            if "approve" not in raw:
+                raise _missing(f"{param}.approve")
+            if not isinstance(raw["approve"], bool):
+                raise _bad_type(f"{param}.approve", "a boolean", raw["approve"])
+            reason = raw.get("reason")
+            return {
+                "id": item_id,
+                "type": itype,
+                "approval_request_id": rid,
+                "approve": raw["approve"],
+                "reason": reason if isinstance(reason, str) else None,
+            }, None
         if itype != "message":
-            raise _bad_value(f"{param}.type", itype, ["message", "function_call", "function_call_output"])
+            raise _bad_value(
+                f"{param}.type", itype, ["message", "function_call", "function_call_output", "mcp_approval_response"]
+            )
         role = raw.get("role")
         if role is None:
             raise _missing(f"{param}.role")
@@ -1232,6 +1301,28 @@ class SimSession:
             return Turn(
                 "function_call_output", call_id=str(item.get("call_id", "")), output=str(item.get("output", ""))
             )
+        if itype == "mcp_call":
+            return Turn(
+                "mcp_call",
+                name=str(item.get("name", "")),
+                arguments=str(item.get("server_label", "")),
+                output=str(item.get("output") or ""),
+            )
+        if itype == "mcp_approval_request":
+            return Turn(
+                "mcp_approval_request",
+                name=str(item.get("name", "")),
+                arguments=str(item.get("server_label", "")),
+                call_id=str(item.get("id", "")),
+            )
+        if itype == "mcp_approval_response":
+            return Turn(
+                "mcp_approval_response",
+                call_id=str(item.get("approval_request_id", "")),
+                output="approve" if item.get("approve") else "deny",
+            )
+        if itype == "mcp_list_tools":
+            return Turn("system")
         texts: list[str] = []
         for part in item.get("content") or []:
             ptype = part.get("type")
@@ -1354,8 +1445,11 @@ class SimSession:
         n_items = max(1, min(reply.items, len(all_words)))
         size = math.ceil(len(all_words) / n_items) if all_words else 0
         groups = [all_words[g : g + size] for g in range(0, len(all_words), size)] if size else []
+        for mcp in reply.mcp:
+            t = self._plan_mcp(resp, mcp, t, tick)
+        first = len(reply.mcp)
         for index, words in enumerate(groups):
-            t = self._plan_message(resp, index, words, t, tick, text_mode, voice)
+            t = self._plan_message(resp, first + index, words, t, tick, text_mode, voice)
             if index + 1 < len(groups):
                 t += tick
         for call in reply.calls:
@@ -1377,6 +1471,79 @@ class SimSession:
         status = "incomplete" if incomplete else "completed"
         t = max(t, now + self.min_response_ms / 1000)
         add((t, lambda: self._finish(resp, status, "max_output_tokens" if incomplete else None)))
+
+    def _plan_mcp(self, resp: _Response, call: McpCall, t: float, tick: float) -> float:
+        """Schedule one hosted MCP call (or approval request) item from ``t``; return when it closes."""
+        item_id = self._new_id("mcpr_" if call.approval else "mcp_")
+        if call.approval:
+            item: dict[str, Any] = {
+                "id": item_id,
+                "type": "mcp_approval_request",
+                "server_label": call.server_label,
+                "name": call.name,
+                "arguments": call.arguments,
+            }
+            resp.steps.append((t, functools.partial(self._mcp_open, resp, item)))
+            resp.steps.append((t, functools.partial(self._mcp_close, resp, item_id, dict(item))))
+            return t
+        item = {
+            "id": item_id,
+            "type": "mcp_call",
+            "server_label": call.server_label,
+            "name": call.name,
+            "arguments": "",
+            "approval_request_id": call.approval_request_id or None,
+            "output": None,
+            "error": None,
+        }
+        final = {**item, "arguments": call.arguments}
+        if call.error:
+            final["error"] = {"type": "tool_execution_error", "message": call.error}
+        else:
+            final["output"] = call.output
+        resp.steps.append((t, functools.partial(self._mcp_open, resp, item)))
+        for piece in _split_args(call.arguments):
+            t += tick / 2
+            resp.steps.append((t, functools.partial(self._mcp_event, resp, item_id, "arguments.delta", delta=piece)))
+        resp.steps.append(
+            (t, functools.partial(self._mcp_event, resp, item_id, "arguments.done", arguments=call.arguments))
+        )
+        resp.steps.append((t, functools.partial(self._mcp_event, resp, item_id, "in_progress")))
+        t += tick
+        status = "failed" if call.error else "completed"
+        resp.steps.append((t, functools.partial(self._mcp_event, resp, item_id, status)))
+        resp.steps.append((t, functools.partial(self._mcp_close, resp, item_id, final)))
+        return t
+
+    def _mcp_index(self, resp: _Response, item_id: str) -> int:
+        return next(i for i, it in enumerate(resp.obj["output"]) if it.get("id") == item_id)
+
+    def _mcp_open(self, resp: _Response, item: dict[str, Any]) -> None:
+        index = len(resp.obj["output"])
+        resp.obj["output"].append(copy.deepcopy(item))
+        self._emit("response.output_item.added", response_id=resp.id, output_index=index, item=copy.deepcopy(item))
+        if resp.in_band:
+            previous = self._order[-1] if self._order else None
+            self._insert_item(copy.deepcopy(item), previous)
+            self._emit("conversation.item.added", previous_item_id=previous, item=copy.deepcopy(item))
+
+    def _mcp_event(self, resp: _Response, item_id: str, what: str, **fields: Any) -> None:
+        index = self._mcp_index(resp, item_id)
+        if what == "arguments.delta":
+            fields["obfuscation"] = self._obfuscation(str(fields["delta"]))
+        if what.startswith("arguments."):
+            etype = "response.mcp_call_arguments." + what.split(".", 1)[1]
+            self._emit(etype, response_id=resp.id, item_id=item_id, output_index=index, **fields)
+        else:
+            self._emit("response.mcp_call." + what, item_id=item_id, output_index=index)
+
+    def _mcp_close(self, resp: _Response, item_id: str, final: dict[str, Any]) -> None:
+        index = self._mcp_index(resp, item_id)
+        resp.obj["output"][index] = copy.deepcopy(final)
+        if resp.in_band and item_id in self._items:
+            self._items[item_id] = copy.deepcopy(final)
+            self._emit("conversation.item.done", previous_item_id=self._previous_of(item_id), item=copy.deepcopy(final))
+        self._emit("response.output_item.done", response_id=resp.id, output_index=index, item=copy.deepcopy(final))
 
     def _plan_message(
         self,

@@ -15,6 +15,13 @@ wins; hooks are removed before anything is echoed):
 - ``[len: N]``: the reply has exactly N words (1 <= N <= 1000).
 - ``[items: N]``: the words are spread over N assistant message items in one
   response (1 <= N <= 8), as the real service sometimes does.
+- ``[mcp: label.tool, ...]``: call these tools of the hosted ``mcp`` server
+  ``label`` (a session tool of type ``"mcp"``) with ``{"query": <text>}``,
+  then report the results in the same response. When the server's
+  ``require_approval`` asks for it (the default ``"always"``), the response
+  holds an ``mcp_approval_request`` item instead; after the client's
+  ``mcp_approval_response`` item and a new ``response.create``, the call
+  runs (or, if denied, is skipped). A tool name containing ``fail`` fails.
 - ``[tools: a, b]``: call exactly these tools, in this order, instead of
   keyword matching. A name that is not among the available function tools is
   still called, with ``{}`` arguments (a "hallucinated" call, for testing).
@@ -76,9 +83,18 @@ from typing import Any, Literal
 
 import attrs
 
-__all__ = ["Reply", "ScriptedModel", "ToolCall", "Turn", "match_tools"]
+__all__ = ["McpCall", "Reply", "ScriptedModel", "ToolCall", "Turn", "match_tools"]
 
-TurnKind = Literal["user", "assistant", "system", "function_call", "function_call_output"]
+TurnKind = Literal[
+    "user",
+    "assistant",
+    "system",
+    "function_call",
+    "function_call_output",
+    "mcp_call",
+    "mcp_approval_request",
+    "mcp_approval_response",
+]
 
 # Words too common to identify a tool (in tool names, descriptions or user text).
 _STOP_TEXT = """
@@ -92,7 +108,7 @@ _STOP_WORDS = frozenset(_STOP_TEXT.split())
 _ID_HINTS = ("id", "number", "num", "code", "zip", "postal", "phone", "account", "order", "ticket", "ref")
 _PLACE_HINTS = ("city", "location", "place", "town", "country", "destination", "address", "region")
 _FREE_TEXT_HINTS = ("query", "text", "question", "message", "reason", "topic", "description", "note", "input")
-_HOOK = re.compile(r"\[(say|len|tools|items)\s*:\s*([^\]]*)\]", re.IGNORECASE)
+_HOOK = re.compile(r"\[(say|len|tools|items|mcp)\s*:\s*([^\]]*)\]", re.IGNORECASE)
 _WORD = re.compile(r"[a-z0-9]+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _ROLE = re.compile(r"\byou are\s+((?:a|an|the)\s+)?([^.,;:!?\n]{1,48})", re.IGNORECASE)
@@ -134,6 +150,24 @@ class ToolCall:
 
 
 @attrs.frozen
+class McpCall:
+    """A hosted MCP tool call (``[mcp: label.tool]``).
+
+    ``approval`` True: the response asks for approval (an
+    ``mcp_approval_request`` item) instead of calling. ``output`` is what the
+    simulated MCP server returns; ``error`` set means the call fails.
+    """
+
+    server_label: str
+    name: str
+    arguments: str
+    approval: bool = False
+    approval_request_id: str = ""
+    output: str = ""
+    error: str = ""
+
+
+@attrs.frozen
 class Reply:
     """What a response contains: words to say (may be empty) and calls to make."""
 
@@ -141,6 +175,8 @@ class Reply:
     calls: tuple[ToolCall, ...] = ()
     #: Assistant message items the words are spread over (``[items: N]``).
     items: int = 1
+    #: Hosted MCP calls (or approval requests), before the words.
+    mcp: tuple[McpCall, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -181,9 +217,12 @@ class ScriptedModel:
         }
         outputs = [t.output for t in after if t.kind == "function_call_output" and t.call_id not in transfers]
         calls = self._choose_calls(functions, tool_choice, clean_text, hooks, already)
+        mcp, mcp_text = _mcp_calls(tools, hooks.get("mcp", ""), clean_text, after)
 
         if "say" in hooks:
             text = hooks["say"]
+        elif mcp_text:
+            text = mcp_text
         elif calls:
             handoffs = [c.name[len("transfer_to_") :] for c in calls if c.name.lower().startswith("transfer_to_")]
             if len(handoffs) == len(calls):
@@ -213,7 +252,7 @@ class ScriptedModel:
                 items = max(1, min(8, int(hooks["items"])))
             except ValueError:
                 items = 1
-        return Reply(text=text, calls=tuple(calls), items=items)
+        return Reply(text=text, calls=tuple(calls), items=items, mcp=tuple(mcp))
 
     def _choose_calls(
         self,
@@ -251,6 +290,59 @@ class ScriptedModel:
             else:
                 calls.append(ToolCall(str(t.get("name")), _arguments(t, text)))
         return calls
+
+
+def _needs_approval(tool: Mapping[str, Any], name: str) -> bool:
+    """The real default is ``"always"``; ``"never"`` or a ``never.tool_names`` list lifts it."""
+    ra = tool.get("require_approval", "always")
+    if ra == "never":
+        return False
+    if isinstance(ra, Mapping):
+        never = ra.get("never")
+        names = never.get("tool_names") if isinstance(never, Mapping) else None
+        return not (isinstance(names, list) and name in names)
+    return True
+
+
+def _mcp_calls(
+    tools: Sequence[Mapping[str, Any]], spec: str, text: str, after: Sequence[Turn]
+) -> tuple[list[McpCall], str]:
+    """The MCP calls for ``[mcp: label.tool, ...]`` and, once they ran, the words that report them."""
+    servers = {str(t.get("server_label")): t for t in tools if isinstance(t, Mapping) and t.get("type") == "mcp"}
+    done = {(t.arguments, t.name): t for t in after if t.kind == "mcp_call"}
+    requests = {(t.arguments, t.name): t.call_id for t in after if t.kind == "mcp_approval_request"}
+    answers = {t.call_id: t.output for t in after if t.kind == "mcp_approval_response"}
+    calls: list[McpCall] = []
+    reported: list[str] = []
+    declined = False
+    for entry in (e.strip() for e in spec.split(",")):
+        label, _, name = entry.partition(".")
+        if not label or not name or label not in servers:
+            continue
+        if (label, name) in done:
+            reported.append(done[(label, name)].output or "failed")
+            continue
+        args = json.dumps({"query": text or "example"}, separators=(",", ":"))
+        request_id = requests.get((label, name))
+        if request_id is not None:
+            answer = answers.get(request_id)
+            if answer is None:
+                continue  # still waiting for the client's approval
+            if answer != "approve":
+                declined = True
+                continue
+        elif _needs_approval(servers[label], name):
+            calls.append(McpCall(label, name, args, approval=True))
+            continue
+        error = f"Tool '{name}' failed on server '{label}'." if "fail" in name.lower() else ""
+        output = "" if error else json.dumps({"server": label, "tool": name, "result": "ok"}, separators=(",", ":"))
+        calls.append(McpCall(label, name, args, approval_request_id=request_id or "", output=output, error=error))
+        reported.append(output or "failed")
+    if any(c.approval for c in calls):
+        return calls, "I need your approval to use that tool."
+    if declined and not calls and not reported:
+        return calls, "Okay, I will not use that tool."
+    return calls, _summary(reported) if reported else ""
 
 
 def match_tools(tool: Mapping[str, Any], user_words: set[str]) -> bool:
