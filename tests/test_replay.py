@@ -22,10 +22,10 @@ def _agents() -> Agent:
     return Agent(name="greeter", instructions="You are the greeter. Greet, then route.", handoffs=[returns])
 
 
-def _conversation(url: str) -> dict[str, Any]:
+def _conversation(url: str, record: Path | None = None) -> dict[str, Any]:
     """Tools, a handoff, a barge-in (cancel mid-answer) and a truncate; what the client saw."""
     out: dict[str, Any] = {"handoffs": []}
-    with Session.connect(url=url, agent=_agents()) as session:
+    with Session.connect(url=url, agent=_agents(), record=record) as session:
         session.on("agent.handoff", lambda e: out["handoffs"].append((e.source, e.target)))
         first = session.ask("I want to talk to returns about order 42", timeout=UNIT)
         out["first"] = (first.text, first.agent, first.status)
@@ -65,6 +65,21 @@ def test_replay_a_recorded_conversation(tmp_path: Path) -> None:
             stats = replay.stats()
         assert replayed == recorded, speed
         assert stats["replay_mismatches"] == [], stats["replay_mismatches"]
+
+
+def test_replay_a_client_recording(tmp_path: Path) -> None:
+    """Session.connect(record=...) on the client side: the same conversation replays from it, no mismatch."""
+    path = tmp_path / "client.jsonl"
+    with Simulator(speed=4.0) as sim:
+        recorded = _conversation(sim.url, record=path)
+    rec = read_recording(path)
+    assert rec.header["source"] == "client"
+    with Simulator(replay=path, speed=None) as replay:
+        replayed = _conversation(replay.url)
+        replay.wait_until(lambda s: s.stats()["active_sessions"] == 0, UNIT)
+        stats = replay.stats()
+    assert replayed == recorded
+    assert stats["replay_mismatches"] == [], stats["replay_mismatches"]
 
 
 def test_replay_reports_an_event_the_recording_never_had(tmp_path: Path) -> None:

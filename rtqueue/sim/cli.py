@@ -74,7 +74,7 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
         type=_non_empty,
         default=None,
         metavar="FILE",
-        help="serve this recording's server side instead of the scripted model (see rtqueue.sim.replay)",
+        help="serve this recording's server side instead of the scripted model",
     )
     p.add_argument(
         "--require-api-key",
