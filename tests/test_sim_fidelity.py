@@ -5,6 +5,7 @@ Every event a Driver returns is validated against ``openai.types.realtime``.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from rtqueue.sim.synth import hum, noise, silence, synthesize
@@ -453,3 +454,16 @@ def test_mcp_approval_request_then_response() -> None:
     assert "response.mcp_call.completed" in types(out)
     call = last_done(out)["output"][0]
     assert call["type"] == "mcp_call" and call["approval_request_id"] == request["id"]
+
+
+def test_audio_item_created_by_the_client_is_heard() -> None:
+    d = Driver(speed=None)
+    audio = base64.b64encode(said("what time is it")).decode()
+    d.send(
+        {
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": audio}]},
+        }
+    )
+    out = run(d, lambda: d.send({"type": "response.create"}))
+    assert "what time is it" in last_done(out)["output"][0]["content"][0]["transcript"]

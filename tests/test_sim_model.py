@@ -163,3 +163,38 @@ def test_vad_threshold_mapping_and_reset() -> None:
     vad.reset()
     assert not vad.speaking and vad.buffer_start_ms == 1000
     assert EnergyVad(threshold=0.5).feed(noise(1000, level_dbfs=-45)) == []
+
+
+def test_three_places_three_calls() -> None:
+    """A place-taking tool is called once per place named, in order; one place gives one call."""
+    _, calls = reply("What is the weather in Paris, Berlin and Rome?")
+    assert calls == [("get_weather", {"city": c}) for c in ("Paris", "Berlin", "Rome")]
+    _, calls = reply("What is the weather in Oslo today")
+    assert calls == [("get_weather", {"city": "Oslo"})]
+
+
+def test_items_and_mcp_hooks() -> None:
+    """[items: N] spreads the words; [mcp: label.tool] asks approval by default, calls when 'never'."""
+    model = ScriptedModel(seed=1)
+    r = model.reply(instructions="", tools=[], tool_choice="auto", turns=[Turn("user", text="hi [items: 3]")])
+    assert r.items == 3
+    server = {"type": "mcp", "server_label": "docs", "server_url": "https://docs.example/mcp"}
+    turns = [Turn("user", text="refund policy [mcp: docs.search]")]
+    r = model.reply(instructions="", tools=[server], tool_choice="auto", turns=turns)
+    assert [(c.server_label, c.name, c.approval) for c in r.mcp] == [("docs", "search", True)]
+    r = model.reply(instructions="", tools=[{**server, "require_approval": "never"}], tool_choice="auto", turns=turns)
+    assert [(c.name, c.approval) for c in r.mcp] == [("search", False)] and "found" in r.text
+    denied = [
+        *turns,
+        Turn("mcp_approval_request", name="search", arguments="docs", call_id="mcpr_1"),
+        Turn("mcp_approval_response", call_id="mcpr_1", output="deny"),
+    ]
+    r = model.reply(instructions="", tools=[server], tool_choice="auto", turns=denied)
+    assert r.mcp == () and "not" in r.text
+
+
+def test_synth_punctuation_pause_fits_default_vad() -> None:
+    """A sentence with punctuation is one turn under the 200 ms GA default silence."""
+    speech = synthesize("Hello. Where is my order? It was due today!", seed=2)
+    vad = EnergyVad(threshold=0.5, prefix_padding_ms=300, silence_duration_ms=200)
+    assert [e.kind for e in vad.feed(silence(500) + speech.pcm + silence(500))] == ["start", "stop"]

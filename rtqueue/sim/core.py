@@ -39,7 +39,7 @@ import attrs
 
 from .model import McpCall, Reply, ScriptedModel, Turn, TurnKind
 from .synth import SAMPLE_RATE, SpeechStream
-from .transcribe import Listener
+from .transcribe import Listener, transcribe
 from .vad import EnergyVad
 
 __all__ = [
@@ -1024,6 +1024,7 @@ class SimSession:
             raise _Reject("invalid_value", f"Item with id '{item['id']}' already exists.", "item.id")
         if audio_ms is not None:
             self._user_audio_ms[item["id"]] = audio_ms
+            self._heard[item["id"]] = _hear_parts(raw.get("content"))
         if previous is None:
             previous = self._order[-1] if self._order else None
         self._insert_item(item, previous)
@@ -1945,6 +1946,17 @@ def _check_format(param: str, value: Any) -> dict[str, Any]:
     if rate != SAMPLE_RATE:
         raise _bad_value(f"{param}.rate", rate, [str(SAMPLE_RATE)])
     return dict(_PCM)
+
+
+def _hear_parts(content: Any) -> str | None:
+    """What the synthesized speech in an item's ``input_audio`` parts says (already validated)."""
+    heard = []
+    for part in content if isinstance(content, list) else []:
+        if isinstance(part, dict) and part.get("type") == "input_audio" and not part.get("transcript"):
+            text = transcribe(base64.b64decode(str(part.get("audio") or "")))
+            if text:
+                heard.append(text)
+    return " ".join(heard) or None
 
 
 def _check_voice(param: str, voice: Any) -> Any:
