@@ -19,6 +19,20 @@ before ``now`` out, exactly as a real server that streamed them already.
 
 Unknown client event types get ``invalid_value`` with ``param: "type"`` and
 the list of supported values, which is what the real service answers.
+
+Orders and shapes follow recordings of the real GA server (DESIGN.md
+section 3): no ``conversation.created``; ``conversation.item.done`` before
+``response.output_item.done``; ``rate_limits.updated`` (a ``tokens`` entry
+only) 40 ms (paced) after ``response.done``; items without ``object``; an
+``obfuscation`` string on text, transcript and MCP-argument deltas.
+Asynchronous extras run on a session-level timeline next to the responses:
+input audio transcription (``audio.input.transcription``; what synthesized
+speech says comes from :mod:`.transcribe`, other audio completes with ``""``
+or, with ``transcription_failures`` or a ``[fail]`` prompt, fails), the
+server VAD ``idle_timeout_ms`` turn, hosted ``mcp`` tool listing. Races the
+real service shows are reachable: ``vad_create_delay_s`` lets a barge-in
+cancel a VAD response before its ``response.created``; a cancel during a
+function call's arguments still sends ``function_call_arguments.done``.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ It is deterministic: the same inputs and seed give the same reply. The rules:
 **Context.** The model sees the response's instructions (the response's own, or
 else the session's), its function tools, ``tool_choice``, and the turns of its
 context (the conversation, or ``response.input`` when given). Only the *last
-user message* and what follows it matter. A user audio turn without a
-transcript reads as ``"(audio N ms)"``.
+user message* and what follows it matter. A user audio turn reads as what it
+says when the audio was made by :mod:`rtqueue.sim.synth` (see
+:mod:`rtqueue.sim.transcribe`), else, without a transcript, as
+``"(audio N ms)"``.
 
 **Test hooks** in the last user text, or in the instructions (the user text
 wins; hooks are removed before anything is echoed):
