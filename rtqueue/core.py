@@ -711,6 +711,8 @@ class ConversationCore:
 
     def _on_done(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
         _resp, rid, eid = response_ids(event)
+        if eid is None:  # the shell matched it to our create (no metadata echo)
+            eid, self._matched = self._matched, None
         self.note_finished(rid)
         rec = self._responses.pop(rid, None)
         req = rec.request if rec is not None else None
@@ -729,6 +731,9 @@ class ConversationCore:
         actions: list[Action] = []
         handle = None
         if req is not None and req.phase in (Phase.QUEUED, Phase.CREATED):
+            if req.phase is Phase.QUEUED:  # its response.created was never matched to it
+                req.response_id = rid
+                actions.append(Started(req.handle, rid, agent))
             req.move("done")
             self._requests.pop(req.event_id, None)
             handle = req.handle

@@ -106,17 +106,18 @@ class ResponseGate:
 
     # -- reader side ---------------------------------------------------------
 
-    def untagged_pending(self) -> str | None:
+    def untagged_pending(self, *, any_pending: bool = False) -> str | None:
         """The event id of our pending create that carries no metadata tag, if one is pending.
 
         At most one in-band create is pending at a time, so a
         ``response.created`` with no tag (server metadata not echoed, or the
         app used every metadata pair) answers it. Server-VAD responses also
         come untagged; if one starts meanwhile, the create earns a conflict
-        error naming its id, which is retried as usual.
+        error naming its id, which is retried as usual. ``any_pending``: a
+        tagged create counts too (the server has not shown it echoes metadata).
         """
         with self._cond:
-            return self._state.untagged_pending()
+            return self._state.untagged_pending(any_pending=any_pending)
 
     def on_created(
         self, response_id: str, event_id: str | None, *, in_band: bool | None = None

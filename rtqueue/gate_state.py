@@ -144,28 +144,34 @@ class GateState:
         create carries no id in its metadata, so a ``response.created``
         without one is taken as its answer (see :meth:`untagged_pending`).
         ``holder``: the response whose tool chain this create continues; if
-        the only entry is that response's *hold* (see :meth:`on_done`), the
-        hold becomes this create's reservation in the same step.
+        the queue holds nothing but holds, that response's among them (see
+        :meth:`on_done`), its hold becomes this create's reservation in the
+        same step.
         Raises the close error (:class:`SessionClosed` / :class:`ConnectionLost`
         / the one given) once closed, changing nothing.
         """
         err = self.closed_error()
         if err is not None:
             raise err
-        if self._queue:
-            only = self._queue[0] if len(self._queue) == 1 else None
-            if holder is None or only is None or only.state != "held" or only.response_id != holder:
-                return False
-            self._queue.clear()
+        if not self.can_reserve(holder):
+            return False
+        if holder is not None:
+            self._queue[:] = [e for e in self._queue if not (e.state == "held" and e.response_id == holder)]
         self._queue.append(_Entry("pending", event_id, None, now, True, untagged))
         return True
 
     def can_reserve(self, holder: str | None = None) -> bool:
-        """Whether :meth:`try_reserve` with this ``holder`` would reserve now (or raise: closed)."""
+        """Whether :meth:`try_reserve` with this ``holder`` would reserve now (or raise: closed).
+
+        The queue must be empty, or, for a chain's follow-up, hold nothing but
+        holds, one of them its own (two chains can hold at once when the
+        server started a response during the first one's tools: each
+        follow-up goes in turn, never alongside a live response).
+        """
         if self._closed is not None or not self._queue:
             return True
-        only = self._queue[0] if len(self._queue) == 1 else None
-        return holder is not None and only is not None and only.state == "held" and only.response_id == holder
+        return (holder is not None and all(e.state == "held" for e in self._queue)
+                and any(e.response_id == holder for e in self._queue))
 
     def release_hold(self, response_id: str, now: float) -> bool:
         """End the hold of ``response_id``'s tool chain (no follow-up after all); ``True`` if it held."""
@@ -203,17 +209,19 @@ class GateState:
 
     # -- reader side ---------------------------------------------------------
 
-    def untagged_pending(self) -> str | None:
+    def untagged_pending(self, *, any_pending: bool = False) -> str | None:
         """The event id of our pending create that carries no metadata tag, if one is pending.
 
         At most one in-band create is pending at a time, so a
         ``response.created`` with no tag (server metadata not echoed, or the
         app used every metadata pair) answers it. Server-VAD responses also
         come untagged; if one starts meanwhile, the create earns a conflict
-        error naming its id, which is retried as usual.
+        error naming its id, which is retried as usual. ``any_pending``: a
+        tagged create counts too (the server has not shown that it echoes
+        metadata).
         """
         for e in self._queue:
-            if e.state == "pending" and e.untagged:
+            if e.state == "pending" and e.ours and (e.untagged or any_pending):
                 return e.event_id
         return None
 

@@ -202,10 +202,15 @@ class Recorder:
             return self._session
 
     def write(self, sender: Sender, event: Mapping[str, Any], *, t: float | None = None,
-              session: int | None = None) -> None:
-        """Append one frame; ``t`` is a ``time.monotonic()`` reading (default: now)."""
+              session: int | None = None, note: Mapping[str, Any] | None = None) -> None:
+        """Append one frame; ``t`` is a ``time.monotonic()`` reading (default: now).
+
+        ``note``: what the client knew about the frame but did not send (e.g.
+        ``{"gate_wait_ms": 12.5}`` for a create that waited in the gate); kept
+        beside ``event`` and ignored by replay.
+        """
         clean = redact_event(event, audio=self.audio, formats=self._formats)
-        self._line(sender, "event", clean, t, session)
+        self._line(sender, "event", clean, t, session, note)
 
     def write_raw(self, sender: Sender, frame: str | bytes, *, t: float | None = None,
                   session: int | None = None) -> None:
@@ -215,7 +220,8 @@ class Recorder:
         else:
             self._line(sender, "binary_len", len(frame), t, session)
 
-    def _line(self, sender: Sender, key: str, value: Any, t: float | None, session: int | None) -> None:
+    def _line(self, sender: Sender, key: str, value: Any, t: float | None, session: int | None,
+              note: Mapping[str, Any] | None = None) -> None:
         if sender not in ("client", "server"):
             raise ValueError(f"sender must be 'client' or 'server', got {sender!r}")
         now = time.monotonic() if t is None else t
@@ -225,6 +231,8 @@ class Recorder:
             self._start_locked({})
             record = {"t": round(now - self._t0, 6), "session": self._session if session is None else session,
                       "from": sender, key: value}
+            if note:
+                record["note"] = dict(note)
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
             self.frames += 1
 
@@ -261,6 +269,7 @@ class Frame:
     event: dict[str, Any] | None
     raw: str | None = None
     binary_len: int | None = None
+    note: dict[str, Any] | None = None  # what the recording client knew beside the frame (gate wait)
 
     @property
     def type(self) -> str | None:
@@ -318,6 +327,7 @@ def parse_recording(lines: Iterable[str]) -> Recording:
             event=event if isinstance(event, dict) else None,
             raw=obj.get("raw") if isinstance(obj.get("raw"), str) else None,
             binary_len=obj.get("binary_len") if isinstance(obj.get("binary_len"), int) else None,
+            note=obj.get("note") if isinstance(obj.get("note"), dict) else None,
         ))
     if not header:
         raise ValueError("not an rtqueue recording (no header line)")

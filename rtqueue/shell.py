@@ -40,6 +40,7 @@ config version) are read without the mutex: single reads of an int.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import itertools
@@ -167,6 +168,7 @@ class SessionShell:
             on_unsent=self._on_unsent,
             on_evict=self._evict_stale,
             skip=self._moot,
+            send_gated=self._send_create,
             slice_s=gate_slice_s,
             name=f"rtqueue-writer-{self.n}",
         )
@@ -179,6 +181,10 @@ class SessionShell:
         self._fatal_error: ServerError | None = None
         self._last_error: ServerError | None = None  # a refusing close (3000/4000) carries its text
         self._started = False
+        self._echo_seen = False  # a response.created carried our metadata tag back
+        # An untagged response.created while our create is pending, before any echo was seen:
+        # (response id, our create's event id); settled at that response's done (see route).
+        self._candidate: tuple[str, str] | None = None
         self.recorder: Recorder | None = None  # every frame both ways, when recording
         self.own_recorder = False  # close it with the session (it was made from a path)
 
@@ -208,6 +214,8 @@ class SessionShell:
         """
         with self._mutex:
             actions = step(self.core)
+            if not actions:  # most server events change state and ask for nothing
+                return []
             handles, rest = self._queue_sends(actions)
         self._apply(rest)
         return handles
@@ -317,7 +325,8 @@ class SessionShell:
         self._started = True
         self.telemetry.session_started(self.label)
         if self.recorder is not None:
-            self.recorder.start(config)
+            agent = self.core.agent
+            self.recorder.start({**config, "agent": agent.name} if agent is not None else config)
         self._transport = self._factory()
         self._generation += 1
         self.dispatcher.start()
@@ -409,11 +418,29 @@ class SessionShell:
         if typ == "response.created":
             resp, rid, eid = response_ids(event)
             in_band = (resp["conversation_id"] is not None) if "conversation_id" in resp else None
-            if eid is None and in_band is not False:
+            if eid is not None:
+                self._echo_seen = True
+                self._candidate = None
+            elif in_band is not False:
+                # No tag: the answer to our create that carries none (the app used all 16 pairs).
                 matched = self.gate.untagged_pending()
+                if matched is None and not self._echo_seen:
+                    # Or, if the server never echoed our tag yet (a proxy may strip response.metadata),
+                    # perhaps the answer to our pending create: decided at its done, unless that create
+                    # earns a conflict error first (then this was a server-VAD response).
+                    pending = self.gate.untagged_pending(any_pending=True)
+                    self._candidate = (rid, pending) if pending is not None else None
             self.gate.on_created(rid, eid or matched, in_band=in_band)
         elif typ == "response.done":
             _resp, rid, eid = response_ids(event)
+            candidate = self._candidate
+            if candidate is not None and candidate[0] == rid:
+                self._candidate = None
+                pending = {e.event_id for e in self.gate.entries() if e.state == "pending"}
+                if eid is None and candidate[1] in pending:
+                    # Done, and our create got no conflict error meanwhile: it was ours, unechoed.
+                    matched = eid = candidate[1]
+                    self.gate.abandon(candidate[1])
             with self._mutex:  # before the gate wakes the writer: a cancel queued for rid is now moot
                 self.core.note_finished(rid)
                 hold = self.core.will_follow_up(event)  # its tool chain keeps the slot for its follow-up
@@ -424,6 +451,8 @@ class SessionShell:
                 time.sleep(0)
         elif typ == "error":
             err = ServerError.from_event(event)
+            if self._candidate is not None and err.event_id == self._candidate[1]:
+                self._candidate = None  # our create was refused: the candidate was the server's own
             verdict = _VERDICTS.get(self.gate.on_error(err.event_id, err.code))  # type: ignore[arg-type]
             self._note_error(err)
         self.run(lambda core: core.receive(event, verdict=verdict, matched=matched))
@@ -470,6 +499,16 @@ class SessionShell:
         recorder = self.recorder
         if recorder is not None:
             recorder.write("client", json.loads(text))
+
+    def _send_create(self, text: str, waited_s: float) -> None:
+        """A gated create: sent like any event; a recording also notes how long it waited in the gate."""
+        transport = self._transport
+        if transport is None:
+            raise ConnectionLost("not connected")
+        transport.send(text)
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.write("client", json.loads(text), note={"gate_wait_ms": round(waited_s * 1000.0, 3)})
 
     def _record_in(self, frame: str | bytes) -> None:
         assert self.recorder is not None
@@ -611,8 +650,6 @@ class SessionShell:
 
     def append_audio(self, pcm: bytes) -> bool:
         """Queue mic audio (already checked) on the writer's audio lane."""
-        import base64
-
         text = json.dumps({"type": "input_audio_buffer.append", "event_id": protocol.new_event_id(),
                            "audio": base64.b64encode(bytes(pcm)).decode("ascii")})
         return self.writer.append_audio(text)

@@ -15,8 +15,9 @@ tracer provider as usual; rtqueue then emits, on the tracer ``"rtqueue"``:
   ``rtqueue.response.id``);
 - ``rtqueue.handoff``: an agent switch (``rtqueue.handoff.source`` / ``.target``).
 
-Without ``opentelemetry-api`` every call here is a no-op and nothing is
-imported. Spans are started and ended off every lock, on the thread that
+Configure the provider before connecting: a session looks once, at its
+start. Without ``opentelemetry-api``, or with no provider configured, every
+call here is a no-op. Spans are started and ended off every lock, on the thread that
 learns of the event (never user code: the tracer is the app's SDK).
 """
 
@@ -42,7 +43,11 @@ class Telemetry:
                 from opentelemetry import trace
             except ImportError:
                 trace = None  # type: ignore[assignment]
-            if trace is not None:
+            # Only with a tracer provider configured (an SDK): the API alone would make no-op spans,
+            # which still cost the reader a few microseconds per response for nothing.
+            if trace is not None and not isinstance(
+                trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+            ):
                 self._tracer = trace.get_tracer("rtqueue")
         self._lock = threading.Lock()
         self._session: Any = None

@@ -17,8 +17,10 @@ Lanes, top to bottom:
   header's ``config["agent"]`` (or "agent" when the recording does not say);
 - **gate**: for each in-band ``response.create``, the time from the client
   sending it to the server's ``response.created`` (matched by the metadata
-  echo, else by order), and, when the previous response had just finished,
-  the time since that ``response.done`` (the create waited in the gate);
+  echo, else by order), and the time it waited in the gate before it was
+  sent: a client recording notes it with the frame (``note.gate_wait_ms``);
+  a simulator trace cannot know it, so there, when the previous response
+  had just finished, the time since that ``response.done`` stands in;
 - **tools**: each function call from ``response.function_call_arguments.done``
   to the client's ``function_call_output``; handoff calls also as points on
   **handoffs**;
@@ -130,7 +132,11 @@ def build_bars(rec: Recording) -> list[Bar]:
                 resp = ev.get("response") or {}
                 if resp.get("conversation") != "none":
                     creates.append((f, _metadata_values(resp)))
-                    if last_done is not None and 0 <= f.t - last_done < 0.25:
+                    waited = (f.note or {}).get("gate_wait_ms")
+                    if isinstance(waited, (int, float)) and waited > 0:  # a client recording knows it
+                        bars.append(Bar("gate", "gate", f.t - waited / 1000.0, f.t, "waited in the gate",
+                                        [f"waited {waited:.1f} ms in the gate before it was sent", _short(ev)]))
+                    elif last_done is not None and 0 <= f.t - last_done < 0.25:
                         bars.append(Bar("gate", "gate", last_done, f.t, "after done",
                                         [f"sent {1000 * (f.t - last_done):.0f} ms after the previous "
                                          "response.done", _short(ev)]))

@@ -83,6 +83,7 @@ class Writer:
         on_sent: Callable[[Outbound], None] | None = None,
         on_unsent: Callable[[Outbound, BaseException], None] | None = None,
         on_evict: Callable[[], None] | None = None,
+        send_gated: Callable[[str, float], None] | None = None,
         skip: Callable[[dict[str, Any]], bool] | None = None,
         slice_s: float = 0.05,
         max_audio_chunks: int = 250,
@@ -93,6 +94,8 @@ class Writer:
         self._on_send_error = on_send_error
         self._on_sent = on_sent
         self._on_unsent = on_unsent
+        # A gated create goes through this, with the seconds it waited (to record it); default: send.
+        self._send_gated = send_gated
         self._prime: deque[str] = deque()  # replay for a new socket: goes out while paused
         self._on_evict = on_evict
         self._skip = skip  # skip(event) True: a non-create event became moot while queued; drop it
@@ -279,19 +282,18 @@ class Writer:
             # The replay for a new socket goes first, paused or not (resume() may come before it is out).
             primed = self._prime[0] if self._prime and self._stopping is None else None
             send = self._send
-        if primed is not None:
-            return self._step_prime(send, primed)
-        with self._cond:
-            if self._paused and self._stopping is None:
-                return True  # paused again meanwhile: park on the next step
-            idle = self._stopping is None and not self._audio and not self._control
-            if not idle:
+            if primed is None and self._paused and self._stopping is None:
+                return True  # paused: park on the next step
+            idle = primed is None and self._stopping is None and not self._audio and not self._control
+            if primed is None and not idle:
                 self._parked.clear()
                 if self._stopping is not None:
                     return False
                 audio = list(self._audio)
                 self._audio.clear()
                 head = self._control[0] if self._control else None
+        if primed is not None:
+            return self._step_prime(send, primed)
         if idle:
             # Nothing to send for a while: a response that never ends must not
             # hold the gate forever (nor a wait() on it), even with no create queued.
@@ -342,7 +344,10 @@ class Writer:
         try:
             for pre in head.prelude:  # a turn's user item: right before its create, inside the gate
                 self._send(json.dumps(pre))
-            self._send(text)
+            if self._send_gated is not None:
+                self._send_gated(text, waited)
+            else:
+                self._send(text)
         except ConnectionLost as exc:
             self._gate.abandon(head.event_id)
             self._requeue_after_failure(head, exc)

@@ -299,3 +299,38 @@ def test_four_agent_triage_with_app_handoffs_and_barge_ins_resolves_every_call_u
     # an agent without it: only then is a call "unknown", judged by the agent of the calling response.
     unknown = [e for e in results if e.type == "tool.error" and "unknown tool" in str(e.get("error"))]
     assert all(e["agent"] != owner[e["name"]] for e in unknown)
+
+
+def test_a_proxy_that_strips_response_metadata_does_not_leave_creates_hanging():
+    """No metadata echo at all: each create is matched as the one pending; answers resolve their handles."""
+    mock = MockTransport()
+    with Session.connect(transport=mock, reconnect=False) as session:
+        for n in range(3):
+            handle = session.create_response(instructions=f"answer {n}")
+            sent = mock.wait_sent(lambda e, n=n: e["type"] == "response.create"
+                                  and e["response"].get("instructions") == f"answer {n}")
+            assert METADATA_KEY in sent["response"]["metadata"]  # tagged, but the proxy drops it
+            rid = f"resp_{n}"
+            mock.push(type="response.created", response={"id": rid, "conversation_id": "c", "metadata": None})
+            mock.push(type="response.done", response={"id": rid, "status": "completed", "metadata": None,
+                                                      "output": []})
+            assert handle.wait(UNIT).id == rid and handle.response_id == rid
+        assert session.gate.depth() == 0
+
+
+def test_client_recording_notes_each_creates_gate_wait_and_the_timeline_draws_it(tmp_path: Any):
+    """record=...: a create that waited in the gate carries note.gate_wait_ms; the timeline shows that wait."""
+    from rtqueue.recording import read_recording
+    from rtqueue.timeline import build_bars
+
+    path = tmp_path / "call.jsonl"
+    with rtqueue.Simulator(speed=10, seed=2) as sim, Session.connect(url=sim.url, record=path,
+                                                                     name="rec") as session:
+        first = session.create_response(instructions="[len: 30]")
+        second = session.create_response(instructions="[say: after]")  # waits for the first
+        assert second.wait(UNIT).text == "after" and first.done()
+    rec = read_recording(path)
+    creates = [f for f in rec.frames if f.type == "response.create"]
+    assert len(creates) == 2 and creates[1].note is not None and creates[1].note["gate_wait_ms"] > 50
+    gates = [b for b in build_bars(rec) if b.kind == "gate" and b.label == "waited in the gate"]
+    assert gates and abs((gates[-1].end - gates[-1].start) * 1000 - creates[1].note["gate_wait_ms"]) < 1

@@ -188,6 +188,13 @@ class Simulator:
             :meth:`server_events` (turn off for soak runs).
         close_timeout: seconds to wait for a client's closing handshake.
         session_max_duration_s: when ``session_expired`` is sent (60 min).
+        transcription_failures: input audio transcription of audio the
+            synthesizer did not register fails (``...transcription.failed``)
+            instead of completing with an empty transcript.
+        vad_create_delay_s: server VAD announces its response this long after
+            the speech stopped; speech starting again within it cancels the
+            response before its ``response.created`` (the real service's
+            ``response.done`` without ``response.created``).
         replay: a recording (path or :class:`~rtqueue.recording.Recording`)
             whose server side is served instead of the scripted model (see
             :mod:`rtqueue.sim.replay`); differences are listed in
@@ -220,6 +227,8 @@ class Simulator:
         close_timeout: float = 2.0,
         session_max_duration_s: float = 3600.0,
         replay: str | os.PathLike[str] | Recording | None = None,
+        transcription_failures: bool = False,
+        vad_create_delay_s: float = 0.0,
     ) -> None:
         if not isinstance(host, str) or not host:
             raise InvalidArgument(f"Simulator host must be a non-empty str, got {type(host).__name__} {host!r}")
@@ -258,6 +267,10 @@ class Simulator:
         self._wps = check_number("Simulator words_per_second", words_per_second, above=True)
         self._first_output_ms = check_number("Simulator first_output_ms", first_output_ms)
         self._min_response_ms = check_number("Simulator min_response_ms", min_response_ms)
+        if not isinstance(transcription_failures, bool):
+            raise InvalidArgument(f"Simulator transcription_failures must be a bool, got {transcription_failures!r}")
+        self._transcription_failures = transcription_failures
+        self._vad_create_delay_s = check_number("Simulator vad_create_delay_s", vad_create_delay_s)
         if max_sessions is not None:
             check_int("Simulator max_sessions", max_sessions, or_none=True)
         self._max_sessions = max_sessions
@@ -682,6 +695,8 @@ class Simulator:
             epoch=time.time(),
             first_output_ms=self._first_output_ms,
             min_response_ms=self._min_response_ms,
+            transcription_failures=self._transcription_failures,
+            vad_create_delay_s=self._vad_create_delay_s,
         )
         if self._replay is not None:  # serve a recording instead of the scripted model
             core = ReplaySession(self._replay, now=now, index=index, speed=self._speed,
