@@ -436,8 +436,8 @@ class SessionShell:
             candidate = self._candidate
             if candidate is not None and candidate[0] == rid:
                 self._candidate = None
-                pending = {e.event_id for e in self.gate.entries() if e.state == "pending"}
-                if eid is None and candidate[1] in pending:
+                waiting = {e.event_id for e in self.gate.entries() if e.state == "pending"}
+                if eid is None and candidate[1] in waiting:
                     # Done, and our create got no conflict error meanwhile: it was ours, unechoed.
                     matched = eid = candidate[1]
                     self.gate.abandon(candidate[1])
