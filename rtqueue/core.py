@@ -48,7 +48,6 @@ from . import protocol
 from .agents import Agent, AgentGraph
 from .errors import (
     ConnectionLost,
-    InvalidArgument,
     ResponseError,
     ResponseRejected,
     RtqueueError,
@@ -1147,11 +1146,3 @@ def _reraisable(err: BaseException) -> BaseException:
     if isinstance(err, RtqueueError):
         return _copy(err)
     return ConnectionLost(str(err))
-
-
-def check_json(value: Any, what: str) -> None:
-    """Raise :class:`InvalidArgument` unless ``value`` is standard JSON (no NaN, no unknown objects)."""
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"{what} is not JSON-serializable: {exc}") from None

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from .errors import InvalidArgument, ResponseTimeout, RtqueueError, SessionClosed
+from .errors import InvalidArgument, ResponseTimeout, RtqueueError
 from .values import Response
 
 __all__ = ["ResponseHandle", "SendHandle", "Waiter", "check_timeout"]
@@ -327,8 +327,3 @@ class ResponseHandle(SendHandle):
 
 def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def closed_error() -> SessionClosed:
-    """The error every call after ``close()`` raises."""
-    return SessionClosed("the session is closed")

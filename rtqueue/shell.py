@@ -491,24 +491,18 @@ class SessionShell:
 
     # -- writer hooks ------------------------------------------------------------------------------
 
-    def _send_text(self, text: str) -> None:
+    def _send_text(self, text: str, note: dict[str, Any] | None = None) -> None:
         transport = self._transport
         if transport is None:
             raise ConnectionLost("not connected")
         transport.send(text)
         recorder = self.recorder
         if recorder is not None:
-            recorder.write("client", json.loads(text))
+            recorder.write("client", json.loads(text), note=note)
 
     def _send_create(self, text: str, waited_s: float) -> None:
         """A gated create: sent like any event; a recording also notes how long it waited in the gate."""
-        transport = self._transport
-        if transport is None:
-            raise ConnectionLost("not connected")
-        transport.send(text)
-        recorder = self.recorder
-        if recorder is not None:
-            recorder.write("client", json.loads(text), note={"gate_wait_ms": round(waited_s * 1000.0, 3)})
+        self._send_text(text, {"gate_wait_ms": round(waited_s * 1000.0, 3)} if self.recorder is not None else None)
 
     def _record_in(self, frame: str | bytes) -> None:
         assert self.recorder is not None
