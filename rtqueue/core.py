@@ -85,6 +85,8 @@ RECENT_RESPONSES = 16
 RECENT_DONE_IDS = 256
 #: Call ids handled once, ever (a replayed or duplicated call is not run twice).
 HANDLED_CALLS = 10_000
+#: Function-call outputs remembered for re-seeding after a reconnect.
+RECENT_OUTPUTS = 256
 #: Bytes of streamed text kept per response.
 MAX_TEXT = 1_000_000
 
@@ -322,6 +324,7 @@ class ConversationCore:
         self._recent: OrderedDict[str, Response] = OrderedDict()
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._handled: OrderedDict[str, None] = OrderedDict()
+        self._outputs: OrderedDict[str, tuple[str, str]] = OrderedDict()  # call id -> (event id, output)
         self._updates: deque[_PendingUpdate] = deque()
         self._jobs: dict[str, tuple[ToolJob, Any, int, str]] = {}  # response id -> job, handle, turn, status
         self.session_config: dict[str, Any] = {}
@@ -384,7 +387,7 @@ class ConversationCore:
         return item_id in self.history
 
     def pending_call(self, call_id: str) -> bool:
-        """Whether this call's output is still on its way (handled, tools running or output queued)."""
+        """Whether this call was taken on (handled once: its tools ran or run, its output was or will be sent)."""
         return call_id in self._handled
 
     def tools_idle(self) -> bool:
@@ -927,7 +930,12 @@ class ConversationCore:
         return graph.handoff_target(name, agent)
 
     def _output(self, call_id: str, output: str) -> Send:
-        return Send({"type": "conversation.item.create", "event_id": new_event_id(),
+        eid = new_event_id()
+        # Kept until a reconnect needs it: sent on a socket that died before echoing it, it is re-seeded.
+        self._outputs[call_id] = (eid, output)
+        while len(self._outputs) > RECENT_OUTPUTS:
+            self._outputs.popitem(last=False)
+        return Send({"type": "conversation.item.create", "event_id": eid,
                      "item": {"type": "function_call_output", "call_id": call_id, "output": output}})
 
     def _switch(self, target: Agent, config: dict[str, Any], **info: Any) -> list[Action]:
@@ -1018,7 +1026,24 @@ class ConversationCore:
         seeds: list[dict[str, Any]] = []
         dropped: dict[str, int] = {}
         if reseed:
-            plan, counts = reseed_plan(self.history.items(), pending_calls=self.pending_call, limit=limit)
+            items = self.history.items()
+            echoed = {i.get("call_id") for i in items if i.get("type") == "function_call_output"}
+            running = {c.call_id for job, _h, _t, _s in self._jobs.values() for c in job.calls}
+            with_outputs: list[dict[str, Any]] = []
+            for item in items:
+                with_outputs.append(item)
+                cid = item.get("call_id")
+                unanswered = item.get("type") == "function_call" and isinstance(cid, str) and cid not in echoed
+                sent = self._outputs.get(cid) if unanswered and isinstance(cid, str) else None
+                if sent is not None and sent[0] not in still:
+                    # Sent on the old socket, never echoed: carry it, or the call would dangle.
+                    with_outputs.append({"type": "function_call_output", "call_id": cid, "output": sent[1]})
+
+            def pending(cid: str) -> bool:  # its output is still to come: tools running, or output queued
+                queued_output = self._outputs.get(cid)
+                return cid in running or (queued_output is not None and queued_output[0] in still)
+
+            plan, counts = reseed_plan(with_outputs, pending_calls=pending, limit=limit)
             seeds, dropped = plan, dict(counts)
         return {"type": "session.update", "event_id": eid, "session": config}, seeds, dropped
 

@@ -665,3 +665,24 @@ def test_tool_chain_holds_the_gate_until_its_follow_up():
     gate.on_created("resp_2", follow.event["event_id"], in_band=True)
     gate.on_done("resp_2", follow.event["event_id"])
     assert gate.acquire("evt_other", 0)
+
+
+def test_reconnect_reseeds_a_sent_but_unechoed_output_and_carries_calls_still_running():
+    """Re-seed: an output sent on the dead socket but never echoed goes with its call; a running call is carried."""
+    core = make_core()
+    core.receive(created("resp_1", None))
+    for cid in ("call_sent", "call_queued", "call_running"):
+        core.receive({"type": "conversation.item.added", "item": {
+            "id": f"item_{cid}", "type": "function_call", "call_id": cid, "name": "lookup", "arguments": "{}"}})
+    core.receive(done("resp_1", calls=[("call_sent", "lookup"), ("call_queued", "lookup")]))
+    actions = core.tool_results("resp_1", {"call_sent": '{"a": 1}', "call_queued": '{"b": 2}'}, now=1.0)
+    queued_eid = next(e["event_id"] for e in sends(actions) if e.get("item", {}).get("call_id") == "call_queued")
+    core.receive(created("resp_2", None))
+    core.receive(done("resp_2", calls=[("call_running", "lookup")]))  # its tools are still running
+    _update, seeds, dropped = core.reconnect_plan(reseed=True, limit=None, queued={queued_eid})
+    kinds = [(s["type"], s.get("call_id")) for s in seeds]
+    assert ("function_call_output", "call_sent") in kinds  # re-created from what we sent
+    assert kinds.index(("function_call", "call_sent")) < kinds.index(("function_call_output", "call_sent"))
+    assert ("function_call", "call_queued") in kinds and ("function_call_output", "call_queued") not in kinds
+    assert ("function_call", "call_running") in kinds
+    assert dropped.get("dangling_call", 0) == 0
