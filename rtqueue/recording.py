@@ -359,6 +359,7 @@ def replay_core(recording: Recording, *, session: int | None = None) -> CoreRepl
     from .core import ConversationCore, Fail, Publish
     from .gate import ResponseGate
     from .protocol import METADATA_KEY
+    from .routing import GateRouter
 
     streaming = {"response.output_audio.delta", "response.output_text.delta", "response.output_audio_transcript.delta"}
     frames = [f for f in recording.frames if f.event is not None]
@@ -367,6 +368,7 @@ def replay_core(recording: Recording, *, session: int | None = None) -> CoreRepl
         frames = [f for f in frames if f.session == chosen]
     core = ConversationCore(handle_factory=lambda event, in_band: None)
     gate = ResponseGate()
+    router = GateRouter(gate, holds=False)  # the recorded follow-ups are creates of their own here
     counts: dict[str, int] = {}
     published: list[str] = []
     verdicts: list[tuple[str | None, str | None, str | None]] = []
@@ -402,32 +404,14 @@ def replay_core(recording: Recording, *, session: int | None = None) -> CoreRepl
         if kind in streaming:
             core.stream(event)
             continue
-        verdict = matched = None
-        if kind in ("response.created", "response.done"):
-            resp = event.get("response") or {}
-            rid = str(resp.get("id"))
-            tag = (resp.get("metadata") or {}).get(METADATA_KEY)
-            eid = tag if isinstance(tag, str) else None
-            if kind == "response.created":
-                in_band = (resp.get("conversation_id") is not None) if "conversation_id" in resp else None
-                if eid is None and in_band is not False:
-                    matched = gate.untagged_pending()
-                gate.on_created(rid, eid or matched, in_band=in_band)
-            else:
-                core.note_finished(rid)
-                core.will_follow_up(event)
-                gate.on_done(rid, eid)
-                apply(core.receive(event))
-                finished = core.recent(rid)
-                if finished is not None:
-                    responses.append(finished)
-                continue
-        elif kind == "error":
-            err = event.get("error") or {}
-            code, err_eid = err.get("code"), err.get("event_id")
-            got = gate.on_error(err_eid, code)
-            verdict = str(got.value) if got is not None else None
-            verdicts.append((code, err_eid, verdict))
-        apply(core.receive(event, verdict=verdict, matched=matched))
+        routed = router.route(event, core)
+        if routed.error is not None:
+            verdicts.append((routed.error.code, routed.error.event_id, routed.verdict))
+        apply(core.receive(event, verdict=routed.verdict, matched=routed.matched))
+        if kind == "response.done":
+            rid = str((event.get("response") or {}).get("id"))
+            finished = core.recent(rid)
+            if finished is not None:
+                responses.append(finished)
     return CoreReplay(responses=tuple(responses), actions=counts, published=tuple(published),
                       verdicts=tuple(verdicts), failures=tuple(failures))

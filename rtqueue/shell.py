@@ -84,10 +84,11 @@ from .errors import (
     ServerError,
     SessionClosed,
 )
-from .gate import ResponseGate, Verdict
+from .gate import ResponseGate
 from .handles import ResponseHandle, SendHandle, Waiter
 from .history import History
 from .reconnect import AUTH_CLOSE_CODES, REQUEST_CLOSE_CODES, Reconnector, fatal_loss
+from .routing import GateRouter
 from .secrets import Secret, redact
 from .telemetry import Telemetry
 from .transport import Transport
@@ -108,8 +109,6 @@ _ids = itertools.count(1)
 
 _RECENT_ERRORS = 256  # error replies by client event id (reconnect's update waiter)
 HISTORY_ITEMS = 500  # conversation items kept for items and re-seeding (max_reseed_items)
-
-_VERDICTS = {Verdict.RETRY: "retry", Verdict.REJECT: "reject"}
 
 #: Streaming events: they only add to a response's text or audio (no gate, no actions).
 _STREAMING = frozenset({"response.output_audio.delta", "response.output_text.delta",
@@ -181,10 +180,7 @@ class SessionShell:
         self._fatal_error: ServerError | None = None
         self._last_error: ServerError | None = None  # a refusing close (3000/4000) carries its text
         self._started = False
-        self._echo_seen = False  # a response.created carried our metadata tag back
-        # An untagged response.created while our create is pending, before any echo was seen:
-        # (response id, our create's event id); settled at that response's done (see route).
-        self._candidate: tuple[str, str] | None = None
+        self._router = GateRouter(self.gate)  # the gate's side of each server event (rtqueue.routing)
         self.recorder: Recorder | None = None  # every frame both ways, when recording
         self.own_recorder = False  # close it with the session (it was made from a path)
 
@@ -414,47 +410,15 @@ class SessionShell:
             self.publish(Event(typ, event))
 
     def _route_control(self, typ: str, event: dict[str, Any]) -> None:
-        verdict = matched = None
-        if typ == "response.created":
-            resp, rid, eid = response_ids(event)
-            in_band = (resp["conversation_id"] is not None) if "conversation_id" in resp else None
-            if eid is not None:
-                self._echo_seen = True
-                self._candidate = None
-            elif in_band is not False:
-                # No tag: the answer to our create that carries none (the app used all 16 pairs).
-                matched = self.gate.untagged_pending()
-                if matched is None and not self._echo_seen:
-                    # Or, if the server never echoed our tag yet (a proxy may strip response.metadata),
-                    # perhaps the answer to our pending create: decided at its done, unless that create
-                    # earns a conflict error first (then this was a server-VAD response).
-                    pending = self.gate.untagged_pending(any_pending=True)
-                    self._candidate = (rid, pending) if pending is not None else None
-            self.gate.on_created(rid, eid or matched, in_band=in_band)
-        elif typ == "response.done":
-            _resp, rid, eid = response_ids(event)
-            candidate = self._candidate
-            if candidate is not None and candidate[0] == rid:
-                self._candidate = None
-                waiting = {e.event_id for e in self.gate.entries() if e.state == "pending"}
-                if eid is None and candidate[1] in waiting:
-                    # Done, and our create got no conflict error meanwhile: it was ours, unechoed.
-                    matched = eid = candidate[1]
-                    self.gate.abandon(candidate[1])
-            with self._mutex:  # before the gate wakes the writer: a cancel queued for rid is now moot
-                self.core.note_finished(rid)
-                hold = self.core.will_follow_up(event)  # its tool chain keeps the slot for its follow-up
-            if self.gate.on_done(rid, eid, hold=hold):
-                # Hand the GIL to a writer woken by this release: without it, the
-                # writer waits for the rest of this handler and the next frames (up
-                # to the 5 ms switch interval) before its create can go out.
-                time.sleep(0)
-        elif typ == "error":
-            err = ServerError.from_event(event)
-            if self._candidate is not None and err.event_id == self._candidate[1]:
-                self._candidate = None  # our create was refused: the candidate was the server's own
-            verdict = _VERDICTS.get(self.gate.on_error(err.event_id, err.code))  # type: ignore[arg-type]
-            self._note_error(err)
+        routed = self._router.route(event, self.core, self._mutex)
+        if routed.released:
+            # Hand the GIL to a writer woken by this release: without it, the
+            # writer waits for the rest of this handler and the next frames (up
+            # to the 5 ms switch interval) before its create can go out.
+            time.sleep(0)
+        if routed.error is not None:
+            self._note_error(routed.error)
+        verdict, matched = routed.verdict, routed.matched
         self.run(lambda core: core.receive(event, verdict=verdict, matched=matched))
         if self.telemetry.enabled and typ in ("response.created", "response.done"):
             self._trace_response(typ, event)

@@ -36,9 +36,10 @@ from rtqueue.core import (
     Started,
 )
 from rtqueue.errors import ConnectionLost, ResponseRejected, SessionClosed
-from rtqueue.gate import ResponseGate, Verdict
+from rtqueue.gate import ResponseGate
 from rtqueue.handles import ResponseHandle
 from rtqueue.protocol import METADATA_KEY
+from rtqueue.routing import GateRouter
 
 # -- fixtures --------------------------------------------------------------------------------
 
@@ -365,6 +366,7 @@ class World:
         self.core = ConversationCore(handle_factory=lambda ev, in_band: self.track(handle()))
         self.core.start_agents(GRAPH, ALPHA)
         self.gate = ResponseGate(max_retries=3, clock=lambda: self.t)
+        self.router = GateRouter(self.gate)  # the reader's gate step, as the shell runs it
         self.lane: deque[Send] = deque()
         self.handles: list[ResponseHandle] = []
         self.settled: Counter[int] = Counter()
@@ -477,24 +479,8 @@ class World:
 
     def receive(self, event: dict[str, Any]) -> None:
         """The shell's route(): the gate first, then the core."""
-        verdict = matched = None
-        typ = event["type"]
-        if typ == "response.created":
-            resp = event["response"]
-            eid = (resp.get("metadata") or {}).get(METADATA_KEY)
-            in_band = resp["conversation_id"] is not None
-            if eid is None and in_band:
-                matched = self.gate.untagged_pending()
-            self.gate.on_created(resp["id"], eid or matched, in_band=in_band)
-        elif typ == "response.done":
-            resp = event["response"]
-            self.core.note_finished(resp["id"])
-            hold = self.core.will_follow_up(event)
-            self.gate.on_done(resp["id"], (resp.get("metadata") or {}).get(METADATA_KEY), hold=hold)
-        elif typ == "error":
-            v = self.gate.on_error(event["error"]["event_id"], event["error"]["code"])
-            verdict = {Verdict.RETRY: "retry", Verdict.REJECT: "reject"}.get(v)  # type: ignore[arg-type]
-        self.apply(self.core.receive(event, verdict=verdict, matched=matched))
+        routed = self.router.route(event, self.core)
+        self.apply(self.core.receive(event, verdict=routed.verdict, matched=routed.matched))
 
     def start(self) -> None:
         if self.server_queue:
