@@ -459,10 +459,12 @@ class SessionShell:
         transport = self._transport
         if transport is None:
             raise ConnectionLost("not connected")
-        transport.send(text)
         recorder = self.recorder
         if recorder is not None:
+            # Recorded before it goes: once sent, the reader may record the server's answer first,
+            # and a replay ties each server frame to the client frame before it.
             recorder.write("client", json.loads(text), note=note)
+        transport.send(text)
 
     def _send_create(self, text: str, waited_s: float) -> None:
         """A gated create: sent like any event; a recording also notes how long it waited in the gate."""
