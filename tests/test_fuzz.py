@@ -147,6 +147,15 @@ def _offline_shell(*, agents_and_audio: bool = False) -> SessionShell:
     return shell
 
 
+def _route_all(shell: SessionShell, events: list[dict[str, Any]]) -> None:
+    """Route every event; a ProtocolError (an event without a usable response id) is allowed, nothing else."""
+    for event in events:
+        try:
+            shell.route(event)
+        except ProtocolError:
+            pass
+
+
 @tool
 def lookup_order(order_id: str) -> dict:
     """Look up an order by its id."""
@@ -203,11 +212,7 @@ def test_route_arbitrary_events_never_raises(events: list[dict[str, Any]]):
     """Routing any sequence of odd events raises at most ProtocolError and keeps the tables consistent."""
     shell = _offline_shell()
     try:
-        for event in events:
-            try:
-                shell.route(event)
-            except ProtocolError:
-                pass
+        _route_all(shell, events)
         # The state stays usable: well-formed events still work afterwards.
         shell.route({"type": "response.created", "response": {"id": "resp_ok", "metadata": {}}})
         assert "resp_ok" in {e.response_id for e in shell.gate.entries()}
@@ -226,11 +231,7 @@ def test_route_with_pending_create_resolves_or_keeps_handle(events: list[dict[st
         handle = shell.new_response_handle()
         shell.run(lambda core: core.create_response({}, handle, now=0.0))  # queued in the (not running) writer
         assert shell.gate.acquire(handle.event_id or "", 0)
-        for event in events:
-            try:
-                shell.route(event)
-            except ProtocolError:
-                pass
+        _route_all(shell, events)
         if handle.done():
             assert handle.result() is not None or isinstance(handle.error, rtqueue.RtqueueError)
     finally:
@@ -243,11 +244,7 @@ def test_route_with_agents_and_audio_never_raises(events: list[dict[str, Any]]):
     """The same with tool calls, handoffs and audio in play: the reader's part never raises."""
     shell = _offline_shell(agents_and_audio=True)
     try:
-        for event in events:
-            try:
-                shell.route(event)
-            except ProtocolError:
-                pass
+        _route_all(shell, events)
     finally:
         shell.close(UNIT)
 
