@@ -1,12 +1,15 @@
 """Audio for rtqueue: speakers that know what they played, microphones, WAV and null devices.
 
-The session exchanges 24 kHz PCM16 little-endian mono with these objects.
+Devices exchange 24 kHz PCM16 little-endian mono unless they declare another
+:class:`AudioFormat` (``format`` attribute); the session transcodes between a
+device's format and the session's negotiated one (:mod:`rtqueue.audio.formats`).
 Importing this package never loads PortAudio; only :class:`Speaker`,
 :class:`Microphone` and :meth:`AudioIO.default` do, raising
 :class:`~rtqueue.errors.AudioUnavailable` when it is missing.
 """
 
 from .devices import AudioIO
+from .formats import PCM16, PCMA, PCMU, AudioFormat, Transcoder, convert, format_of
 from .input import AudioInput, Microphone, NullMicrophone, PcmMicrophone, WavMicrophone
 from .output import AudioOutput, NullSpeaker, PlaybackCut, Speaker, WavSpeaker
 from .pcm import (
@@ -22,7 +25,11 @@ from .pcm import (
 
 __all__ = [
     "BYTES_PER_MS",
+    "PCM16",
+    "PCMA",
+    "PCMU",
     "SAMPLE_RATE",
+    "AudioFormat",
     "AudioIO",
     "AudioInput",
     "AudioOutput",
@@ -33,9 +40,12 @@ __all__ = [
     "PlaybackCut",
     "Speaker",
     "StreamResampler",
+    "Transcoder",
     "WavMicrophone",
     "WavSpeaker",
+    "convert",
     "float_to_pcm16",
+    "format_of",
     "pcm16_to_float",
     "read_wav_24k_mono",
     "resample",
