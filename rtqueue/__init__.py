@@ -18,6 +18,7 @@ import logging as _logging
 from .agents import Agent, Handoff, handoff
 from .audio_session import Interruption
 from .errors import (
+    AudioFormatError,
     AudioUnavailable,
     AuthenticationError,
     ConnectError,
@@ -33,6 +34,7 @@ from .errors import (
     SessionClosed,
     ToolError,
 )
+from .formats import PCM16, PCMA, PCMU, AudioFormat
 from .gate import GateStats, ResponseGate
 from .handles import ResponseHandle, SendHandle
 from .reconnect import ReconnectPolicy
@@ -47,7 +49,12 @@ __version__ = "0.1.0"
 _logging.getLogger("rtqueue").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "PCM16",
+    "PCMA",
+    "PCMU",
     "Agent",
+    "AudioFormat",
+    "AudioFormatError",
     "AudioUnavailable",
     "AuthenticationError",
     "ConnectError",

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 
 from .errors import InvalidArgument, RtqueueError
+from .formats import AudioFormat, Transcoder
 from .handles import SendHandle
 from .values import Event, Response
 
@@ -77,7 +78,13 @@ class AudioHost(Protocol):
     """What :class:`AudioLink` needs from its session (the session's shell implements it)."""
 
     def append_audio(self, pcm: bytes) -> bool:
-        """Queue microphone audio on the writer's audio lane."""
+        """Queue microphone audio (in the session's input format) on the writer's audio lane."""
+
+    def input_format(self) -> AudioFormat:
+        """The session's negotiated input audio format."""
+
+    def output_format(self) -> AudioFormat:
+        """The session's negotiated output audio format."""
 
     def generation(self) -> int:
         """A number that changes each time the session adopts a new socket."""
@@ -115,6 +122,10 @@ class AudioLink:
         self.interruptions = 0
         self.bad_audio = 0
         self.dropped_after_cancel_ms = 0.0  # audio of cancelled responses that arrived late
+        # Session format -> device format, per direction; rebuilt when either side changes.
+        self._to_device: Transcoder | None = None
+        self._from_device: Transcoder | None = None
+        self._in_lock = threading.Lock()  # the input's audio thread vs a format change
 
     @staticmethod
     def device(audio: Any) -> AudioIO:
@@ -134,7 +145,22 @@ class AudioLink:
         if self.io.output is not None:
             self.io.output.start()
         if self.io.input is not None:
-            self.io.input.start(self._host.append_audio)
+            self.io.input.start(self._on_mic)
+
+    def _on_mic(self, chunk: bytes) -> None:
+        """A device chunk (audio-in thread): transcoded to the session's input format, then queued."""
+        assert self.io.input is not None
+        src, dst = self.io.input.format, self._host.input_format()
+        if src == dst:
+            self._host.append_audio(chunk)
+            return
+        with self._in_lock:
+            tc = self._from_device
+            if tc is None or tc.src != src or tc.dst != dst:
+                tc = self._from_device = Transcoder(src, dst)
+            data = tc.convert(chunk)
+        if data:
+            self._host.append_audio(data)
 
     def close(self) -> None:
         """Close the devices (ends their threads); raises what a device's ``close`` raised."""
@@ -165,6 +191,12 @@ class AudioLink:
         elif typ == "response.output_audio.done":
             item_id = event.get("item_id")
             if out is not None and isinstance(item_id, str):
+                with self._lock:
+                    tc = self._to_device
+                    tail = tc.flush() if tc is not None and not tc.identity else b""
+                    if tail:
+                        out.play(item_id, tail)
+                    self._to_device = None  # a fresh resampler for the next item
                 out.end_item(item_id)
         elif typ == "response.done":
             resp = event.get("response")
@@ -187,11 +219,22 @@ class AudioLink:
         except (binascii.Error, ValueError):
             self.bad_audio += 1
             return
+        fmt = self._host.output_format()
         with self._lock:
             if isinstance(rid, str) and rid in self._cancelled:
                 # Sent before the server saw our cancel: never play it.
-                self.dropped_after_cancel_ms += len(pcm) / 48.0
+                self.dropped_after_cancel_ms += fmt.ms(len(pcm))
                 return
+            device = self.io.output.format
+            if device != fmt:
+                tc = self._to_device
+                if tc is None or tc.src != fmt or tc.dst != device:
+                    tc = self._to_device = Transcoder(fmt, device)
+                try:
+                    pcm = tc.convert(pcm)
+                except InvalidArgument:
+                    self.bad_audio += 1  # a partial sample: not audio in the negotiated format
+                    return
             if item_id not in self._item_gen:
                 self._item_gen[item_id] = self._host.generation()
                 while len(self._item_gen) > _MAX_TRACKED:
@@ -215,6 +258,7 @@ class AudioLink:
         host = self._host
         out = self.io.output
         with self._lock:
+            self._to_device = None  # whatever the resampler held was never played: drop it
             cut: PlaybackCut | None = out.interrupt() if out is not None else None
             truncatable = cut is not None and self._item_gen.get(cut.item_id, host.generation()) == host.generation()
             rid, send_cancel, ending, truncated, handles = host.barge_in(

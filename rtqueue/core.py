@@ -48,12 +48,14 @@ from . import protocol
 from .agents import Agent, AgentGraph
 from .errors import (
     ConnectionLost,
+    InvalidArgument,
     ResponseError,
     ResponseRejected,
     RtqueueError,
     ServerError,
     SessionClosed,
 )
+from .formats import PCM16, AudioFormat, format_of
 from .history import History, reseed_plan
 from .protocol import METADATA_KEY, new_event_id
 from .values import Response
@@ -275,7 +277,7 @@ class ResponseRecord:
     request: Request | None = None
     parts: list[str] = attrs.field(factory=list)
     size: int = 0
-    audio_bytes: int = 0
+    audio_ms: float = 0.0  # in the output format current when each delta came
     waiters: list[Any] = attrs.field(factory=list)
     cancel_sent: bool = False
 
@@ -329,6 +331,9 @@ class ConversationCore:
         self._jobs: dict[str, tuple[ToolJob, Any, int, str]] = {}  # response id -> job, handle, turn, status
         self.session_config: dict[str, Any] = {}
         self.desired: dict[str, Any] = {"type": "realtime"}
+        # The negotiated audio formats: what the server last reported (the desired ones until then).
+        self.input_format: AudioFormat = PCM16
+        self.output_format: AudioFormat = PCM16
         self.config_version = 0
         self.turn_seq = 0
         self.produced_audio = False
@@ -666,12 +671,13 @@ class ConversationCore:
         rid = event.get("response_id")
         rec = self._responses.get(rid) if isinstance(rid, str) else None
         if rec is not None:
-            rec.audio_bytes += b64_len(delta)
+            rec.audio_ms += b64_len(delta) / self.output_format.bytes_per_ms
 
     def _on_session(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
         session = event.get("session")
         if isinstance(session, dict):
             self.session_config = session
+            self._note_formats(session)
         self.config_version += 1
         if event["type"] != "session.updated" or not self._updates:
             return _EMPTY
@@ -724,7 +730,7 @@ class ConversationCore:
         response = Response.from_done(
             event,
             streamed_text="".join(rec.parts) if rec else "",
-            audio_ms=(rec.audio_bytes / 48.0) if rec else 0.0,
+            audio_ms=rec.audio_ms if rec else 0.0,
             agent=agent,
         )
         self._recent[rid] = response
@@ -938,9 +944,46 @@ class ConversationCore:
         return Send({"type": "conversation.item.create", "event_id": eid,
                      "item": {"type": "function_call_output", "call_id": call_id, "output": output}})
 
+    def _note_formats(self, session: Mapping[str, Any]) -> None:
+        """Adopt the audio formats a session object names (fields it leaves out keep their value)."""
+        audio = session.get("audio")
+        if not isinstance(audio, Mapping):
+            return
+        for direction in ("input", "output"):
+            part = audio.get(direction)
+            fmt = part.get("format") if isinstance(part, Mapping) else None
+            if fmt is None:
+                continue
+            try:
+                value = format_of(fmt)
+            except InvalidArgument:
+                continue  # a format we do not know: keep the last one we can count in
+            if direction == "input":
+                self.input_format = value
+            else:
+                self.output_format = value
+
+    def _format_fields(self) -> dict[str, Any]:
+        """The audio formats the app asked for, to repeat in every agent's ``session.update``.
+
+        The server merges a partial update, but a peer SDK lost the G.711 format
+        on handoffs (static on the phone line); naming it costs nothing.
+        """
+        audio = self.desired.get("audio")
+        out: dict[str, Any] = {}
+        if isinstance(audio, Mapping):
+            for direction in ("input", "output"):
+                part = audio.get(direction)
+                if isinstance(part, Mapping) and "format" in part:
+                    out[direction] = {"format": part["format"]}
+        return out
+
     def _switch(self, target: Agent, config: dict[str, Any], **info: Any) -> list[Action]:
         config = dict(config)
         actions: list[Action] = []
+        formats = self._format_fields()
+        if formats:
+            config["audio"] = deep_merge(config.get("audio") or {}, formats)
         voice = self.voice()
         if target.voice and target.voice != voice:
             if self.produced_audio:

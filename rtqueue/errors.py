@@ -7,6 +7,7 @@ own checks::
 
     RtqueueError
     +-- InvalidArgument (also TypeError)      wrong types or values from the app
+    |   +-- AudioFormatError                   audio in a format the session does not use
     +-- ConnectError                           could not open the socket
     |   +-- AuthenticationError                key refused (fatal: never retried)
     +-- SessionClosed                          the app closed the session
@@ -56,6 +57,10 @@ class InvalidArgument(RtqueueError, TypeError):
 
     Also a :class:`TypeError`, so ``except TypeError`` in app code keeps working.
     """
+
+
+class AudioFormatError(InvalidArgument):
+    """Audio in one format was given to a session negotiated for another (e.g. PCM16 into ``audio/pcmu``)."""
 
 
 class ConnectError(RtqueueError):

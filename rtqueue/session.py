@@ -26,7 +26,8 @@ from . import protocol
 from .agents import Agent, resolve_agents, session_config_for
 from .core import deep_merge
 from .dispatch import DEFAULT_STREAM_SIZE, EventStream
-from .errors import ConnectError, InvalidArgument, RtqueueError, SessionClosed
+from .errors import AudioFormatError, ConnectError, InvalidArgument, RtqueueError, SessionClosed
+from .formats import AudioFormat, format_of
 from .gate import ResponseGate
 from .handles import ResponseHandle, SendHandle, check_timeout
 from .protocol import new_event_id
@@ -111,6 +112,7 @@ class Session:
         output_modalities: list[str] | None = None,
         turn_detection: str | Mapping[str, Any] | bool | None = True,
         audio: Any = None,
+        audio_format: Any = None,
         connect_timeout: float = 10.0,
         create_timeout: float = 120.0,
         response_timeout: float = 300.0,
@@ -135,6 +137,12 @@ class Session:
         :class:`~rtqueue.Agent`); ``context`` is handed to agent instructions and
         tools. ``audio=True`` plays and records with the default devices,
         ``"null"`` uses device-less ones, or pass an :class:`~rtqueue.audio.AudioIO`.
+        ``audio_format`` sets the session's audio format both ways
+        (``"pcm16"``, ``"pcmu"``, ``"pcma"``, a GA format dict or an
+        :class:`~rtqueue.formats.AudioFormat`), or per direction as a pair
+        ``(input, output)``; every millisecond figure, the devices (which are
+        transcoded to and from it) and every agent's ``session.update`` follow
+        it.
         ``reconnect`` (``True``, ``False`` or a :class:`~rtqueue.ReconnectPolicy`;
         on by default) survives dropped sockets and ``session_expired``.
 
@@ -181,6 +189,8 @@ class Session:
         start = agent if agent is not None else (extra[0] if extra else None)
         graph = resolve_agents(start, extra) if start is not None else None
         config = _initial_config(instructions, voice, output_modalities, turn_detection, session)
+        if audio_format is not None:
+            config = deep_merge(config, {"audio": _format_config(audio_format)})
         if tracing is not None:
             config["tracing"] = _tracing(tracing)
         secret: Secret | None = None
@@ -528,18 +538,39 @@ class Session:
 
     # -- public API: audio -----------------------------------------------------------
 
-    def append_audio(self, pcm: bytes) -> bool:
-        """Queue 24 kHz PCM16 mono audio for ``input_audio_buffer.append`` (audio lane).
+    def append_audio(self, pcm: bytes, format: Any = None) -> bool:
+        """Queue audio for ``input_audio_buffer.append`` (audio lane), in the session's input format.
 
+        The bytes must be in the negotiated input format (PCM16 24 kHz unless
+        ``audio_format`` said otherwise; see :attr:`input_format`). ``format``
+        states what they are (a name, GA dict or
+        :class:`~rtqueue.formats.AudioFormat`): if it is not the session's, the
+        call fails with :class:`AudioFormatError` rather than send noise.
         Never waits behind a held ``response.create``. Raises
-        :class:`InvalidArgument` for anything but whole 16-bit samples, and
+        :class:`InvalidArgument` for partial samples (an odd PCM16 length), and
         :class:`SessionClosed` once closed.
         """
         if not isinstance(pcm, (bytes, bytearray, memoryview)):
             raise InvalidArgument(f"pcm must be bytes, not {type(pcm).__name__}")
-        if len(pcm) % 2:
-            raise InvalidArgument(f"PCM16 audio is whole 2-byte samples; got {len(pcm)} bytes")
-        return self._open().append_audio(bytes(pcm))
+        shell = self._open()
+        fmt = shell.input_format()
+        if format is not None:
+            stated = format_of(format)
+            if stated != fmt:
+                raise AudioFormatError(f"audio in {stated} appended to a session whose input format is {fmt}; "
+                                       f"convert it (rtqueue.formats.convert) or set audio_format")
+        fmt.check(pcm)
+        return shell.append_audio(bytes(pcm))
+
+    @property
+    def input_format(self) -> AudioFormat:
+        """The negotiated input audio format (as the server last reported it)."""
+        return self._shell.input_format()
+
+    @property
+    def output_format(self) -> AudioFormat:
+        """The negotiated output audio format (as the server last reported it)."""
+        return self._shell.output_format()
 
     def commit(self) -> SendHandle:
         """Commit the input audio buffer (push-to-talk), ``input_audio_buffer.commit``."""
@@ -728,6 +759,17 @@ def _initial_config(
 
 
 _KEEP = object()
+
+
+def _format_config(value: Any) -> dict[str, Any]:
+    """``audio_format=`` as the GA ``audio`` fields: one format both ways, or an ``(input, output)`` pair."""
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise InvalidArgument(f"audio_format as a pair is (input, output), not {value!r}")
+        inp, out = format_of(value[0]), format_of(value[1])
+    else:
+        inp = out = format_of(value)
+    return {"input": {"format": inp.to_config()}, "output": {"format": out.to_config()}}
 
 
 def turn_detection_config(value: str | Mapping[str, Any] | bool | None) -> Any:

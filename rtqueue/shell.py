@@ -84,6 +84,7 @@ from .errors import (
     ServerError,
     SessionClosed,
 )
+from .formats import AudioFormat
 from .gate import ResponseGate
 from .handles import ResponseHandle, SendHandle, Waiter
 from .history import History
@@ -327,12 +328,13 @@ class SessionShell:
         self._generation += 1
         self.dispatcher.start()
         self.writer.start()
-        if self.audio is not None:
-            self.audio.start()
         self._start_reader(self._transport)  # last, as websockets does: the state is ready
         self._await_created(timeout)
         if len(config) > 1:
             self.apply_config(config, timeout)
+        if self.audio is not None:
+            # Only now: the server has our audio format, so the first mic chunk is read in it.
+            self.audio.start()
 
     def _start_reader(self, transport: Transport) -> threading.Thread:
         self._reader = threading.Thread(
@@ -613,6 +615,16 @@ class SessionShell:
         text = json.dumps({"type": "input_audio_buffer.append", "event_id": protocol.new_event_id(),
                            "audio": base64.b64encode(bytes(pcm)).decode("ascii")})
         return self.writer.append_audio(text)
+
+    def input_format(self) -> AudioFormat:
+        """The negotiated input audio format (AudioHost)."""
+        with self._mutex:
+            return self.core.input_format
+
+    def output_format(self) -> AudioFormat:
+        """The negotiated output audio format (AudioHost)."""
+        with self._mutex:
+            return self.core.output_format
 
     def generation(self) -> int:
         """Bumped each time a new socket is adopted."""

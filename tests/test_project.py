@@ -13,7 +13,8 @@ from tests.utils import UNIT
 ROOT = Path(__file__).resolve().parent.parent
 
 PUBLIC = {
-    "Agent", "AudioUnavailable", "AuthenticationError", "ConnectError", "ConnectionLost", "Event", "FaultPlan",
+    "Agent", "AudioFormat", "AudioFormatError", "AudioUnavailable", "AuthenticationError", "PCM16", "PCMA",
+    "PCMU", "ConnectError", "ConnectionLost", "Event", "FaultPlan",
     "GateStats", "GateTimeout", "Handoff", "Interruption", "InvalidArgument", "ProtocolError", "ReconnectPolicy",
     "Response", "ResponseError", "ResponseGate", "ResponseHandle", "ResponseRejected", "ResponseTimeout",
     "RtqueueError", "SendHandle", "ServerError", "Session", "SessionClosed", "Simulator", "Tool", "ToolContext",

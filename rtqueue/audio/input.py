@@ -25,6 +25,7 @@ import attrs
 import numpy as np
 
 from ..errors import AudioUnavailable, InvalidArgument
+from ..formats import PCM16, AudioFormat
 from ._backend import load_sounddevice
 from .pcm import BYTES_PER_MS, SAMPLE_RATE, StreamResampler, float_to_pcm16, read_wav_24k_mono
 
@@ -39,10 +40,11 @@ ChunkCallback = Callable[[bytes], object]
 
 
 class AudioInput(abc.ABC):
-    """A source of 24 kHz PCM16 mono audio for the session.
+    """A source of mono audio for the session, in :attr:`format` (24 kHz PCM16 by default).
 
     Subclasses have a ``muted`` attribute (bool, settable from any thread) and a
-    ``chunk_ms`` attribute.
+    ``chunk_ms`` attribute. The session transcodes ``format`` to its input
+    format (no copy when they are equal, e.g. G.711 from a phone line).
     """
 
     # The slot backs mute()/unmute(); attrs subclasses reuse it for their field.
@@ -50,6 +52,7 @@ class AudioInput(abc.ABC):
 
     muted: bool
     chunk_ms: int
+    format: AudioFormat = PCM16
 
     @abc.abstractmethod
     def start(self, on_chunk: ChunkCallback) -> None:

@@ -34,6 +34,7 @@ import attrs
 import numpy as np
 
 from ..errors import AudioUnavailable, InvalidArgument
+from ..formats import PCM16, AudioFormat
 from ._backend import load_sounddevice
 from .pcm import SAMPLE_RATE, SAMPLES_PER_MS, StreamResampler
 
@@ -63,14 +64,19 @@ class PlaybackCut:
 
 
 class AudioOutput(abc.ABC):
-    """Where the session sends assistant audio (24 kHz PCM16 mono).
+    """Where the session sends assistant audio (in :attr:`format`, 24 kHz PCM16 mono by default).
 
     Contract: ``play`` is non-blocking and thread-safe; ``played_ms`` counts
     what the listener has really heard; ``interrupt`` stops at once and reports
     the cut. All methods but ``start``/``close`` may be called from any thread.
+    ``format`` is the :class:`~rtqueue.formats.AudioFormat` ``play`` takes: the
+    session transcodes its output format to it (bytes pass through untouched
+    when they are equal, e.g. G.711 to a phone line).
     """
 
     __slots__ = ()
+
+    format: AudioFormat = PCM16
 
     @abc.abstractmethod
     def start(self) -> None:
