@@ -20,9 +20,24 @@ same; among several utterances with the same head (texts starting with the
 same word, same voice and seed), the one whose loud-span length is closest
 wins, if it is within 100 ms (or 5 %) of the committed one. The fingerprint
 is computed incrementally as chunks arrive, so it does not depend on how the
-client chunks its audio. Audio mixed with noise,
-resampled, or never registered (a microphone, :func:`hum` without text)
-does not match: it reads as unintelligible.
+client chunks its audio. Audio mixed with noise, resampled, or never
+registered (a microphone, :func:`hum` without text) does not match: it reads
+as unintelligible.
+
+**Near matching** (for audio that went through a lossy codec, e.g. G.711 on
+a phone call, where no sample survives exactly): :func:`register` also keeps
+the utterance's *shape*, the RMS of each 5 ms frame of its loud span
+(:data:`SHAPE_FRAME`). ``transcribe(pcm, near=True)`` and a
+``Listener(near=True)`` compare the heard shape with every registered one
+whose loud span is within the same tolerance, at frame shifts of up to
++-15 ms, by normalised correlation; the best one scoring at least
+:data:`NEAR_MIN_SCORE` wins. Measured: G.711 mu-law or A-law and back
+(soxr resampling both ways) scores above 0.9999; different texts score
+below 0.999 unless they have the same word lengths and first word, which
+the exact fingerprint cannot tell apart either. Utterances registered with
+:func:`register_parts` (a :class:`~rtqueue.sim.synth.SpeechStream` with
+``register=True``, which never renders all its words) have no shape and are
+not found by near matching.
 
 The registry is process-wide (tests build audio in one thread and the
 simulator hears it in another), thread-safe and bounded
@@ -43,6 +58,7 @@ __all__ = [
     "clear_registry",
     "fingerprint",
     "recognize",
+    "recognize_near",
     "register",
     "register_parts",
     "transcribe",
@@ -56,12 +72,21 @@ HEAD_SAMPLES = 2400
 SPAN_TOLERANCE = 2400
 #: Utterances remembered at most.
 MAX_ENTRIES = 4096
+#: Samples per frame of a near-matching shape (5 ms at 24 kHz).
+SHAPE_FRAME = 120
+#: Frames of shape kept at most (60 s); longer utterances compare on their first minute.
+MAX_SHAPE_FRAMES = 12_000
+#: Shape correlation from which near matching accepts an utterance.
+NEAR_MIN_SCORE = 0.999
+_SHAPE_SHIFTS = 3
 
 # Lock-free on purpose (the simulator core is sans-I/O and imports no thread module): every
 # update replaces a dict value with a new tuple, and single dict operations are atomic under
 # the GIL. Two threads registering the same head at the same instant may lose one entry, and
 # eviction may skip a beat; for a test aid that is harmless.
 _registry: dict[bytes, tuple[tuple[int, str], ...]] = {}
+# Near matching: (loud span, text) -> shape (frame RMS over the loud span), oldest first.
+_shapes: dict[tuple[int, str], np.ndarray] = {}
 
 
 def _loud(pcm: bytes | bytearray | memoryview) -> np.ndarray:
@@ -88,10 +113,70 @@ def register(pcm: bytes | bytearray | memoryview, text: str) -> None:
     """Remember that ``pcm`` says ``text`` (no-op for silent audio or empty text)."""
     if not text.strip():
         return
-    fp = fingerprint(pcm)
-    if fp is None:
+    pcm = bytes(pcm[: len(pcm) - len(pcm) % 2])
+    loud = _loud(pcm)
+    if loud.size == 0:
         return
-    _add(*fp, text)
+    first, last = int(loud[0]), int(loud[-1])
+    span = last - first + 1
+    _add(_key(pcm[2 * first : 2 * (first + HEAD_SAMPLES)]), span, text)
+    _add_shape(span, text, pcm[2 * first : 2 * (last + 1)])
+
+
+def _shape(pcm: bytes | bytearray | memoryview) -> np.ndarray:
+    """RMS of each :data:`SHAPE_FRAME`-sample frame (the last one zero-padded), float32."""
+    a = np.frombuffer(pcm, dtype="<i2", count=min(len(pcm) // 2, MAX_SHAPE_FRAMES * SHAPE_FRAME))
+    a = a.astype(np.float64)
+    n = -(-a.size // SHAPE_FRAME) * SHAPE_FRAME
+    frames = np.pad(a, (0, n - a.size)).reshape(-1, SHAPE_FRAME)
+    shape: np.ndarray = np.sqrt(np.add.reduce(frames * frames, axis=1) / SHAPE_FRAME).astype(np.float32)
+    return shape
+
+
+def _add_shape(span: int, text: str, loud_pcm: bytes) -> None:
+    key = (span, text)
+    if key in _shapes:
+        return
+    _shapes[key] = _shape(loud_pcm)
+    while len(_shapes) > MAX_ENTRIES:
+        try:
+            del _shapes[next(iter(_shapes))]
+        except (KeyError, RuntimeError, StopIteration):  # another thread changed it meanwhile
+            break
+
+
+def _similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Best normalised correlation of two shapes over small frame shifts (alignment jitter)."""
+    best = -1.0
+    for shift in range(-_SHAPE_SHIFTS, _SHAPE_SHIFTS + 1):
+        x = a[max(0, shift) :]
+        y = b[max(0, -shift) :]
+        m = min(x.size, y.size)
+        if m == 0:
+            continue
+        x64 = x[:m].astype(np.float64)
+        y64 = y[:m].astype(np.float64)
+        den = float(np.sqrt(np.dot(x64, x64) * np.dot(y64, y64)))
+        if den > 0.0:
+            best = max(best, float(np.dot(x64, y64)) / den)
+    return best
+
+
+def recognize_near(shape: np.ndarray, span: int) -> str | None:
+    """The text whose registered shape best matches ``shape`` (loud span ``span``), or ``None``.
+
+    See the module docstring: candidates need a loud span within the exact
+    fingerprint's tolerance and a shape correlation of at least
+    :data:`NEAR_MIN_SCORE`.
+    """
+    best: tuple[float, str] | None = None
+    for (cand_span, text), cand in list(_shapes.items()):
+        if abs(cand_span - span) > max(SPAN_TOLERANCE, cand_span // 20):
+            continue
+        score = _similarity(shape, cand)
+        if score >= NEAR_MIN_SCORE and (best is None or score > best[0]):
+            best = (score, text)
+    return None if best is None else best[1]
 
 
 def _add(key: bytes, span: int, text: str) -> None:
@@ -135,15 +220,27 @@ def recognize(key: bytes, span: int) -> str | None:
     return text if abs(best_span - span) <= max(SPAN_TOLERANCE, best_span // 20) else None
 
 
-def transcribe(pcm: bytes | bytearray | memoryview) -> str | None:
-    """The text of a whole buffer, or ``None`` when it is not registered speech."""
+def transcribe(pcm: bytes | bytearray | memoryview, *, near: bool = False) -> str | None:
+    """The text of a whole buffer, or ``None`` when it is not registered speech.
+
+    ``near`` also tries near matching (audio that went through a lossy codec).
+    """
     fp = fingerprint(pcm)
-    return None if fp is None else recognize(*fp)
+    if fp is None:
+        return None
+    text = recognize(*fp)
+    if text is None and near:
+        pcm = bytes(pcm[: len(pcm) - len(pcm) % 2])
+        loud = _loud(pcm)
+        first, last = int(loud[0]), int(loud[-1])
+        text = recognize_near(_shape(pcm[2 * first : 2 * (last + 1)]), last - first + 1)
+    return text
 
 
 def clear_registry() -> None:
     """Forget every registered utterance (tests)."""
     _registry.clear()
+    _shapes.clear()
 
 
 class Listener:
@@ -151,35 +248,44 @@ class Listener:
 
     :meth:`feed` takes each appended chunk with the absolute sample index of
     its first sample; :meth:`take` returns the text of the audio before a
-    given sample (a commit point) and starts over. Memory: the 100 ms head.
+    given sample (a commit point) and starts over. Memory: the 100 ms head;
+    with ``near`` (a session whose audio went through a lossy codec) also
+    the shape of the loud span so far, 4 bytes per 5 ms.
     """
 
-    __slots__ = ("_first", "_head", "_last")
+    __slots__ = ("_energy", "_first", "_head", "_last", "near")
 
-    def __init__(self) -> None:
+    def __init__(self, *, near: bool = False) -> None:
+        self.near = near
         self._head = bytearray()
         self._first: int | None = None
         self._last = -1
+        self._energy: list[float] = []
 
     def reset(self) -> None:
         self._head = bytearray()
         self._first = None
         self._last = -1
+        self._energy = []
 
     def feed(self, pcm: bytes | bytearray | memoryview, start: int) -> None:
         n = len(pcm) // 2
         if n == 0:
             return
         if self._first is not None and len(self._head) >= 2 * HEAD_SAMPLES:
-            # Only the end of the loud span still matters.
+            # Only the end of the loud span (and, near, its shape) still matters.
             loud = _loud(pcm[: 2 * n])
             if loud.size:
                 self._last = start + int(loud[-1])
+            if self.near:
+                self._feed_energy(pcm[: 2 * n], start)
             return
         loud = _loud(pcm[: 2 * n])
         if loud.size == 0:
             if self._first is not None:
                 self._head += pcm[: 2 * min(n, HEAD_SAMPLES - len(self._head) // 2)]
+                if self.near:
+                    self._feed_energy(pcm[: 2 * n], start)
             return
         if self._first is None:
             self._first = start + int(loud[0])
@@ -189,14 +295,42 @@ class Listener:
         self._last = start + int(loud[-1])
         room = HEAD_SAMPLES - len(self._head) // 2
         self._head += pcm[2 * offset : 2 * min(n, offset + room)]
+        if self.near:
+            self._feed_energy(pcm[: 2 * n], start)
+
+    def _feed_energy(self, pcm: bytes | bytearray | memoryview, start: int) -> None:
+        """Add the chunk's squared samples to the shape frames (aligned to the first loud sample)."""
+        assert self._first is not None
+        skip = max(0, self._first - start)
+        a = np.frombuffer(pcm, dtype="<i2")[skip:].astype(np.float64)
+        pos = start + skip - self._first  # offset of a[0] in the loud span
+        k0 = pos // SHAPE_FRAME
+        if a.size == 0 or k0 >= MAX_SHAPE_FRAMES:
+            return
+        bins = np.bincount((np.arange(a.size) + pos % SHAPE_FRAME) // SHAPE_FRAME, weights=a * a)
+        energy = self._energy
+        for j, e in enumerate(bins.tolist()):
+            k = k0 + j
+            if k >= MAX_SHAPE_FRAMES:
+                break
+            if k < len(energy):
+                energy[k] += e
+            else:
+                energy.append(e)
 
     def take(self, end: int | None = None) -> str | None:
         """The text of what was fed before sample ``end`` (all if ``None``); then reset."""
-        first, last, head = self._first, self._last, bytes(self._head)
+        first, last, head, energy = self._first, self._last, bytes(self._head), self._energy
         self.reset()
         if first is None or (end is not None and first >= end):
             return None
         if end is not None:
             last = min(last, end - 1)
             head = head[: 2 * max(0, end - first)]
-        return recognize(_key(head), last - first + 1)
+        span = last - first + 1
+        text = recognize(_key(head), span)
+        if text is None and self.near and energy:
+            frames = min(len(energy), -(-span // SHAPE_FRAME))
+            shape = np.sqrt(np.asarray(energy[:frames], dtype=np.float64) / SHAPE_FRAME).astype(np.float32)
+            text = recognize_near(shape, span)
+        return text
