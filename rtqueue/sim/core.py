@@ -33,6 +33,18 @@ server VAD ``idle_timeout_ms`` turn, hosted ``mcp`` tool listing. Races the
 real service shows are reachable: ``vad_create_delay_s`` lets a barge-in
 cancel a VAD response before its ``response.created``; a cancel during a
 function call's arguments still sends ``function_call_arguments.done``.
+
+Audio formats (``session.audio.input.format`` / ``.output.format``, per
+direction; a partial ``session.update`` keeps what it does not name):
+``audio/pcm`` 24 kHz passes through untouched (no conversion cost);
+``audio/pcmu`` and ``audio/pcma`` (G.711, 8 kHz) are decoded on input, with
+one streaming :class:`~rtqueue.audio.formats.Transcoder` per session, before
+the VAD and the transcriber hear them (near matching, see
+:mod:`.transcribe`), and the synthesized speech of a response is encoded into
+the output format current when that response started (its
+``response.audio.output.format`` says which). Every millisecond figure
+(buffer length, ``audio_start_ms``/``audio_end_ms``, item durations, the
+truncation check) is real time, computed with the right byte rate.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from typing import Any, TypeGuard
 
 import attrs
 
+from ..formats import PCM16, AudioFormat, Transcoder, convert, format_of
 from .model import McpCall, Reply, ScriptedModel, Turn, TurnKind
 from .synth import SAMPLE_RATE, SpeechStream
 from .transcribe import Listener, transcribe
@@ -103,6 +116,7 @@ ERROR_CODES: Mapping[str, str] = {
 
 _ID_FIX = str.maketrans("+/", "xz")
 _PCM = {"type": "audio/pcm", "rate": SAMPLE_RATE}
+_FORMAT_TYPES = ("audio/pcm", "audio/pcmu", "audio/pcma")
 _TOP_FIELDS = frozenset(
     {
         "type",
@@ -261,14 +275,25 @@ class _Message:
     done: bool = False
     status: str = "in_progress"
     truncated_ms: int | None = None
+    #: The output format of the response this message belongs to.
+    fmt: AudioFormat = PCM16
+    # G.711 output only: the encoder, how far the speech was fed into it
+    # (24 kHz samples), encoded bytes not sent yet, and bytes sent.
+    encoder: Transcoder | None = None
+    fed: int = 0
+    pending: bytearray = attrs.Factory(bytearray)
+    bytes_sent: int = 0
 
     def sent_text(self) -> str:
         return " ".join(self.words[: self.words_sent])
 
     def produced_ms(self) -> int:
+        """Milliseconds of audio sent (or kept by a truncation), in the format it was sent in."""
         if self.truncated_ms is not None:
             return self.truncated_ms
-        return self.samples_sent * 1000 // SAMPLE_RATE
+        if not self.fmt.is_g711:
+            return self.samples_sent * 1000 // SAMPLE_RATE
+        return self.bytes_sent * 1000 // (self.fmt.rate * self.fmt.sample_width)
 
 
 @attrs.define(eq=False)
@@ -296,6 +321,8 @@ class _Response:
     input_tokens: int = 0
     announced: bool = True
     idle: bool = False
+    #: The output audio format when the response started (a later session.update does not change it).
+    fmt: AudioFormat = PCM16
 
 
 @attrs.define(eq=False)
@@ -380,6 +407,14 @@ class SimSession:
     _mcp_listed: dict[str, str] = attrs.field(init=False, factory=dict)
     _idle_gen: int = attrs.field(init=False, default=0)
     _heard: dict[str, str | None] = attrs.field(init=False, factory=dict)
+    _in_fmt: AudioFormat = attrs.field(init=False, default=PCM16)
+    # G.711 input: the decoder (None for PCM16, which needs none) and how many
+    # 24 kHz samples it produced; it holds back up to ~75 ms, so this trails
+    # _total_samples, which counts what arrived.
+    _decoder: Transcoder | None = attrs.field(init=False, default=None)
+    _decoded_samples: int = attrs.field(init=False, default=0)
+    _bytes_in: Counter[str] = attrs.field(init=False, factory=Counter)
+    _bytes_out: Counter[str] = attrs.field(init=False, factory=Counter)
 
     def __attrs_post_init__(self) -> None:
         self._handler_table = self._handlers()  # built once: receive() runs per mic chunk
@@ -565,6 +600,10 @@ class SimSession:
             "truncations": counts.get("truncations", 0),
             "server_events": counts.get("server_events", 0),
             "audio_ms_sent": counts.get("audio_samples_sent", 0) * 1000 // SAMPLE_RATE,
+            # Bytes of audio by format type ("audio/pcm", "audio/pcmu", "audio/pcma"),
+            # received in appends and sent in response.output_audio.delta.
+            "audio_bytes_in": dict(self._bytes_in),
+            "audio_bytes_out": dict(self._bytes_out),
         }
 
     # ----------------------------------------------------------------- helpers
@@ -686,6 +725,9 @@ class SimSession:
             )
         self._session = new
         self._configure_vad()
+        in_fmt = format_of(new["audio"]["input"]["format"])
+        if in_fmt != self._in_fmt:
+            self._switch_input(in_fmt)
         self._emit("session.updated", session=copy.deepcopy(self._session))
         if "tools" in patch:
             self._list_mcp_tools(now)
@@ -843,6 +885,32 @@ class SimSession:
     def _buffer_ms(self) -> float:
         return (self._total_samples - self._buffer_start_samples) * 1000 / SAMPLE_RATE
 
+    def _switch_input(self, fmt: AudioFormat) -> None:
+        """The input format changed: finish the old decoder's audio, then decode (or not) the new way."""
+        self._drain_decoder(listen=True)
+        self._carry = b""  # half a PCM16 sample cannot start another format's stream
+        self._in_fmt = fmt
+        self._decoder = Transcoder(fmt, PCM16) if fmt.is_g711 else None
+        self._decoded_samples = self._total_samples
+        self._listener.near = fmt.is_g711
+
+    def _drain_decoder(self, *, listen: bool) -> None:
+        """G.711 input: let out what the decoder holds back and start a fresh stream.
+
+        At a commit or clear (the buffer ends there) and on a format change.
+        The VAD hears the rest so its clock stays on real time (its events are
+        moot: the caller resets it); the transcriber only when ``listen``.
+        """
+        if self._decoder is None:
+            return
+        rest = self._decoder.flush()
+        if rest:
+            if listen:
+                self._listener.feed(rest, self._decoded_samples)
+            self._vad.feed(rest)
+        self._decoder = Transcoder(self._in_fmt, PCM16)
+        self._decoded_samples = self._total_samples
+
     def _on_append(self, event: dict[str, Any], eid: str | None, now: float) -> None:
         audio = event.get("audio")
         if audio is None:
@@ -850,18 +918,29 @@ class SimSession:
         if not isinstance(audio, str):
             raise _bad_type("audio", "a string", audio)
         try:
-            pcm = base64.b64decode(audio, validate=True)
+            raw = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise _Reject("invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes.", "audio") from exc
-        data = self._carry + pcm
-        usable = len(data) - len(data) % 2
-        self._carry = data[usable:]
-        self._listener.feed(data[:usable], self._total_samples)
-        self._total_samples += usable // 2
+        self._bytes_in[self._in_fmt.type] += len(raw)
+        if self._decoder is None:
+            # PCM16 24 kHz: what arrived is what the VAD hears, no copy, no conversion.
+            data = self._carry + raw
+            usable = len(data) - len(data) % 2
+            self._carry = data[usable:]
+            pcm = data[:usable]
+            start = self._total_samples
+            self._total_samples += usable // 2
+        else:
+            # G.711: one byte a sample at 8 kHz, three 24 kHz samples of real time.
+            self._total_samples += len(raw) * (SAMPLE_RATE // self._in_fmt.rate)
+            pcm = self._decoder.convert(raw)
+            start = self._decoded_samples
+            self._decoded_samples += len(pcm) // 2
+        self._listener.feed(pcm, start)
         td = self._session["audio"]["input"]["turn_detection"]
         if not td:
             return
-        for vev in self._vad.feed(data[:usable]):
+        for vev in self._vad.feed(pcm):
             if vev.kind == "start":
                 self._speech_started(vev.ms, td)
             else:
@@ -991,11 +1070,13 @@ class SimSession:
             )
         item_id = self._speech_item_id or self._new_id("item_")
         self._speech_item_id = None
+        self._drain_decoder(listen=True)
         self._buffer_start_samples = self._total_samples
         self._vad.reset()
         self._commit_user_audio(item_id, int(ms), self._listener.take(), now)
 
     def _on_clear(self, event: dict[str, Any], eid: str | None, now: float) -> None:
+        self._drain_decoder(listen=False)
         self._listener.reset()
         self._buffer_start_samples = self._total_samples
         self._speech_item_id = None
@@ -1038,7 +1119,7 @@ class SimSession:
             raise _Reject("invalid_value", f"Item with id '{item['id']}' already exists.", "item.id")
         if audio_ms is not None:
             self._user_audio_ms[item["id"]] = audio_ms
-            self._heard[item["id"]] = _hear_parts(raw.get("content"))
+            self._heard[item["id"]] = _hear_parts(raw.get("content"), self._in_fmt)
         if previous is None:
             previous = self._order[-1] if self._order else None
         self._insert_item(item, previous)
@@ -1130,7 +1211,8 @@ class SimSession:
                     n = len(base64.b64decode(audio, validate=True))
                 except (binascii.Error, ValueError) as exc:
                     raise _Reject("invalid_value", f"Invalid '{where}.audio': not base64.", f"{where}.audio") from exc
-                audio_ms = (audio_ms or 0) + n * 1000 // (2 * SAMPLE_RATE)
+                # Input audio parts are in the session's input format.
+                audio_ms = (audio_ms or 0) + n * 1000 // (self._in_fmt.rate * self._in_fmt.sample_width)
                 parts.append({"type": "input_audio", "transcript": part.get("transcript")})
             elif ptype == "output_audio":
                 parts.append({"type": "output_audio", "transcript": part.get("transcript")})
@@ -1391,9 +1473,13 @@ class SimSession:
                 if not isinstance(value, str):
                     raise _bad_type(f"response.metadata.{key}", "a string", value)
         voice = sess["audio"]["output"]["voice"]
+        out_format = sess["audio"]["output"]["format"]
         r_audio = params.get("audio")
-        if isinstance(r_audio, dict) and isinstance(r_audio.get("output"), dict) and "voice" in r_audio["output"]:
-            voice = _check_voice("response.audio.output.voice", r_audio["output"]["voice"])
+        if isinstance(r_audio, dict) and isinstance(r_audio.get("output"), dict):
+            if "voice" in r_audio["output"]:
+                voice = _check_voice("response.audio.output.voice", r_audio["output"]["voice"])
+            if "format" in r_audio["output"]:
+                out_format = _check_format("response.audio.output.format", r_audio["output"]["format"])
         turns, input_tokens = self._context_turns(params)
 
         reply = self._model.reply(instructions=instructions, tools=tools, tool_choice=tool_choice, turns=turns)
@@ -1411,7 +1497,7 @@ class SimSession:
             "conversation_id": self._conversation_id if in_band else None,
             "output_modalities": list(modalities),
             "max_output_tokens": max_tokens,
-            "audio": {"output": {"format": dict(_PCM), "voice": voice}},
+            "audio": {"output": {"format": dict(out_format), "voice": voice}},
             "usage": None,
             "metadata": copy.deepcopy(metadata),
         }
@@ -1423,6 +1509,7 @@ class SimSession:
             ordinal=self._responses_created,
             withhold_done=self._responses_created in self._withhold,
             input_tokens=input_tokens,
+            fmt=format_of(out_format),
         )
         self._responses.append(resp)
         self._counts["responses"] += 1
@@ -1572,7 +1659,14 @@ class SimSession:
     ) -> float:
         """Schedule one assistant message item from ``t``; return when it closes."""
         add = resp.steps.append
-        msg = _Message(item_id=self._new_id("item_"), output_index=index, text_mode=text_mode, words=words, speech=None)
+        msg = _Message(
+            item_id=self._new_id("item_"),
+            output_index=index,
+            text_mode=text_mode,
+            words=words,
+            speech=None,
+            fmt=resp.fmt,
+        )
         if not text_mode:
             voice_name = voice if isinstance(voice, str) else str(voice.get("id", "marin"))
             msg.speech = SpeechStream(
@@ -1663,15 +1757,43 @@ class SimSession:
                 delta=delta,
                 obfuscation=self._obfuscation(delta),
             )
-        pcm = speech.read(lo, hi)
+        payload = self._encoded(msg, hi, chunk) if msg.fmt.is_g711 else speech.read(lo, hi)
         msg.samples_sent = hi
         self._audio_produced = True
         self._counts["audio_samples_sent"] += hi - lo
+        self._bytes_out[msg.fmt.type] += len(payload)
         self._emit(
             "response.output_audio.delta",
             **self._loc(resp, msg),
-            delta=base64.b64encode(pcm).decode("ascii"),
+            delta=base64.b64encode(payload).decode("ascii"),
         )
+
+    @staticmethod
+    def _encoded(msg: _Message, hi: int, chunk: int) -> bytes:
+        """The speech up to sample ``hi``, encoded in the message's (G.711) format, not sent before.
+
+        The encoder's resampler holds back up to ~115 ms and lets it out in
+        bursts, so the speech is fed ahead (one chunk at a time) until the
+        bytes for ``hi`` are there: each delta then carries exactly its own
+        milliseconds, and the last one everything that is left.
+        """
+        speech = msg.speech
+        assert speech is not None
+        if msg.encoder is None:
+            msg.encoder = Transcoder(PCM16, msg.fmt)
+        last = hi >= speech.samples
+        want = hi * msg.fmt.rate // SAMPLE_RATE * msg.fmt.sample_width - msg.bytes_sent
+        while msg.fed < speech.samples and (last or len(msg.pending) < want):
+            step = min(speech.samples, msg.fed + chunk)
+            msg.pending += msg.encoder.convert(speech.read(msg.fed, step))
+            msg.fed = step
+            if step >= speech.samples:
+                msg.pending += msg.encoder.flush()
+        n = len(msg.pending) if last else max(0, min(len(msg.pending), want))
+        out = bytes(msg.pending[:n])
+        del msg.pending[:n]
+        msg.bytes_sent += n
+        return out
 
     def _msg_close(self, resp: _Response, msg: _Message, status: str) -> None:
         if msg.done:
@@ -1681,6 +1803,8 @@ class SimSession:
         if msg.speech is not None:
             # Only the layout is needed from now on (to cut transcripts on truncate).
             msg.speech.release()
+        msg.encoder = None
+        msg.pending = bytearray()
         loc = self._loc(resp, msg)
         if msg.part_open:
             msg.part_open = False
@@ -1940,15 +2064,22 @@ def _check_max_tokens(param: str, value: Any) -> int | str:
 
 
 def _check_format(param: str, value: Any) -> dict[str, Any]:
+    """A GA audio format object, normalised; the real service's errors otherwise.
+
+    The GA union (``openai.types.realtime.RealtimeAudioFormats``) is
+    ``audio/pcm`` (``rate`` 24000 only), ``audio/pcmu`` and ``audio/pcma``
+    (no ``rate`` field: 8 kHz is implied, so a ``rate`` there is an unknown
+    parameter, as for any field a GA object does not have).
+    """
     if not isinstance(value, dict):
         raise _bad_type(param, "an object", value)
     ftype = value.get("type", "audio/pcm")
+    if ftype not in _FORMAT_TYPES:
+        raise _bad_value(f"{param}.type", ftype, _FORMAT_TYPES)
     if ftype != "audio/pcm":
-        raise _Reject(
-            "invalid_value",
-            f"Invalid value: '{ftype}'. This simulator supports only 'audio/pcm'.",
-            f"{param}.type",
-        )
+        if "rate" in value:
+            raise _Reject("unknown_parameter", f"Unknown parameter: '{param}.rate'.", f"{param}.rate")
+        return {"type": ftype}
     rate = value.get("rate", SAMPLE_RATE)
     if _is_number(rate) and rate < SAMPLE_RATE:
         raise _Reject(
@@ -1962,12 +2093,13 @@ def _check_format(param: str, value: Any) -> dict[str, Any]:
     return dict(_PCM)
 
 
-def _hear_parts(content: Any) -> str | None:
-    """What the synthesized speech in an item's ``input_audio`` parts says (already validated)."""
+def _hear_parts(content: Any, fmt: AudioFormat) -> str | None:
+    """What the synthesized speech in an item's ``input_audio`` parts (in ``fmt``) says (already validated)."""
     heard = []
     for part in content if isinstance(content, list) else []:
         if isinstance(part, dict) and part.get("type") == "input_audio" and not part.get("transcript"):
-            text = transcribe(base64.b64decode(str(part.get("audio") or "")))
+            audio = base64.b64decode(str(part.get("audio") or ""))
+            text = transcribe(convert(audio, fmt, PCM16), near=True) if fmt.is_g711 else transcribe(audio)
             if text:
                 heard.append(text)
     return " ".join(heard) or None
