@@ -43,12 +43,16 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import InvalidArgument
+from ..formats import AudioFormat, format_of
 from ..recording import Frame, Recording, audio_ms, read_recording
 
 __all__ = ["ReplaySession", "load_replay"]
 
 _ID_KEYS = frozenset({"event_id", "id", "item_id", "previous_item_id"})
 _AUDIO_FIELDS = {"input_audio_buffer.append": "audio", "response.output_audio.delta": "delta"}
+# The byte that encodes digital silence (linear 0) in each format (G.711's code for 0).
+_SILENCE_BYTE = {"audio/pcm": 0x00, "audio/pcmu": 0xFF, "audio/pcma": 0xD5}
 
 
 def load_replay(source: str | os.PathLike[str] | Recording) -> Recording:
@@ -101,23 +105,48 @@ def _comparable(event: Mapping[str, Any], ids: Mapping[str, str]) -> Any:
     return _rewrite(out, ids)
 
 
-def _frame_ms(frame: Frame) -> float:
-    """The audio duration of a recorded ``input_audio_buffer.append`` (kept or as ``rtq_audio_ms``)."""
+def _frame_ms(frame: Frame, fmt: Any = None) -> float:
+    """The audio duration of a recorded ``input_audio_buffer.append`` (kept or as ``rtq_audio_ms``).
+
+    ``fmt`` is the session's input format (a GA format object) when it was recorded.
+    """
     event = frame.event or {}
     ms = event.get("rtq_audio_ms")
     if isinstance(ms, (int, float)):
         return float(ms)
     payload = event.get("audio")
-    return audio_ms(payload) if isinstance(payload, str) else 0.0
+    return audio_ms(payload, fmt) if isinstance(payload, str) else 0.0
 
 
-def _fill_audio(event: dict[str, Any]) -> dict[str, Any]:
-    """A recording kept as durations has ``delta: null``: send silence of that length instead."""
+def _session_formats(event: Mapping[str, Any]) -> tuple[Any, Any] | None:
+    """``(input format, output format)`` objects of a ``session.created``/``.updated`` event, else None."""
+    if event.get("type") not in ("session.created", "session.updated"):
+        return None
+    session = event.get("session")
+    audio = session.get("audio") if isinstance(session, Mapping) else None
+    if not isinstance(audio, Mapping):
+        return None
+    formats = []
+    for side in ("input", "output"):
+        cfg = audio.get(side)
+        formats.append(cfg.get("format") if isinstance(cfg, Mapping) else None)
+    return formats[0], formats[1]
+
+
+def _audio_format(value: Any) -> AudioFormat:
+    try:
+        return format_of(value)
+    except InvalidArgument:  # a recording from a server that spoke of other formats: PCM16 it is
+        return format_of(None)
+
+
+def _fill_audio(event: dict[str, Any], fmt: AudioFormat) -> dict[str, Any]:
+    """A recording kept as durations has ``delta: null``: send silence of that length in ``fmt`` instead."""
     if event.get("type") == "response.output_audio.delta" and event.get("delta") is None:
         ms = event.get("rtq_audio_ms")
-        n = int(float(ms) * 48) if isinstance(ms, (int, float)) else 0
+        n = fmt.nbytes(float(ms)) if isinstance(ms, (int, float)) else 0
         event = {k: v for k, v in event.items() if k != "rtq_audio_ms"}
-        event["delta"] = base64.b64encode(b"\0" * (n - n % 2)).decode("ascii")
+        event["delta"] = base64.b64encode(bytes([_SILENCE_BYTE[fmt.type]]) * n).decode("ascii")
     return event
 
 
@@ -145,14 +174,25 @@ class ReplaySession:
         # Client frames by type, each with the server frames it triggered.
         self._by_type: dict[str, list[tuple[Frame, list[Frame]]]] = defaultdict(list)
         self._initial: list[Frame] = []
+        # Durations of the recorded appends, in the input format the recording had at each.
+        self._append_ms: list[float] = []
         current: list[Frame] | None = None
+        recorded_in: Any = None
         for f in frames:
             if f.sender == "client":
                 kind = f.type or ("<binary>" if f.binary_len is not None else "<invalid_json>")
                 current = []
                 self._by_type[kind].append((f, current))
+                if kind == "input_audio_buffer.append":
+                    self._append_ms.append(_frame_ms(f, recorded_in))
             elif f.event is not None:
                 (self._initial if current is None else current).append(f)
+                formats = _session_formats(f.event)
+                if formats is not None:
+                    recorded_in = formats[0]
+        # The live session's formats: those of the last session.created/updated sent to the client.
+        self._in_format: Any = None
+        self._out_format = _audio_format(None)
         self._seen: Counter[str] = Counter()
         self._live_audio_ms = 0.0
         self._recorded_audio_ms = 0.0
@@ -219,13 +259,14 @@ class ReplaySession:
         kind = "input_audio_buffer.append"
         self._client_events[kind] += 1
         payload = event.get("audio")
-        self._live_audio_ms += audio_ms(payload) if isinstance(payload, str) else 0.0
+        self._live_audio_ms += audio_ms(payload, self._in_format) if isinstance(payload, str) else 0.0
         recorded = self._by_type.get(kind, [])
         while self._seen[kind] < len(recorded):
             client, answers = recorded[self._seen[kind]]
-            if self._recorded_audio_ms + _frame_ms(client) > self._live_audio_ms + 0.5:
+            ms = self._append_ms[self._seen[kind]]
+            if self._recorded_audio_ms + ms > self._live_audio_ms + 0.5:
                 break
-            self._recorded_audio_ms += _frame_ms(client)
+            self._recorded_audio_ms += ms
             self._seen[kind] += 1
             for f in answers:
                 assert f.event is not None
@@ -270,7 +311,12 @@ class ReplaySession:
             return []
         self._queue = [e for e in self._queue if e[0] > now]
         due.sort(key=lambda e: (e[0], e[1]))
-        out = [_fill_audio(e[2]) for e in due]
+        out = []
+        for _, _, event in due:
+            formats = _session_formats(event)
+            if formats is not None:
+                self._in_format, self._out_format = formats[0], _audio_format(formats[1])
+            out.append(_fill_audio(event, self._out_format))
         for ev in out:
             self._sent[str(ev.get("type"))] += 1
             if ev.get("type") == "error":
