@@ -74,8 +74,9 @@ SPAN_TOLERANCE = 2400
 MAX_ENTRIES = 4096
 #: Samples per frame of a near-matching shape (5 ms at 24 kHz).
 SHAPE_FRAME = 120
-#: Frames of shape kept at most (60 s); longer utterances compare on their first minute.
-MAX_SHAPE_FRAMES = 12_000
+#: Frames of shape kept at most (10 s; float16, so 4 kB an utterance at most): longer
+#: utterances compare on their first 10 s (and their whole loud span).
+MAX_SHAPE_FRAMES = 2_000
 #: Shape correlation from which near matching accepts an utterance.
 NEAR_MIN_SCORE = 0.999
 _SHAPE_SHIFTS = 3
@@ -124,12 +125,12 @@ def register(pcm: bytes | bytearray | memoryview, text: str) -> None:
 
 
 def _shape(pcm: bytes | bytearray | memoryview) -> np.ndarray:
-    """RMS of each :data:`SHAPE_FRAME`-sample frame (the last one zero-padded), float32."""
+    """RMS of each :data:`SHAPE_FRAME`-sample frame (the last one zero-padded), float16."""
     a = np.frombuffer(pcm, dtype="<i2", count=min(len(pcm) // 2, MAX_SHAPE_FRAMES * SHAPE_FRAME))
     a = a.astype(np.float64)
     n = -(-a.size // SHAPE_FRAME) * SHAPE_FRAME
     frames = np.pad(a, (0, n - a.size)).reshape(-1, SHAPE_FRAME)
-    shape: np.ndarray = np.sqrt(np.add.reduce(frames * frames, axis=1) / SHAPE_FRAME).astype(np.float32)
+    shape: np.ndarray = np.sqrt(np.add.reduce(frames * frames, axis=1) / SHAPE_FRAME).astype(np.float16)
     return shape
 
 
@@ -250,7 +251,7 @@ class Listener:
     its first sample; :meth:`take` returns the text of the audio before a
     given sample (a commit point) and starts over. Memory: the 100 ms head;
     with ``near`` (a session whose audio went through a lossy codec) also
-    the shape of the loud span so far, 4 bytes per 5 ms.
+    the shape of the loud span so far (its first 10 s), 8 bytes per 5 ms.
     """
 
     __slots__ = ("_energy", "_first", "_head", "_last", "near")
@@ -331,6 +332,6 @@ class Listener:
         text = recognize(_key(head), span)
         if text is None and self.near and energy:
             frames = min(len(energy), -(-span // SHAPE_FRAME))
-            shape = np.sqrt(np.asarray(energy[:frames], dtype=np.float64) / SHAPE_FRAME).astype(np.float32)
+            shape = np.sqrt(np.asarray(energy[:frames], dtype=np.float64) / SHAPE_FRAME).astype(np.float16)
             text = recognize_near(shape, span)
         return text
