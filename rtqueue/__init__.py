@@ -21,6 +21,7 @@ from .errors import (
     AudioFormatError,
     AudioUnavailable,
     AuthenticationError,
+    CallControlError,
     ConnectError,
     ConnectionLost,
     GateTimeout,
@@ -33,6 +34,7 @@ from .errors import (
     ServerError,
     SessionClosed,
     ToolError,
+    WebhookVerificationError,
 )
 from .formats import PCM16, PCMA, PCMU, AudioFormat
 from .gate import GateStats, ResponseGate
@@ -57,6 +59,7 @@ __all__ = [
     "AudioFormatError",
     "AudioUnavailable",
     "AuthenticationError",
+    "CallControlError",
     "ConnectError",
     "ConnectionLost",
     "Event",
@@ -83,6 +86,7 @@ __all__ = [
     "Tool",
     "ToolContext",
     "ToolError",
+    "WebhookVerificationError",
     "__version__",
     "handoff",
     "tool",

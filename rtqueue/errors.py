@@ -14,12 +14,14 @@ own checks::
     +-- ConnectionLost                         the socket died under us
     +-- ProtocolError                          a frame we cannot understand
     +-- ServerError                            an ``error`` event from the server
+    |   +-- CallControlError                   a call-control REST request refused (HTTP status kept)
     +-- ResponseError                          a response request did not complete
     |   +-- ResponseTimeout                    wait(timeout) ran out (may still finish)
     |   +-- GateTimeout                        never sent: its deadline passed in the gate
     |   +-- ResponseRejected                   the server refused the response.create
     +-- ToolError                              a tool raised, timed out or got bad args
     +-- AudioUnavailable                       no PortAudio / no device
+    +-- WebhookVerificationError               a webhook's signature, timestamp or shape is wrong
 
 Low-level exceptions (websocket-client, json, OSError) are mapped to these at
 the boundary and chained with ``raise ... from``. An API key never appears in
@@ -33,6 +35,7 @@ from typing import Any
 __all__ = [
     "AudioUnavailable",
     "AuthenticationError",
+    "CallControlError",
     "ConnectError",
     "ConnectionLost",
     "GateTimeout",
@@ -45,6 +48,7 @@ __all__ = [
     "ServerError",
     "SessionClosed",
     "ToolError",
+    "WebhookVerificationError",
 ]
 
 
@@ -131,6 +135,32 @@ class ServerError(RtqueueError):
         )
 
 
+class CallControlError(ServerError):
+    """A call-control request (``/v1/realtime/calls/{call_id}/...``) was refused.
+
+    ``status_code`` is the HTTP status (404 for an unknown call, 400 for a bad
+    body or a call in the wrong state, 401 for a refused key...); ``code``,
+    ``type``, ``message`` and ``param`` mirror the JSON error body;
+    ``request`` says what was asked (e.g. ``"hangup rtc_..."``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        code: str | None = None,
+        type: str | None = None,
+        param: str | None = None,
+        request: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, type=type, param=param)
+        where = f"{request}: " if request else ""
+        self.args = (f"{where}HTTP {status_code} {code or type or 'error'}: {message}",)
+        self.status_code = status_code
+        self.request = request
+
+
 class ResponseError(RtqueueError):
     """A requested response did not complete as asked."""
 
@@ -161,3 +191,19 @@ class ToolError(RtqueueError):
 
 class AudioUnavailable(RtqueueError):
     """Audio devices cannot be used (PortAudio missing, no device, bad format)."""
+
+
+class WebhookVerificationError(RtqueueError):
+    """A webhook could not be trusted or is not the event expected.
+
+    ``reason`` says why: ``"signature"`` (no signature matches the secret),
+    ``"timestamp"`` (outside the tolerance: a stale or replayed delivery, or
+    a clock far off), ``"headers"`` (a Standard Webhooks header is missing or
+    malformed), ``"payload"`` (not the JSON of a webhook event) or
+    ``"event_type"`` (verified, but not the event type asked for). Answer
+    such a delivery with an HTTP 4xx; never act on it.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

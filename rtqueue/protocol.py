@@ -11,7 +11,7 @@ import json
 import os
 import secrets as _rand
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .errors import InvalidArgument, ProtocolError
 from .secrets import Secret, redact
@@ -97,6 +97,7 @@ def endpoint(
     model: str,
     api_key: str | Secret | None,
     azure_endpoint: str | None = None,
+    call_id: str | None = None,
 ) -> tuple[str, list[str], Secret | None]:
     """Work out the WebSocket URL and handshake headers.
 
@@ -107,10 +108,18 @@ def endpoint(
     - otherwise OpenAI: ``wss://api.openai.com/v1/realtime?model=...`` with
       ``Authorization: Bearer`` from ``api_key`` or ``$OPENAI_API_KEY``.
 
+    ``call_id`` (a SIP call accepted with ``/v1/realtime/calls/{call_id}/accept``)
+    attaches to that call's session instead of opening a new one: it is added
+    to the query of ``url`` (replacing any ``call_id`` there) or of the Azure
+    URL, and OpenAI's URL becomes ``wss://api.openai.com/v1/realtime?call_id=...``
+    (no ``model``: the call's model was set when it was accepted).
+
     Returns ``(url, headers, secret)``; the headers hold the key, so they must
     never be logged. Raises :class:`InvalidArgument` when a key is required
     and missing.
     """
+    if call_id is not None and (not isinstance(call_id, str) or not call_id):
+        raise InvalidArgument(f"call_id must be a non-empty str, not {call_id!r}")
     if not isinstance(model, str) or not model:
         raise InvalidArgument("model must be a non-empty str")
     if api_key is not None and not isinstance(api_key, (str, Secret)):
@@ -121,7 +130,7 @@ def endpoint(
             # redact(): a key may sit in the URL's query (?api-key=...).
             raise InvalidArgument(redact(f"url must be a ws:// or wss:// URL, got {url!r}", secret))
         headers = [f"Authorization: Bearer {secret.reveal()}"] if secret else []
-        return url, headers, secret
+        return with_call_id(url, call_id), headers, secret
     if azure_endpoint is not None:
         if secret is None and os.environ.get("AZURE_OPENAI_API_KEY"):
             secret = Secret(os.environ["AZURE_OPENAI_API_KEY"])
@@ -129,15 +138,26 @@ def endpoint(
             raise InvalidArgument("Azure needs api_key= or $AZURE_OPENAI_API_KEY")
         host = azure_endpoint.split("://", 1)[-1].rstrip("/")
         full = f"wss://{host}/openai/v1/realtime?{urlencode({'model': model})}"
-        return full, [f"api-key: {secret.reveal()}"], secret
+        return with_call_id(full, call_id), [f"api-key: {secret.reveal()}"], secret
     if secret is None and os.environ.get("OPENAI_API_KEY"):
         secret = Secret(os.environ["OPENAI_API_KEY"])
     if secret is None:
         raise InvalidArgument(
             "no API key: pass api_key=, set $OPENAI_API_KEY, or pass url= (e.g. a Simulator's)"
         )
-    full = f"{OPENAI_URL}?{urlencode({'model': model})}"
+    query = {"call_id": call_id} if call_id is not None else {"model": model}
+    full = f"{OPENAI_URL}?{urlencode(query)}"
     return full, [f"Authorization: Bearer {secret.reveal()}"], secret
+
+
+def with_call_id(url: str, call_id: str | None) -> str:
+    """``url`` with ``call_id`` set in its query (any earlier ``call_id`` replaced); unchanged for ``None``."""
+    if call_id is None:
+        return url
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "call_id"]
+    query.append(("call_id", call_id))
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def is_in_band(response: dict[str, Any]) -> bool:

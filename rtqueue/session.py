@@ -94,6 +94,7 @@ class Session:
             label=name,
         )
         self.name = self._shell.label
+        self._call_id: str | None = None
 
     @classmethod
     def connect(
@@ -103,6 +104,7 @@ class Session:
         model: str = protocol.DEFAULT_MODEL,
         api_key: str | Secret | None = None,
         azure_endpoint: str | None = None,
+        call_id: str | None = None,
         instructions: str | None = None,
         session: Mapping[str, Any] | None = None,
         agent: Agent | None = None,
@@ -163,6 +165,16 @@ class Session:
         :mod:`rtqueue.telemetry`) need no argument: they appear whenever
         ``opentelemetry-api`` is installed.
 
+        ``call_id`` attaches to an accepted SIP call (see :mod:`rtqueue.sip`):
+        the socket is ``wss://.../v1/realtime?call_id=...`` (added to ``url``'s
+        query when one is given), the call's session is steered like any
+        other (agents, tools, handoffs, gated responses; no audio frames: the
+        call's audio stays with OpenAI), DTMF key presses arrive as
+        ``input_audio_buffer.dtmf_event_received`` events, and
+        :attr:`call_id` names the call. A reconnect re-attaches to the same
+        call; once the call has ended the server refuses it and the session
+        ends.
+
         Blocks until the server's ``session.created`` and the answer to our
         ``session.update`` arrived (``connect_timeout``). Raises
         :class:`~rtqueue.errors.ConnectError`, :class:`AuthenticationError`,
@@ -198,7 +210,7 @@ class Session:
             factory = _transport_factory(transport)
         else:
             full_url, headers, secret = protocol.endpoint(
-                url, model=model, api_key=api_key, azure_endpoint=azure_endpoint
+                url, model=model, api_key=api_key, azure_endpoint=azure_endpoint, call_id=call_id
             )
 
             def factory() -> Transport:
@@ -214,6 +226,7 @@ class Session:
             secret=secret,
             name=name,
         )
+        self._call_id = call_id
         if record is not None:
             from .recording import Recorder
 
@@ -454,6 +467,11 @@ class Session:
         """The session as the server last reported it (``session.created/updated``)."""
         with self._shell.locked() as core:
             return dict(core.session_config)
+
+    @property
+    def call_id(self) -> str | None:
+        """The SIP call this session steers (``connect(call_id=...)``), else ``None``."""
+        return self._call_id
 
     @property
     def closed(self) -> bool:

@@ -19,6 +19,7 @@ PUBLIC = {
     "Response", "ResponseError", "ResponseGate", "ResponseHandle", "ResponseRejected", "ResponseTimeout",
     "RtqueueError", "SendHandle", "ServerError", "Session", "SessionClosed", "Simulator", "Tool", "ToolContext",
     "ToolError", "__version__", "handoff", "tool",
+    "CallControlError", "WebhookVerificationError",
 }
 
 

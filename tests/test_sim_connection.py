@@ -95,10 +95,18 @@ def test_models_option() -> None:
             Simulator(models=bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("query", ["?call_id=rtc_123", "?intent=transcription"])
-def test_no_model_needed_for_a_call_or_a_transcription_session(query: str) -> None:
-    with Simulator(speed=None) as sim, connect(base(sim) + query) as ws:
+def test_no_model_needed_for_a_transcription_session() -> None:
+    """?intent=transcription needs no model."""
+    with Simulator(speed=None) as sim, connect(base(sim) + "?intent=transcription") as ws:
         assert json.loads(ws.recv(timeout=TIMEOUT))["type"] == "session.created"
+
+
+def test_a_call_socket_needs_no_model_but_a_known_call() -> None:
+    """?call_id= needs no model; an unknown call is refused as call_id_not_found (close 4000), not missing_model."""
+    with Simulator(speed=None) as sim:
+        event, code, reason = refused(base(sim) + "?call_id=rtc_123")
+        assert event["error"]["code"] == "call_id_not_found" and code == 4000
+        assert reason == "invalid_request_error.call_id_not_found"
 
 
 @pytest.mark.parametrize("value", ["realtime=v1", "assistants=v2, realtime=v1", "Realtime=V1"])

@@ -28,6 +28,7 @@ nothing but loopback by default.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -50,6 +51,8 @@ from ..secrets import redact
 from ._checks import check_int, check_number
 from .core import SimSession
 from .faults import FaultPlan
+from .phone import CallerScript, CallRecord
+from .phone_net import CallView, PhoneNetwork
 from .replay import ReplaySession, load_replay
 
 __all__ = ["DEFAULT_MODELS", "Simulator"]
@@ -91,6 +94,7 @@ _NO_AUTH_REASON = "invalid_request_error"
 _BAD_KEY_MESSAGE = (
     "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
 )
+_NO_CALL_MESSAGE = "No session found for the provided call_id"  # the REST API's words for an unknown call
 _CALL_TIMEOUT = 10.0  # a cross-thread call into the loop (inject) gives up after this
 
 
@@ -125,7 +129,7 @@ class _FaultState:
 class _Conn:
     index: int
     ws: ServerConnection
-    core: SimSession | ReplaySession
+    core: SimSession | ReplaySession | CallView
     lock: threading.Lock = attrs.Factory(threading.Lock)
     # (due, parsed event or None, raw frame if unparsable)
     inbound: deque[tuple[float, Any, str | bytes | None]] = attrs.Factory(deque)
@@ -314,6 +318,14 @@ class Simulator:
         self._trace_file: Recorder | None = None
         self._fault_rng = random.Random(f"faults|{seed}")
 
+        # The phone network (SIP calls): started on first use (its two threads cost nothing
+        # to apps that never call); its calls are driven on the loop.
+        self._phone: PhoneNetwork | None = None
+        self._phone_lock = threading.Lock()  # serialises its start; taken before _lock
+        self._call_conns: dict[str, list[_Conn]] = {}  # loop thread only
+        self._call_timers: dict[str, asyncio.TimerHandle] = {}  # loop thread only
+        self._calls_made = 0
+
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> Simulator:
@@ -364,6 +376,10 @@ class Simulator:
         assert loop is not None and thread is not None and stop is not None
         if thread is threading.current_thread():
             raise RuntimeError("Simulator.close() called from its own loop")
+        with self._phone_lock:
+            phone = self._phone
+        if phone is not None:
+            phone.close()  # its threads first: no call is driven or answered after this
         try:
             loop.call_soon_threadsafe(stop.set)
         except RuntimeError:
@@ -546,6 +562,9 @@ class Simulator:
         for conn in live:
             with conn.lock:
                 self._add_totals(acc, conn.core.stats())
+        if self._phone is not None:  # a call's session is counted once, whoever is attached to it
+            for call_stats in self._phone.core_stats():
+                self._add_totals(acc, call_stats)
         sums, errors, client = acc["sums"], acc["errors"], acc["client_events"]
         with self._lock:
             errors.update(self._refused)
@@ -706,6 +725,17 @@ class Simulator:
         if refusal is not None:
             await self._reject(conn, *refusal)
             return
+        call_id = _call_id_of(ws)
+        if call_id is not None:
+            # A SIP call's control socket joins the call's own session (or is refused).
+            view = self._phone.attach(call_id, now, functools.partial(self._wake_call, call_id)) \
+                if self._phone is not None else None
+            if view is None:
+                await self._reject(conn, "call_id_not_found", _NO_CALL_MESSAGE, _REQUEST_CLOSE_CODE,
+                                   "invalid_request_error.call_id_not_found")
+                return
+            conn.core = view
+            self._call_conns.setdefault(call_id, []).append(conn)
         with self._lock:
             self._live[index] = conn
             plan = self._session_faults.get(index, self._default_faults)
@@ -715,6 +745,11 @@ class Simulator:
             self._service(conn, now)
             await self._read_loop(conn)
         finally:
+            if isinstance(conn.core, CallView):
+                conn.core.detach()
+                conns = self._call_conns.get(conn.core.call_id, [])
+                if conn in conns:
+                    conns.remove(conn)
             with conn.lock:
                 conn.closed = True
                 final = conn.core.stats()
@@ -783,6 +818,117 @@ class Simulator:
                 conn.inbound.append((t + self._latency, parsed, raw))
             self._service(conn, t)
             self._notify()
+
+    # ------------------------------------------------------------------ phone calls
+
+    @property
+    def http_base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1``: the call-control REST endpoints (``OpenAI(base_url=...)``).
+
+        ``POST /realtime/calls/{call_id}/accept|reject|refer|hangup``; see
+        :mod:`rtqueue.sim.phone` for their rules and errors.
+        """
+        return self._phone_network().http_base_url
+
+    def place_call(
+        self,
+        webhook_url: str,
+        *,
+        secret: str,
+        caller: CallerScript | None = None,
+        sip_headers: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
+        clock_skew_s: float = 0.0,
+    ) -> str:
+        """Ring a SIP call into the app; returns its ``call_id`` at once.
+
+        A signed ``realtime.call.incoming`` webhook (Standard Webhooks,
+        signed with ``secret``, ``whsec_...``) is POSTed to ``webhook_url``
+        (http on loopback only) from the ``rtqueue-sim-webhooks`` thread; a
+        non-2xx answer or none is retried (see
+        :data:`~rtqueue.sim.phone_net.WEBHOOK_RETRY_DELAYS`), after which the
+        call ends unanswered. Accepting it (``/accept``, e.g. with
+        :class:`rtqueue.sip.CallControl` at :attr:`http_base_url`) creates
+        the call's session from the accept body and starts ``caller``'s
+        script (:class:`~rtqueue.sim.phone.CallerScript`; none: a silent
+        caller). ``sip_headers`` replace the default From/To/Call-ID;
+        ``clock_skew_s`` shifts the sender's clock (stale-timestamp tests).
+        """
+        return self._phone_network().place_call(webhook_url, secret=secret, caller=caller or CallerScript(),
+                                      sip_headers=sip_headers, clock_skew_s=clock_skew_s)
+
+    def calls(self) -> list[CallRecord]:
+        """Every call placed so far, as :class:`~rtqueue.sim.phone.CallRecord` snapshots, oldest first."""
+        return self._phone.records() if self._phone is not None else []
+
+    def call(self, call_id: str) -> CallRecord:
+        """A snapshot of one call: status, transcript, DTMF, how it ended. ``KeyError`` if unknown."""
+        record = self._phone.record(call_id) if self._phone is not None else None
+        if record is None:
+            raise KeyError(call_id)
+        return record
+
+    def _phone_network(self) -> PhoneNetwork:
+        """The phone network, started on first use (binds its REST port on this host)."""
+        with self._phone_lock:
+            if self._phone is not None:
+                return self._phone
+            with self._lock:
+                if not self._started or self._closed:
+                    raise RuntimeError("the Simulator is not running")
+            phone = PhoneNetwork(host=self._host, speed=self._speed, seed=self._seed, api_key=self._api_key,
+                                 core_factory=self._new_call_core, wake=self._wake_call, notify=self._notify)
+            phone.start()
+            self._phone = phone
+            return phone
+
+    def _new_call_core(self, model: str, now: float) -> SimSession:
+        """The session of a call being accepted (any thread): the simulator's settings, its own index."""
+        with self._lock:
+            self._calls_made += 1
+            index = 1_000_000 + self._calls_made  # apart from connection indexes: ids stay distinct
+        return SimSession(
+            now=now,
+            index=index,
+            seed=self._seed,
+            model=model,
+            speed=self._speed,
+            audio_chunk_ms=self._audio_chunk_ms,
+            words_per_second=self._wps,
+            max_duration_s=self._max_duration,
+            epoch=time.time(),
+            first_output_ms=self._first_output_ms,
+            min_response_ms=self._min_response_ms,
+            transcription_failures=self._transcription_failures,
+            vad_create_delay_s=self._vad_create_delay_s,
+        )
+
+    def _wake_call(self, call_id: str) -> None:
+        """Drive a call on the loop soon (any thread)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._drive_call, call_id)
+        except RuntimeError:
+            pass  # the loop has ended: the call is over with the simulator
+
+    def _drive_call(self, call_id: str) -> None:
+        """Advance a call, push its events to its sockets, set its next timer (loop thread)."""
+        phone = self._phone
+        if phone is None:
+            return
+        now = time.monotonic()
+        due = phone.drive(call_id, now)
+        for conn in list(self._call_conns.get(call_id, ())):
+            self._service(conn, now)
+        timer = self._call_timers.pop(call_id, None)
+        if timer is not None:
+            timer.cancel()
+        if due is not None:
+            loop = self._loop
+            assert loop is not None
+            self._call_timers[call_id] = loop.call_at(max(due, now), self._drive_call, call_id)
+        self._notify()
 
     # ------------------------------------------------------------------ faults
 
@@ -1021,6 +1167,15 @@ class Simulator:
             recorder.write_raw(sender, b"\0" * event["binary_len"], t=t, session=index)
         else:
             recorder.write(sender, event, t=t, session=index)
+
+
+def _call_id_of(ws: ServerConnection) -> str | None:
+    """The ``?call_id=`` of a connection's request, if any."""
+    request = ws.request
+    if request is None:
+        return None
+    value = (parse_qs(urlsplit(request.path).query).get("call_id") or [""])[0]
+    return value or None
 
 
 def _opaque(frame: str | bytes) -> dict[str, Any]:
