@@ -1,0 +1,1296 @@
+"""Phone calls through Twilio Media Streams: a bridge from each call to an rtqueue :class:`~rtqueue.Session`.
+
+Twilio opens a WebSocket to the app (TwiML ``<Connect><Stream url="wss://...">``,
+see :func:`stream_twiml`) and speaks JSON: ``connected``, ``start`` (stream and
+call ids, ``mediaFormat`` ``audio/x-mulaw`` 8000 Hz mono, custom parameters),
+``media`` (base64 mu-law, 20 ms frames), ``mark``, ``dtmf``, ``stop``. The app
+answers with ``media``, ``mark`` (Twilio echoes a mark once the audio queued
+before it has been played to the caller) and ``clear`` (drop the buffered
+audio now).
+
+:class:`TwilioBridge` serves that WebSocket (the ``websockets`` threaded
+server, on loopback unless told otherwise) and joins each call to its own
+session, made by the app's factory with the call's devices
+(:attr:`TwilioCall.audio`): ``audio/pcmu`` both ways, so mu-law bytes pass
+from Twilio to ``input_audio_buffer.append`` and from the assistant's audio
+deltas to Twilio untouched.
+
+What the caller heard is what Twilio says it played: each assistant delta is
+sent as media frames of at most ``frame_ms`` (10 ms), each followed by a mark;
+an item's played position is the audio whose marks came back, never audio
+merely sent. On a barge-in (server VAD's ``speech_started`` or
+``Session.interrupt``) the output device writes ``clear`` to Twilio *before*
+it returns the cut to the session, which only then cancels and truncates the
+item at that position; marks Twilio hands back because of the clear are not
+counted as heard.
+
+Threads, per call: the websockets connection thread ("rtqueue-twilio-call-N",
+the only reader of the socket: it feeds inbound audio to the session's writer
+lane and never runs app code), websockets' own receive thread
+("rtqueue-twilio-recv-N") and keepalive thread ("rtqueue-twilio-ping-N"), and
+one worker ("rtqueue-twilio-worker-N") that runs the app's session factory,
+sends outbound media and marks, then closes the session when the call ends.
+One "rtqueue-twilio-server" thread accepts connections. :meth:`TwilioBridge.close`
+ends them all, from any thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import http
+import itertools
+import json
+import logging
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from .audio.input import AudioInput, ChunkCallback
+from .audio.output import AudioOutput, PlaybackCut
+from .errors import AudioUnavailable, InvalidArgument, RtqueueError
+from .formats import PCMU, AudioFormat
+from .values import Event
+
+if TYPE_CHECKING:
+    from websockets.http11 import Request
+    from websockets.http11 import Response as HttpResponse
+    from websockets.sync.server import Server, ServerConnection
+
+    from .audio.devices import AudioIO
+    from .session import Session
+
+__all__ = [
+    "DTMF_EVENT",
+    "BridgeStats",
+    "CallStats",
+    "TwilioBridge",
+    "TwilioCall",
+    "TwilioInput",
+    "TwilioOutput",
+    "TwilioStart",
+    "VoiceWebhook",
+    "session_factory",
+    "stream_twiml",
+]
+
+log = logging.getLogger("rtqueue.twilio")
+
+#: Event type of a key press published to the call's session (the same type the
+#: Realtime API uses for DTMF on SIP calls, so one handler serves both).
+DTMF_EVENT = "input_audio_buffer.dtmf_event_received"
+
+_MULAW_SILENCE = 0xFF  # mu-law code of a zero sample
+_MAX_ITEMS = 256  # per-item accounting kept for this many recent items
+_MAX_CLEARED = 4096  # names of marks handed back by a clear, remembered to ignore their echo
+_JOIN_TIMEOUT = 5.0
+
+SessionFactory = Callable[["TwilioCall"], "Session"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+def _str_map(value: Mapping[str, str]) -> dict[str, str]:
+    return dict(value)
+
+
+@attrs.frozen
+class TwilioStart:
+    """What Twilio's ``start`` message said about the stream."""
+
+    stream_sid: str
+    call_sid: str
+    account_sid: str = ""
+    tracks: tuple[str, ...] = ("inbound",)
+    media_format: AudioFormat = PCMU
+    custom_parameters: Mapping[str, str] = attrs.field(factory=dict, converter=_str_map)
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, Any]) -> TwilioStart:
+        """Parse a ``start`` message; raise :class:`InvalidArgument` if it is not one we can carry.
+
+        The media format must be ``audio/x-mulaw`` at 8000 Hz, mono (the only
+        format Twilio streams in).
+        """
+        start = message.get("start")
+        if not isinstance(start, Mapping):
+            raise InvalidArgument("Twilio start message without a 'start' object")
+        stream_sid = start.get("streamSid") or message.get("streamSid")
+        call_sid = start.get("callSid")
+        if not isinstance(stream_sid, str) or not stream_sid or not isinstance(call_sid, str) or not call_sid:
+            raise InvalidArgument("Twilio start message without streamSid/callSid")
+        mf = start.get("mediaFormat") or {}
+        if not isinstance(mf, Mapping):
+            raise InvalidArgument(f"Twilio mediaFormat must be an object, not {mf!r}")
+        encoding, rate, channels = mf.get("encoding", "audio/x-mulaw"), mf.get("sampleRate", 8000), mf.get(
+            "channels", 1)
+        if str(encoding).lower() != "audio/x-mulaw" or rate != 8000 or channels != 1:
+            raise InvalidArgument(
+                f"Twilio media format {encoding!r} {rate!r} Hz x{channels!r}: "
+                "only audio/x-mulaw 8000 Hz mono is carried"
+            )
+        params = start.get("customParameters") or {}
+        if not isinstance(params, Mapping):
+            raise InvalidArgument(f"Twilio customParameters must be an object, not {params!r}")
+        tracks = start.get("tracks") or ("inbound",)
+        return cls(
+            stream_sid=stream_sid,
+            call_sid=call_sid,
+            account_sid=str(start.get("accountSid") or ""),
+            tracks=tuple(str(t) for t in tracks) if isinstance(tracks, (list, tuple)) else ("inbound",),
+            media_format=PCMU,
+            custom_parameters={str(k): str(v) for k, v in params.items()},
+        )
+
+
+@attrs.frozen
+class CallStats:
+    """Counters of one call (a snapshot).
+
+    ``heard_ms``: assistant audio whose marks Twilio echoed (what the caller
+    heard); ``sent_ms``: assistant audio written to Twilio; ``marks_pending``:
+    marks sent and not yet echoed; ``marks_cleared``: marks a ``clear`` made
+    moot (their echoes are not counted as heard); ``barge_ins``: interrupts
+    that cut audio still playing (each wrote one ``clear``); ``interrupts``:
+    every ``interrupt()`` the session made; ``last_clear_at``: the
+    ``time.monotonic()`` at which the last ``clear`` was written.
+    """
+
+    index: int
+    state: str
+    stream_sid: str | None
+    call_sid: str | None
+    media_in_frames: int
+    media_in_ms: float
+    media_out_frames: int
+    sent_ms: float
+    heard_ms: float
+    marks_sent: int
+    marks_echoed: int
+    marks_pending: int
+    marks_cleared: int
+    clears: int
+    barge_ins: int
+    interrupts: int
+    dtmf: int
+    ignored_ms: float
+    last_clear_at: float | None
+    error: str | None
+
+
+@attrs.frozen
+class BridgeStats:
+    """Counters of a bridge (a snapshot): calls now and in total, plus each live call's :class:`CallStats`."""
+
+    active_calls: int
+    total_calls: int
+    failed_calls: int
+    rejected: int
+    barge_ins: int
+    calls: tuple[CallStats, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# The call's audio devices
+
+
+class TwilioInput(AudioInput):
+    """The caller's voice: mu-law frames from Twilio's ``media`` messages, passed on untouched.
+
+    :meth:`feed` is called by the call's socket reader. Before the session has
+    started the device (while the app's factory connects), up to
+    ``backlog_ms`` of audio is kept and delivered first; older audio is dropped.
+    While ``muted``, mu-law silence of the same length is delivered instead.
+    """
+
+    format: AudioFormat = PCMU
+
+    def __init__(self, *, backlog_ms: int = 2000) -> None:
+        self.muted = False
+        self.chunk_ms = 20
+        self._backlog_max = PCMU.nbytes(backlog_ms)
+        self._lock = threading.Lock()
+        self._on_chunk: ChunkCallback | None = None
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self._backlog_bytes = 0
+        self._closed = False
+        self._starting = False
+        self._delivered = 0
+        self._dropped = 0
+        self._muted_bytes = 0
+        self._callback_errors = 0
+
+    def start(self, on_chunk: ChunkCallback) -> None:
+        """Deliver the backlog, then every frame as it comes, to ``on_chunk``."""
+        if not callable(on_chunk):
+            raise InvalidArgument(f"on_chunk must be callable, got {on_chunk!r}")
+        with self._lock:
+            if self._closed:
+                raise AudioUnavailable("TwilioInput is closed")
+            if self._on_chunk is not None or self._starting:
+                raise InvalidArgument("TwilioInput already started")
+            self._starting = True
+        # The backlog is delivered outside the lock (the callback may take a
+        # moment); frames fed meanwhile join the backlog and go out in the next
+        # round, so order is kept. Then feed() delivers directly.
+        while True:
+            with self._lock:
+                backlog = list(self._backlog)
+                self._backlog.clear()
+                self._backlog_bytes = 0
+                if not backlog or self._closed:
+                    if not self._closed:
+                        self._on_chunk = on_chunk
+                    return
+            for frame in backlog:
+                self._deliver(on_chunk, frame)
+
+    def feed(self, frame: bytes) -> None:
+        """One inbound frame of mu-law audio (the socket reader calls this; never blocks)."""
+        with self._lock:
+            if self._closed:
+                return
+            cb = self._on_chunk
+            if cb is None:
+                self._backlog.append(frame)
+                self._backlog_bytes += len(frame)
+                while self._backlog_bytes > self._backlog_max and self._backlog:
+                    old = self._backlog.popleft()
+                    self._backlog_bytes -= len(old)
+                    self._dropped += len(old)
+                return
+        self._deliver(cb, frame)
+
+    def _deliver(self, cb: ChunkCallback, frame: bytes) -> None:
+        if self.muted:
+            frame = bytes([_MULAW_SILENCE]) * len(frame)
+            self._muted_bytes += len(frame)
+        self._delivered += len(frame)
+        try:
+            cb(frame)
+        except Exception:
+            self._callback_errors += 1
+            log.exception("twilio input: the session's audio callback raised")
+
+    def close(self) -> None:
+        """Stop delivering (the call's frames are dropped from now on). Idempotent."""
+        with self._lock:
+            self._closed = True
+            self._on_chunk = None
+            self._backlog.clear()
+            self._backlog_bytes = 0
+
+    def stats(self) -> dict[str, Any]:
+        """delivered_ms, muted_ms, dropped_ms (backlog overflow), callback_errors."""
+        return {
+            "delivered_ms": PCMU.ms(self._delivered),
+            "muted_ms": PCMU.ms(self._muted_bytes),
+            "dropped_ms": PCMU.ms(self._dropped),
+            "callback_errors": self._callback_errors,
+        }
+
+
+@attrs.define(eq=False)
+class _Item:
+    """Accounting of one assistant item, in mu-law bytes (8 a millisecond)."""
+
+    received: int = 0
+    sent: int = 0
+    heard: int = 0  # up to the last echoed mark
+    ended: bool = False
+    cut: bool = False
+
+
+@attrs.frozen
+class _Frame:
+    item_id: str
+    payload: bytes
+    end: int  # the item's byte position after this frame
+
+
+class TwilioOutput(AudioOutput):
+    """The assistant's voice to the caller: media frames and marks on the call's socket.
+
+    ``play`` (the session's reader calls it) only queues frames of at most
+    ``frame_ms``; the call's worker thread writes each as a ``media`` message
+    followed by a ``mark``. :meth:`played_ms` counts the audio whose marks
+    Twilio echoed. :meth:`interrupt` drops what is unsent, writes ``clear`` to
+    Twilio (before returning, so before the session's ``response.cancel``) when
+    any audio may still be playing, and reports the cut at the echoed position.
+    """
+
+    format: AudioFormat = PCMU
+
+    def __init__(self, send: Callable[[str], None], *, frame_ms: int = 10) -> None:
+        if isinstance(frame_ms, bool) or not isinstance(frame_ms, int) or not 10 <= frame_ms <= 1000:
+            raise InvalidArgument(f"frame_ms must be an int within 10..1000, not {frame_ms!r}")
+        self._send = send  # writes one text message on the call's socket (thread-safe)
+        self._frame_bytes = PCMU.nbytes(frame_ms)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # Held while frames taken from the queue are written, and while a clear is:
+        # so no frame taken before a clear can reach Twilio after it.
+        self._write_lock = threading.Lock()
+        self._queue: collections.deque[_Frame] = collections.deque()
+        self._items: collections.OrderedDict[str, _Item] = collections.OrderedDict()
+        self._marks: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()  # name -> item, end
+        self._cleared: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._seq = itertools.count(1)
+        self._last_id: str | None = None
+        self._closed = False
+        self.stream_sid = ""
+        # counters
+        self._frames_sent = 0
+        self._sent = 0
+        self._heard = 0
+        self._marks_sent = 0
+        self._marks_echoed = 0
+        self._marks_cleared = 0
+        self._unknown_marks = 0
+        self._clears = 0
+        self._barge_ins = 0
+        self._interrupts = 0
+        self._ignored = 0
+        self._dropped = 0
+        self.last_clear_at: float | None = None
+        self._clear_times: collections.deque[float] = collections.deque(maxlen=256)
+
+    @property
+    def clear_times(self) -> list[float]:
+        """When each ``clear`` was written (``time.monotonic()``, after the write; the last 256)."""
+        with self._lock:
+            return list(self._clear_times)
+
+    # -- the session's side -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Nothing to open: the call's worker writes the frames."""
+        if self._closed:
+            raise AudioUnavailable("TwilioOutput is closed")
+
+    def close(self) -> None:
+        """Drop unsent audio and accept no more. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+
+    def play(self, item_id: str, pcm: bytes) -> None:
+        """Queue mu-law audio of ``item_id`` in frames; audio of an item already cut is ignored."""
+        if not isinstance(item_id, str) or not item_id:
+            raise InvalidArgument(f"item_id must be a non-empty str, got {item_id!r}")
+        if not isinstance(pcm, (bytes, bytearray, memoryview)):
+            raise InvalidArgument(f"audio must be bytes, got {type(pcm).__name__}")
+        data = bytes(pcm)
+        with self._cond:
+            if self._closed:
+                return
+            item = self._item_locked(item_id)
+            if item.cut:
+                self._ignored += len(data)
+                return
+            step = self._frame_bytes
+            for i in range(0, len(data), step):
+                item.received += len(data[i : i + step])
+                self._queue.append(_Frame(item_id, data[i : i + step], item.received))
+            self._last_id = item_id
+            self._cond.notify_all()
+
+    def end_item(self, item_id: str) -> None:
+        """No more audio will come for ``item_id``."""
+        with self._cond:
+            self._item_locked(item_id).ended = True
+            self._cond.notify_all()
+
+    def played_ms(self, item_id: str) -> float:
+        """Milliseconds of ``item_id`` whose marks Twilio echoed."""
+        with self._lock:
+            item = self._items.get(item_id)
+            return PCMU.ms(item.heard) if item is not None else 0.0
+
+    def received_ms(self, item_id: str) -> float:
+        """Milliseconds of ``item_id`` accepted by :meth:`play`."""
+        with self._lock:
+            item = self._items.get(item_id)
+            return PCMU.ms(item.received) if item is not None else 0.0
+
+    def current_item(self) -> str | None:
+        """The item playing (oldest unechoed mark), else the next queued one, else the last one unfinished."""
+        with self._lock:
+            return self._current_locked()
+
+    def is_playing(self) -> bool:
+        """True while audio is unsent or its marks are not all echoed."""
+        with self._lock:
+            return bool(self._queue or self._marks)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every mark sent was echoed and nothing is queued; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not (self._queue or self._marks) or self._closed, timeout)
+
+    def interrupt(self) -> PlaybackCut | None:
+        """Drop unsent audio, write ``clear`` if anything may still play, and return the cut.
+
+        The cut's ``played_ms`` is the echoed position of the current item. The
+        ``clear`` is on the socket when this returns.
+        """
+        with self._write_lock:
+            with self._cond:
+                self._interrupts += 1
+                current = self._current_locked()
+                playing = bool(self._queue or self._marks)
+                victims = {f.item_id for f in self._queue} | {i for i, _ in self._marks.values()}
+                if current is not None:
+                    victims.add(current)
+                for item_id in victims:
+                    item = self._item_locked(item_id)
+                    if not item.cut:
+                        item.cut = True
+                        self._dropped += item.received - item.heard
+                for name in self._marks:
+                    self._cleared[name] = None
+                    self._marks_cleared += 1
+                while len(self._cleared) > _MAX_CLEARED:
+                    self._cleared.popitem(last=False)
+                self._marks.clear()
+                self._queue.clear()
+                self._last_id = None
+                cut = None
+                if current is not None:
+                    item = self._items[current]
+                    cut = PlaybackCut(
+                        item_id=current,
+                        played_ms=PCMU.ms(item.heard),
+                        received_ms=PCMU.ms(item.received),
+                        dropped_ms=PCMU.ms(item.received - item.heard),
+                    )
+                if playing:
+                    self._barge_ins += 1
+                self._cond.notify_all()
+            if playing:
+                self._write_clear()
+        return cut
+
+    def _write_clear(self) -> None:
+        try:
+            self._send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
+        except Exception as exc:  # the call is ending: nothing left to clear
+            log.debug("twilio: clear not written: %r", exc)
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._clears += 1
+            self.last_clear_at = now
+            self._clear_times.append(now)
+
+    def stats(self) -> dict[str, Any]:
+        """sent/heard/received/dropped/ignored ms, marks sent/echoed/pending/cleared, clears, barge-ins."""
+        with self._lock:
+            return {
+                "played_ms": PCMU.ms(self._heard),
+                "heard_ms": PCMU.ms(self._heard),
+                "sent_ms": PCMU.ms(self._sent),
+                "received_ms": PCMU.ms(sum(i.received for i in self._items.values())),
+                "dropped_ms": PCMU.ms(self._dropped),
+                "ignored_ms": PCMU.ms(self._ignored),
+                "buffered_ms": PCMU.ms(sum(len(f.payload) for f in self._queue)),
+                "frames_sent": self._frames_sent,
+                "marks_sent": self._marks_sent,
+                "marks_echoed": self._marks_echoed,
+                "marks_pending": len(self._marks),
+                "marks_cleared": self._marks_cleared,
+                "unknown_marks": self._unknown_marks,
+                "clears": self._clears,
+                "barge_ins": self._barge_ins,
+                "interrupts": self._interrupts,
+                "last_clear_at": self.last_clear_at,
+            }
+
+    # -- the call's side ----------------------------------------------------------------------
+
+    def on_mark(self, name: str) -> None:
+        """Twilio echoed mark ``name`` (the socket reader calls this): the audio before it was heard.
+
+        Marks come back in the order sent, so every earlier pending mark is
+        settled too. A mark handed back by a ``clear`` counts for nothing.
+        """
+        with self._cond:
+            if name in self._cleared:
+                del self._cleared[name]
+                return
+            if name not in self._marks:
+                self._unknown_marks += 1
+                return
+            while self._marks:
+                mark, (item_id, end) = self._marks.popitem(last=False)
+                self._marks_echoed += 1
+                item = self._items.get(item_id)
+                if item is not None and end > item.heard:
+                    self._heard += end - item.heard
+                    item.heard = end
+                if mark == name:
+                    break
+            self._cond.notify_all()
+
+    def write_pending(self, stop: threading.Event) -> bool:
+        """Write queued frames, each a ``media`` then a ``mark`` (the worker calls this).
+
+        Blocks until there is something to write; returns False instead once
+        ``stop`` is set or the device is closed. Raises what the socket raises.
+        """
+        with self._cond:
+            while not self._queue and not stop.is_set() and not self._closed:
+                self._cond.wait()
+            if stop.is_set() or self._closed:
+                return False
+        with self._write_lock:
+            with self._cond:
+                frames = list(self._queue)
+                self._queue.clear()
+                names = []
+                for f in frames:
+                    name = f"{f.item_id}/{next(self._seq)}"
+                    names.append(name)
+                    self._marks[name] = (f.item_id, f.end)
+                    item = self._items.get(f.item_id)
+                    if item is not None:
+                        item.sent = f.end
+                sid = self.stream_sid
+            for f, name in zip(frames, names, strict=True):
+                payload = base64.b64encode(f.payload).decode("ascii")
+                self._send(json.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}}))
+                self._send(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": name}}))
+                with self._lock:
+                    self._frames_sent += 1
+                    self._marks_sent += 1
+                    self._sent += len(f.payload)
+        return True
+
+    def wake(self) -> None:
+        """Wake a worker blocked in :meth:`write_pending` (to see its ``stop``)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _item_locked(self, item_id: str) -> _Item:
+        item = self._items.get(item_id)
+        if item is None:
+            item = self._items[item_id] = _Item()
+            while len(self._items) > _MAX_ITEMS:
+                self._items.popitem(last=False)
+        return item
+
+    def _current_locked(self) -> str | None:
+        if self._marks:
+            return next(iter(self._marks.values()))[0]
+        if self._queue:
+            return self._queue[0].item_id
+        last = self._last_id
+        if last is not None:
+            item = self._items.get(last)
+            if item is not None and not item.cut and not (item.ended and item.heard >= item.received):
+                return last
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# One call
+
+
+class TwilioCall:
+    """One Media Streams connection and its session.
+
+    Made by the bridge; the app meets it in its session factory and in
+    :meth:`TwilioBridge.calls`. ``start`` is what Twilio's ``start`` message
+    said (None until it came); ``audio`` holds the devices the factory must
+    hand to ``Session.connect(audio=call.audio, ...)``; ``session`` is the
+    factory's session once made; ``digits`` every DTMF key pressed so far.
+    """
+
+    def __init__(self, index: int, conn: ServerConnection, *, frame_ms: int, backlog_ms: int) -> None:
+        from .audio.devices import AudioIO
+
+        self.index = index
+        self._conn = conn
+        self.start: TwilioStart | None = None
+        self.output = TwilioOutput(self._write, frame_ms=frame_ms)
+        self.input = TwilioInput(backlog_ms=backlog_ms)
+        self.audio: AudioIO = AudioIO(output=self.output, input=self.input)
+        self.session: Session | None = None
+        self.digits: list[str] = []
+        self.error: BaseException | None = None
+        self.state = "connected"  # -> starting -> active -> ended
+        self.ended = threading.Event()
+        self.protocol: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()  # the worker's cue: the call is over
+        self._started = threading.Event()  # start message in
+        self._hangup_code: int | None = None
+        self._media_frames = 0
+        self._media_bytes = 0
+        self.reader: threading.Thread | None = None
+        self.worker: threading.Thread | None = None
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def stream_sid(self) -> str | None:
+        """Twilio's stream id (None before ``start``)."""
+        return self.start.stream_sid if self.start else None
+
+    @property
+    def call_sid(self) -> str | None:
+        """Twilio's call id (None before ``start``)."""
+        return self.start.call_sid if self.start else None
+
+    @property
+    def parameters(self) -> Mapping[str, str]:
+        """The ``<Parameter>`` values of the TwiML ``<Stream>`` (empty before ``start``)."""
+        return self.start.custom_parameters if self.start else {}
+
+    def hangup(self) -> None:
+        """End the stream: close the WebSocket (Twilio then runs the TwiML after ``<Connect>``).
+
+        Returns at once; the call's worker closes the socket and the session.
+        """
+        with self._lock:
+            if self._hangup_code is None:
+                self._hangup_code = 1000
+        self._end()
+
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        """Block until the call ended and its session is closed; False on timeout."""
+        return self.ended.wait(timeout)
+
+    def stats(self) -> CallStats:
+        """A snapshot of the call's counters."""
+        out = self.output.stats()
+        return CallStats(
+            index=self.index,
+            state=self.state,
+            stream_sid=self.stream_sid,
+            call_sid=self.call_sid,
+            media_in_frames=self._media_frames,
+            media_in_ms=PCMU.ms(self._media_bytes),
+            media_out_frames=out["frames_sent"],
+            sent_ms=out["sent_ms"],
+            heard_ms=out["heard_ms"],
+            marks_sent=out["marks_sent"],
+            marks_echoed=out["marks_echoed"],
+            marks_pending=out["marks_pending"],
+            marks_cleared=out["marks_cleared"],
+            clears=out["clears"],
+            barge_ins=out["barge_ins"],
+            interrupts=out["interrupts"],
+            dtmf=len(self.digits),
+            ignored_ms=out["ignored_ms"],
+            last_clear_at=out["last_clear_at"],
+            error=None if self.error is None else f"{type(self.error).__name__}: {self.error}",
+        )
+
+    def __repr__(self) -> str:
+        return f"<TwilioCall #{self.index} {self.state} call={self.call_sid} stream={self.stream_sid}>"
+
+    # -- the bridge's side ----------------------------------------------------------------------
+
+    def _write(self, text: str) -> None:
+        self._conn.send(text)
+
+    def _end(self) -> None:
+        self._stop.set()
+        self._started.set()
+        self.output.wake()
+
+    def read(self) -> None:
+        """The reader: handle Twilio's messages until ``stop`` or the socket closes (connection thread)."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            for raw in self._conn:
+                if not self._on_message(raw):
+                    break
+        except ConnectionClosed:
+            pass
+        except Exception as exc:  # a bug here must end the call, not hang it
+            self.error = exc
+            log.exception("twilio call #%d: reader failed", self.index)
+        finally:
+            self._end()
+
+    def _on_message(self, raw: str | bytes) -> bool:
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            log.warning("twilio call #%d: a frame that is not JSON was ignored", self.index)
+            return True
+        if not isinstance(msg, dict):
+            return True
+        event = msg.get("event")
+        if event == "media":
+            media = msg.get("media")
+            if not isinstance(media, dict) or media.get("track", "inbound") not in ("inbound", "inbound_track"):
+                return True
+            try:
+                frame = base64.b64decode(media.get("payload", ""), validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                log.warning("twilio call #%d: media payload is not base64; ignored", self.index)
+                return True
+            self._media_frames += 1
+            self._media_bytes += len(frame)
+            self.input.feed(frame)
+        elif event == "mark":
+            mark = msg.get("mark")
+            if isinstance(mark, dict) and isinstance(mark.get("name"), str):
+                self.output.on_mark(mark["name"])
+        elif event == "dtmf":
+            self._on_dtmf(msg)
+        elif event == "start":
+            try:
+                start = TwilioStart.from_message(msg)
+            except InvalidArgument as exc:
+                self.error = exc
+                log.warning("twilio call #%d: %s; hanging up", self.index, exc)
+                with self._lock:
+                    self._hangup_code = 1003
+                return False
+            self.start = start
+            self.output.stream_sid = start.stream_sid
+            self.state = "starting"
+            self._started.set()
+        elif event == "connected":
+            self.protocol = {k: v for k, v in msg.items() if k != "event"}
+        elif event == "stop":
+            return False
+        return True
+
+    def _on_dtmf(self, msg: dict[str, Any]) -> None:
+        dtmf = msg.get("dtmf")
+        digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+        if not isinstance(digit, str) or not digit:
+            return
+        self.digits.append(digit)
+        session = self.session
+        if session is not None and not session.closed:
+            # The session's dispatcher runs the app's callbacks on its own thread.
+            session.dispatcher.publish(Event(DTMF_EVENT, {
+                "type": DTMF_EVENT, "event": digit, "received_at": int(time.time()), "source": "twilio",
+                "call_sid": self.call_sid, "stream_sid": self.stream_sid,
+            }))
+
+    def work(self, factory: SessionFactory, on_end: Callable[[TwilioCall], Any] | None) -> None:
+        """The worker: make the session, write outbound audio, close everything at the end."""
+        try:
+            self._started.wait()
+            if not self._stop.is_set() and self.start is not None:
+                try:
+                    session = factory(self)
+                except BaseException as exc:  # the app's factory: anything may come out
+                    self.error = exc
+                    log.warning("twilio call #%d: session factory raised %s; hanging up",
+                                self.index, type(exc).__name__)
+                    with self._lock:
+                        if self._hangup_code is None:
+                            self._hangup_code = 1011
+                    self._stop.set()
+                else:
+                    self.session = session
+                    self.state = "active"
+                    while self.output.write_pending(self._stop):
+                        pass
+                    if not self._stop.is_set():
+                        # The session closed (the app closed it, or it died): nobody is left to talk.
+                        with self._lock:
+                            if self._hangup_code is None:
+                                self._hangup_code = 1000
+        except Exception as exc:  # the socket broke while writing: the call is over
+            if self.error is None:
+                self.error = exc
+            log.debug("twilio call #%d: writer stopped: %r", self.index, exc)
+        finally:
+            self._finish(on_end)
+
+    def _finish(self, on_end: Callable[[TwilioCall], Any] | None) -> None:
+        self._stop.set()
+        with self._lock:
+            code = self._hangup_code
+        if code is not None:
+            try:
+                self._conn.close(code)  # waits for Twilio's close (bounded by close_timeout)
+            except Exception:
+                log.debug("twilio call #%d: close failed", self.index, exc_info=True)
+        session = self.session
+        if session is not None:
+            try:
+                session.close()
+            except Exception:
+                log.warning("twilio call #%d: closing the session raised", self.index, exc_info=True)
+        else:
+            self.audio.close()
+        self.state = "ended"
+        if on_end is not None:
+            try:
+                on_end(self)
+            except Exception:
+                log.exception("twilio call #%d: on_call_end raised", self.index)
+        self.ended.set()
+
+    def shut(self, code: int) -> None:
+        """Bridge closing: the worker closes the socket with ``code`` and ends the call."""
+        with self._lock:
+            if self._hangup_code is None:
+                self._hangup_code = code
+        self._end()
+
+    def threads(self) -> list[threading.Thread]:
+        """This call's threads (connection, receive, keepalive, worker)."""
+        out = [t for t in (self.reader, self.worker) if t is not None]
+        out.append(self._conn.recv_events_thread)
+        if self._conn.keepalive_thread is not None:
+            out.append(self._conn.keepalive_thread)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The bridge
+
+
+def session_factory(url: str | None = None, **connect_kwargs: Any) -> SessionFactory:
+    """A factory for :class:`TwilioBridge`: ``Session.connect(url, **connect_kwargs)`` per call.
+
+    Adds what a phone call needs: ``audio=call.audio``, ``audio_format="pcmu"``
+    (both ways; no transcoding anywhere), ``context=call`` and the name
+    ``twilio-<CallSid>`` unless given. Everything else (``agent``,
+    ``turn_detection``, ``api_key``...) goes to :meth:`~rtqueue.Session.connect`
+    unchanged.
+    """
+    if "audio" in connect_kwargs:
+        raise InvalidArgument("session_factory passes audio=call.audio itself; leave audio out")
+
+    def make(call: TwilioCall) -> Session:
+        from .session import Session
+
+        kwargs = dict(connect_kwargs)
+        kwargs.setdefault("audio_format", "pcmu")
+        kwargs.setdefault("context", call)
+        kwargs.setdefault("name", f"twilio-{call.call_sid}")
+        return Session.connect(url, audio=call.audio, **kwargs)
+
+    return make
+
+
+class TwilioBridge:
+    """Serves Twilio Media Streams and joins each call to a session made by ``factory(call)``.
+
+    ``factory`` runs on the call's worker thread once Twilio's ``start``
+    arrived; it must return a session connected with ``audio=call.audio`` and
+    ``audio/pcmu`` both ways (:func:`session_factory` builds one). The bridge
+    listens on ``host:port`` (loopback, a free port by default) at ``path``
+    (any path when None); put a TLS-terminating proxy in front for Twilio's
+    ``wss://``. At most ``max_calls`` calls at once (more get HTTP 503).
+    ``on_call_end(call)`` runs on the call's worker after its session closed.
+    ``frame_ms`` is the size of outbound media frames, one mark each (the
+    precision of what-was-heard). ``close_timeout`` bounds each closing
+    handshake. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        factory: SessionFactory,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        path: str | None = "/media",
+        max_calls: int | None = None,
+        on_call_end: Callable[[TwilioCall], Any] | None = None,
+        frame_ms: int = 10,
+        backlog_ms: int = 2000,
+        ping_interval: float | None = 20.0,
+        close_timeout: float = 2.0,
+        open_timeout: float = 5.0,
+    ) -> None:
+        if not callable(factory):
+            raise InvalidArgument("factory must be a callable taking a TwilioCall and returning a Session")
+        if not isinstance(host, str) or not host:
+            raise InvalidArgument(f"host must be a non-empty str, not {host!r}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise InvalidArgument(f"port must be an int within 0..65535, not {port!r}")
+        if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+            raise InvalidArgument(f"path must start with '/' (or be None), not {path!r}")
+        if max_calls is not None and (isinstance(max_calls, bool) or not isinstance(max_calls, int)
+                                      or max_calls < 1):
+            raise InvalidArgument(f"max_calls must be an int >= 1 or None, not {max_calls!r}")
+        if isinstance(frame_ms, bool) or not isinstance(frame_ms, int) or not 10 <= frame_ms <= 1000:
+            raise InvalidArgument(f"frame_ms must be an int within 10..1000, not {frame_ms!r}")
+        for key, val in (("close_timeout", close_timeout), ("open_timeout", open_timeout)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
+                raise InvalidArgument(f"{key} must be > 0, not {val!r}")
+        self._factory = factory
+        self._host = host
+        self._requested_port = port
+        self._path = path
+        self._max_calls = max_calls
+        self._on_end = on_call_end
+        self._frame_ms = frame_ms
+        self._backlog_ms = backlog_ms
+        self._ping_interval = ping_interval
+        self._close_timeout = float(close_timeout)
+        self._open_timeout = float(open_timeout)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._server: Server | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0
+        self._closing = False
+        self._index = itertools.count(1)
+        self._conns: dict[ServerConnection, threading.Thread] = {}  # accepted, not yet a call
+        self._calls: dict[int, TwilioCall] = {}
+        self._ended: list[TwilioCall] = []  # ended, threads not yet joined
+        self._total = 0
+        self._failed = 0
+        self._rejected = 0
+        self._barge_ins_done = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> TwilioBridge:
+        """Bind and start accepting; returns self. Raises ``OSError`` if the address is taken."""
+        from websockets.sync.server import ServerConnection, serve
+
+        with self._lock:
+            if self._server is not None or self._closing:
+                raise RtqueueError("TwilioBridge.start() may be called once, before close()")
+        adopt = self._adopt
+
+        class _Connection(ServerConnection):
+            # Every accepted socket registers at once, so close() can end it
+            # even while its opening handshake is under way.
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                adopt(self)
+
+        server = serve(
+            self._handle,
+            self._host,
+            self._requested_port,
+            process_request=self._process_request,
+            create_connection=_Connection,
+            ping_interval=self._ping_interval,
+            close_timeout=self._close_timeout,
+            open_timeout=self._open_timeout,
+            compression=None,  # Twilio does not negotiate it; saves CPU per frame
+            max_size=2**20,
+            logger=logging.getLogger("rtqueue.twilio.websockets"),
+        )
+        self._server = server
+        self._port = server.socket.getsockname()[1]
+        self._thread = threading.Thread(target=server.serve_forever, name="rtqueue-twilio-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def __enter__(self) -> TwilioBridge:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (after :meth:`start`)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port/path``: where (a proxy in front of) Twilio connects."""
+        return f"ws://{self._host}:{self._port}{self._path or '/'}"
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop accepting, end every call (socket closed, session closed) and every thread. Idempotent.
+
+        Safe from any thread, a call's own worker or an event callback
+        included (a thread never joins itself).
+        """
+        with self._lock:
+            self._closing = True
+            server, self._server = self._server, None
+            conns = list(self._conns)
+            calls = list(self._calls.values())
+        if server is not None:
+            server.shutdown()
+        for conn in conns:  # still in the opening handshake: make it fail now
+            conn.close_socket()
+        for call in calls:
+            call.shut(1001)
+        deadline = time.monotonic() + timeout
+        me = threading.current_thread()
+        threads = [t for t in (self._thread,) if t is not None]
+        with self._lock:
+            threads += list(self._conns.values())
+            for call in list(self._calls.values()) + self._ended:
+                threads += call.threads()
+        for t in threads:
+            if t is not me and t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def calls(self) -> list[TwilioCall]:
+        """The live calls (connected and not ended), oldest first."""
+        with self._lock:
+            return [c for c in self._calls.values() if not c.ended.is_set()]
+
+    def wait_calls(self, predicate: Callable[[list[TwilioCall]], bool], timeout: float) -> bool:
+        """Block until ``predicate(all calls seen, oldest first)`` is true; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                calls = list(self._calls.values()) + self._ended
+                calls.sort(key=lambda c: c.index)
+                if predicate(calls):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.05))
+
+    def stats(self) -> BridgeStats:
+        """Calls now, in total, failed (factory raised), refused (503/404), barge-ins, per-call stats."""
+        with self._lock:
+            live = list(self._calls.values())
+            total, failed, rejected, done = self._total, self._failed, self._rejected, self._barge_ins_done
+        per = tuple(c.stats() for c in live)
+        return BridgeStats(
+            active_calls=sum(1 for c in live if not c.ended.is_set()),
+            total_calls=total,
+            failed_calls=failed,
+            rejected=rejected,
+            barge_ins=done + sum(s.barge_ins for s in per),
+            calls=per,
+        )
+
+    # -- connection threads ------------------------------------------------------------------------
+
+    def _adopt(self, conn: ServerConnection) -> None:
+        n = next(self._index)
+        me = threading.current_thread()
+        me.name = f"rtqueue-twilio-call-{n}"
+        conn.recv_events_thread.name = f"rtqueue-twilio-recv-{n}"
+        with self._lock:
+            closing = self._closing
+            self._conns[conn] = me
+        if closing:
+            conn.close_socket()
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> HttpResponse | None:
+        path = urllib.parse.urlsplit(request.path).path
+        with self._lock:
+            live = sum(1 for c in self._calls.values() if not c.ended.is_set())
+            if self._closing:
+                refusal: tuple[http.HTTPStatus, str] | None = (http.HTTPStatus.SERVICE_UNAVAILABLE, "closing\n")
+            elif self._path is not None and path != self._path:
+                refusal = (http.HTTPStatus.NOT_FOUND, "no media stream here\n")
+            elif self._max_calls is not None and live >= self._max_calls:
+                refusal = (http.HTTPStatus.SERVICE_UNAVAILABLE, "too many calls\n")
+            else:
+                refusal = None
+            if refusal is not None:
+                self._rejected += 1
+        if refusal is None:
+            return None
+        return conn.respond(*refusal)
+
+    def _handle(self, conn: ServerConnection) -> None:
+        with self._lock:
+            me = self._conns.pop(conn, threading.current_thread())
+            name = me.name.rsplit("-", 1)[-1]
+            index = int(name) if name.isdigit() else next(self._index)
+            call = TwilioCall(index, conn, frame_ms=self._frame_ms, backlog_ms=self._backlog_ms)
+            call.reader = me
+            if conn.keepalive_thread is not None:
+                conn.keepalive_thread.name = f"rtqueue-twilio-ping-{index}"
+            worker = threading.Thread(target=self._work, args=(call,), name=f"rtqueue-twilio-worker-{index}",
+                                      daemon=True)
+            call.worker = worker
+            self._calls[index] = call
+            self._total += 1
+            closing = self._closing
+            self._changed.notify_all()
+        worker.start()
+        if closing:
+            call.shut(1001)
+        call.read()
+        # The worker closes the socket (with a code when the call was refused or
+        # hung up); returning lets websockets send its normal close otherwise.
+        worker.join()
+
+    def _work(self, call: TwilioCall) -> None:
+        try:
+            call.work(self._factory, self._on_end)
+        finally:
+            with self._lock:
+                if call.error is not None and call.session is None:
+                    self._failed += 1
+                self._calls.pop(call.index, None)
+                self._ended.append(call)
+                self._barge_ins_done += call.output.stats()["barge_ins"]
+                # Keep the last few for wait_calls()/close(); their threads end right after.
+                while len(self._ended) > 1024:
+                    self._ended.pop(0)
+                self._changed.notify_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# TwiML and the voice webhook
+
+
+def stream_twiml(
+    url: str,
+    *,
+    parameters: Mapping[str, str] | None = None,
+    name: str | None = None,
+    status_callback: str | None = None,
+) -> str:
+    """The TwiML that answers a call by streaming it to ``url``: ``<Connect><Stream>`` (bidirectional).
+
+    ``parameters`` become ``<Parameter name= value=>`` children (they come
+    back in ``start.customParameters``; do not put secrets there, Twilio logs
+    them). Twilio requires a ``wss://`` URL; ``ws://`` is accepted for
+    loopback tests. Needs the ``twilio`` package (extra ``rtqueue[phone]``).
+    """
+    if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("wss", "ws"):
+        raise InvalidArgument(f"url must be a wss:// (or ws://) URL, not {url!r}")
+    try:
+        from twilio.twiml.voice_response import Connect, VoiceResponse  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise RtqueueError("stream_twiml needs the twilio package: pip install 'rtqueue[phone]'") from exc
+    attrs_: dict[str, str] = {}
+    if name is not None:
+        attrs_["name"] = name
+    if status_callback is not None:
+        attrs_["status_callback"] = status_callback
+    response = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=url, **attrs_)
+    for key, value in (parameters or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgument(f"stream parameters are str -> str, not {key!r}: {value!r}")
+        stream.parameter(name=key, value=value)
+    response.append(connect)
+    return str(response)
+
+
+class VoiceWebhook:
+    """A minimal loopback HTTP server for Twilio's voice webhook: every POST (or GET) to ``path``
+    is answered with :func:`stream_twiml` of ``stream_url``.
+
+    ``parameters(form)`` (optional) turns the webhook's form fields
+    (``CallSid``, ``From``, ``To``...) into ``<Parameter>`` values. With
+    ``auth_token`` the ``X-Twilio-Signature`` header is checked (twilio's
+    ``RequestValidator``, against ``public_url`` when a proxy rewrote the URL)
+    and a bad one gets 403; the token is never logged. One thread
+    ("rtqueue-twilio-webhook") serves requests one at a time.
+    """
+
+    def __init__(
+        self,
+        stream_url: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        path: str = "/voice",
+        parameters: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None,
+        auth_token: str | None = None,
+        public_url: str | None = None,
+    ) -> None:
+        stream_twiml(stream_url)  # checks the URL and that twilio is installed, now rather than per call
+        self.stream_url = stream_url
+        self._host, self._port, self._path = host, port, path
+        self._parameters = parameters
+        self._validator: Any = None
+        if auth_token is not None:
+            from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
+
+            self._validator = RequestValidator(auth_token)
+        self._public_url = public_url
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.requests = 0
+        self.refused = 0
+
+    def start(self) -> VoiceWebhook:
+        """Bind and serve; returns self."""
+        import http.server
+
+        hook = self
+
+        class _Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+                self._answer(dict(urllib.parse.parse_qsl(body)))
+
+            def do_GET(self) -> None:
+                self._answer(dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query)))
+
+            def _answer(self, form: dict[str, str]) -> None:
+                status, body, ctype = hook.answer(self.command, self.path, form,
+                                                  self.headers.get("X-Twilio-Signature", ""))
+                data = body.encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("voice webhook: %s", format % args)  # no headers, so no signature, are logged
+
+        self._server = http.server.HTTPServer((self._host, self._port), _Handler)
+        self._port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="rtqueue-twilio-webhook",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/path``, the voice webhook to configure (behind a public proxy)."""
+        return f"http://{self._host}:{self._port}{self._path}"
+
+    def answer(self, method: str, target: str, form: Mapping[str, str], signature: str) -> tuple[int, str, str]:
+        """``(status, body, content type)`` for one webhook request (the server calls this)."""
+        self.requests += 1
+        if urllib.parse.urlsplit(target).path != self._path:
+            self.refused += 1
+            return 404, "not found\n", "text/plain"
+        if self._validator is not None:
+            url = self._public_url or f"http://{self._host}:{self._port}{target}"
+            params = dict(form) if method == "POST" else {}
+            if not self._validator.validate(url, params, signature):
+                self.refused += 1
+                return 403, "bad signature\n", "text/plain"
+        params_out = dict(self._parameters(form)) if self._parameters is not None else {}
+        return 200, stream_twiml(self.stream_url, parameters=params_out), "application/xml"
+
+    def close(self) -> None:
+        """Stop serving and end the thread. Idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(_JOIN_TIMEOUT)
+
+    def __enter__(self) -> VoiceWebhook:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

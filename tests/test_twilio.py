@@ -1,0 +1,252 @@
+"""Twilio Media Streams (issue 13): the bridge, end to end over loopback with the simulator and a fake Twilio.
+
+The fake Twilio (:mod:`rtqueue.testing_twilio`) plays the caller: it streams
+mu-law in real time (or faster), plays what the bridge sends on a playout
+clock, echoes marks once the audio before them was played, honours ``clear``
+and records what the caller heard. The simulator speaks ``audio/pcmu``.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rtqueue import Session, Simulator
+from rtqueue.recording import Recorder, read_recording
+from rtqueue.testing_twilio import FakeTwilio
+from rtqueue.twilio import DTMF_EVENT, TwilioBridge, TwilioCall, VoiceWebhook, session_factory, stream_twiml
+from tests.utils import UNIT
+
+#: Server VAD as a phone line uses it; the client (not the server) cancels on speech start.
+VAD = {"type": "server_vad", "create_response": True, "interrupt_response": False, "silence_duration_ms": 200}
+
+
+def appended_audio(sim: Simulator) -> bytes:
+    """Every byte of input audio the simulator received, in order."""
+    return b"".join(base64.b64decode(ev["audio"]) for ev in sim.client_events()
+                    if ev.get("type") == "input_audio_buffer.append")
+
+
+def test_whole_call_streams_both_ways_untouched_and_stop_closes_the_session():
+    """A call: start -> caller speaks -> the agent answers in pcmu -> every mark echoed -> stop closes all."""
+    made: list[TwilioCall] = []
+
+    with Simulator(speed=None, seed=1) as sim:
+        connect = session_factory(sim.url, instructions="You are the desk. [len: 6]", turn_detection=VAD)
+
+        def factory(call: TwilioCall) -> Session:
+            made.append(call)
+            return connect(call)
+
+        with TwilioBridge(factory) as bridge, FakeTwilio(bridge.url, speed=4.0) as twilio:
+            caller = twilio.call(parameters={"tenant": "acme", "lang": "en"})
+            assert bridge.wait_calls(lambda cs: bool(cs) and cs[0].session is not None, UNIT)
+            call = made[0]
+            assert call.parameters == {"tenant": "acme", "lang": "en"}
+            assert call.call_sid == caller.call_sid and call.stream_sid == caller.stream_sid
+            session = call.session
+            assert session is not None and session.context is call
+            assert session.input_format.type == session.output_format.type == "audio/pcmu"
+            done = session.events("response.done")
+
+            caller.say("Hello, I would like to check my order please.")
+            ev = done.get(timeout=UNIT)
+            assert ev is not None and ev["response"]["status"] == "completed"
+            item = next(o["id"] for o in ev["response"]["output"] if o["type"] == "message")
+            # The caller hears the whole answer; then every mark has come back.
+            assert call.output.wait_idle(UNIT)
+            assert caller.wait_until(lambda c: c.marks_pending() == 0 and not c.agent_talking(), UNIT)
+            stats = call.stats()
+            assert stats.marks_sent == stats.marks_echoed > 0 and stats.marks_pending == 0
+            sent = b"".join(base64.b64decode(e["delta"]) for e in sim.server_events()
+                            if e.get("type") == "response.output_audio.delta" and e["item_id"] == item)
+            assert caller.heard_audio(item) == sent  # the model's bytes, untouched, all of them
+            assert stats.heard_ms == caller.heard_ms(item) == len(sent) / 8
+            assert caller.clears == [] and caller.errors == []
+
+            caller.hangup()
+            assert call.wait_ended(UNIT) and session.closed
+            # Inbound: the caller's mu-law went to input_audio_buffer.append byte for byte.
+            got = appended_audio(sim)
+            assert len(got) > 8000 and got == bytes(caller.sent_audio[: len(got)])
+            assert bridge.stats().active_calls == 0 and bridge.stats().total_calls == 1
+        stats = sim.stats()
+        assert stats["conflicts"] == 0 and stats["errors"] == {}
+
+
+def test_barge_in_clears_first_and_truncates_at_what_the_caller_heard(tmp_path: Path):
+    """Two barge-ins: clear before response.cancel, truncate within one 20 ms frame of what was heard."""
+    recorders: list[Recorder] = []
+
+    with Simulator(speed=1.0, seed=2) as sim:
+        def factory(call: TwilioCall) -> Session:
+            rec = Recorder(tmp_path / f"call{call.index}.jsonl", audio="duration")
+            recorders.append(rec)
+            return Session.connect(sim.url, instructions="You are the desk. [len: 14]", audio=call.audio,
+                                   audio_format="pcmu", turn_detection=VAD, record=rec)
+
+        with TwilioBridge(factory) as bridge, FakeTwilio(bridge.url, speed=1.0) as twilio:
+            caller = twilio.call()
+            assert bridge.wait_calls(lambda cs: bool(cs) and cs[0].session is not None, UNIT)
+            call = bridge.calls()[0]
+            session = call.session
+            assert session is not None
+            cuts = session.events("audio.interrupted")
+            caller.say("Hello, where is my parcel?", wait=False)
+            for n, after_ms in enumerate((600.0, 1100.0)):
+                heard_before = caller.heard_ms()
+                # Interrupt while the agent talks, once the caller heard after_ms of this answer.
+                assert caller.wait_until(lambda c, h=heard_before, a=after_ms: c.heard_ms() - h >= a, 2 * UNIT)
+                caller.say("Sorry, stop, stop.", wait=False)
+                assert caller.wait_until(lambda c, k=n + 1: len(c.clears) == k, UNIT)
+                cut = cuts.get(timeout=UNIT)
+                while cut is not None and cut["item_id"] is None:  # speech starting with nothing playing
+                    cut = cuts.get(timeout=UNIT)
+                assert cut is not None and cut["source"] == "server_vad" and cut["cancel_sent"]
+            assert caller.wait_until(lambda c: c.speech_sent == c.speech_queued, UNIT)
+            caller.hangup()
+            assert call.wait_ended(UNIT)
+
+        truncates = [e for e in sim.client_events() if e.get("type") == "conversation.item.truncate"]
+        assert len(truncates) == len(caller.clears) == 2
+        errors = []
+        for clear, trunc in zip(caller.clears, truncates, strict=True):
+            assert trunc["item_id"] == clear.item_id
+            errors.append(abs(trunc["audio_end_ms"] - clear.item_heard_ms))
+        assert max(errors) <= 20.0, (errors, caller.clears, truncates)
+        # Nothing of a cut item reached the line after its clear.
+        for clear in caller.clears:
+            assert not [name for t, kind, name in caller.events
+                        if kind == "mark" and t > clear.at and name and name.startswith(f"{clear.item_id}/")]
+        # The clear was on the Twilio socket before the cancel was written to the Realtime one.
+        recorders[0].close()
+        rec = read_recording(tmp_path / "call1.jsonl")
+        cancels = [recorders[0].t0 + f.t for f in rec.frames if f.sender == "client" and f.type == "response.cancel"]
+        assert len(cancels) == 2
+        for written, cancel in zip(call.output.clear_times, cancels, strict=True):
+            assert written < cancel
+        stats = sim.stats()
+        assert stats["conflicts"] == 0 and stats["truncate_errors"] == 0 and stats["cancel_not_active"] == 0
+        assert "invalid_value" not in stats["errors"] and "response_cancel_not_active" not in stats["errors"]
+        assert call.stats().barge_ins == 2
+
+
+def test_dtmf_reaches_the_app_as_an_event():
+    """A key press on the call is published to its session as input_audio_buffer.dtmf_event_received."""
+    with Simulator(speed=None, seed=3) as sim:
+        factory = session_factory(sim.url, turn_detection=VAD)
+        with TwilioBridge(factory) as bridge, FakeTwilio(bridge.url, speed=4.0) as twilio:
+            caller = twilio.call()
+            assert bridge.wait_calls(lambda cs: bool(cs) and cs[0].session is not None, UNIT)
+            call = bridge.calls()[0]
+            assert call.session is not None
+            keys = call.session.events(DTMF_EVENT)
+            seen: list[str] = []
+            got = threading.Event()
+
+            def on_key(ev: Any) -> None:
+                seen.append(ev.event)
+                if len(seen) == 3:
+                    got.set()
+
+            call.session.on(DTMF_EVENT, on_key)
+            for digit in "42#":
+                caller.dtmf(digit)
+            assert got.wait(UNIT)
+            assert seen == ["4", "2", "#"] and call.digits == ["4", "2", "#"]
+            ev = keys.get(timeout=UNIT)
+            assert ev is not None and ev.source == "twilio" and ev.call_sid == caller.call_sid
+            caller.hangup()
+            assert call.wait_ended(UNIT)
+
+
+def test_close_ends_every_call_session_and_thread():
+    """bridge.close() from another thread hangs up live calls (1001), closes their sessions and threads."""
+    with Simulator(speed=None, seed=4) as sim:
+        bridge = TwilioBridge(session_factory(sim.url, turn_detection=VAD), max_calls=2).start()
+        twilio = FakeTwilio(bridge.url, speed=4.0)
+        try:
+            callers = [twilio.call(), twilio.call()]
+            assert bridge.wait_calls(lambda cs: len(cs) == 2 and all(c.session is not None for c in cs), UNIT)
+            calls = bridge.calls()
+            # A third call is over capacity: refused at the handshake.
+            with pytest.raises(Exception, match="503"):
+                twilio.call()
+            assert bridge.stats().rejected == 1
+            closer = threading.Thread(target=bridge.close, name="test-closer")
+            closer.start()
+            closer.join(UNIT)
+            assert not closer.is_alive()
+            for caller in callers:
+                assert caller.closed.wait(UNIT) and caller.close_code == 1001
+            for call in calls:
+                assert call.ended.is_set() and call.session is not None and call.session.closed
+                assert not [t for t in call.threads() if t.is_alive()]
+        finally:
+            twilio.close()
+            bridge.close()
+
+
+def test_a_failing_factory_or_a_wrong_format_hangs_up():
+    """The factory raising ends the call (close 1011); a start not in mu-law 8 kHz is refused (1003)."""
+    def factory(call: TwilioCall) -> Session:
+        raise RuntimeError("no agents today")
+
+    with TwilioBridge(factory) as bridge, FakeTwilio(bridge.url) as twilio:
+        caller = twilio.call()
+        assert caller.closed.wait(UNIT) and caller.close_code == 1011
+        assert bridge.wait_calls(lambda cs: bool(cs) and cs[0].ended.is_set(), UNIT)
+        assert bridge.stats().failed_calls == 1
+
+        from websockets.sync.client import connect
+
+        with connect(bridge.url, proxy=None) as ws:
+            ws.send('{"event": "connected", "protocol": "Call", "version": "1.0.0"}')
+            ws.send('{"event": "start", "streamSid": "MZ1", "start": {"streamSid": "MZ1", "callSid": "CA1", '
+                    '"mediaFormat": {"encoding": "audio/l16", "sampleRate": 16000, "channels": 1}}}')
+            with pytest.raises(Exception, match="1003"):
+                ws.recv(timeout=UNIT)
+
+
+def test_twiml_and_voice_webhook():
+    """stream_twiml makes <Connect><Stream> with parameters; the webhook serves it, checking signatures."""
+    xml = stream_twiml("wss://example.test/media", parameters={"tenant": "acme"}, name="desk")
+    root = ET.fromstring(xml)
+    stream = root.find("./Connect/Stream")
+    assert root.tag == "Response" and stream is not None
+    assert stream.get("url") == "wss://example.test/media" and stream.get("name") == "desk"
+    assert {p.get("name"): p.get("value") for p in stream.findall("Parameter")} == {"tenant": "acme"}
+    with pytest.raises(TypeError):
+        stream_twiml("https://example.test/media")
+
+    from twilio.request_validator import RequestValidator
+
+    token = "test-auth-token-0123456789"
+    with VoiceWebhook("wss://example.test/media", auth_token=token,
+                      parameters=lambda form: {"from": form.get("From", "")}) as hook:
+        form = {"CallSid": "CA1", "From": "+15550100"}
+        signature = RequestValidator(token).compute_signature(hook.url, form)
+
+        def post(sig: str, url: str = hook.url) -> tuple[int, str]:
+            req = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(),
+                                         headers={"X-Twilio-Signature": sig})
+            try:
+                with urllib.request.urlopen(req, timeout=UNIT) as resp:
+                    return resp.status, resp.read().decode()
+            except urllib.error.HTTPError as err:
+                return err.code, ""
+
+        status, body = post(signature)
+        assert status == 200
+        param = ET.fromstring(body).find("./Connect/Stream/Parameter")
+        assert param is not None and param.get("value") == "+15550100"
+        assert post("bad")[0] == 403
+        assert post(signature, hook.url.replace("/voice", "/other"))[0] == 404
