@@ -79,7 +79,7 @@ _DTMF_KEYS = frozenset("0123456789*#ABCD")
 _REFER_DELAY_S = 0.5  # call time from an accepted REFER to the transfer completing (scaled by speed)
 _CALL_ENDED = (1000, "call ended")
 _TARGET_SCHEMES = ("sip:", "sips:", "tel:")
-_MAX_REQUEST_LINES = 1000  # transcript lines kept per call
+_MAX_LINES = 1000  # transcript lines kept per call
 
 Outcome: TypeAlias = Literal["caller", "app", "refer", "reject", "unanswered", "expired", "simulator"]
 
@@ -671,7 +671,7 @@ class PhoneCall:
             self._talking = True
         elif typ in ("response.output_audio_transcript.done", "response.output_text.done"):
             text = event.get("transcript") if typ.endswith("transcript.done") else event.get("text")
-            if isinstance(text, str) and text and len(self._lines) < _MAX_REQUEST_LINES:
+            if isinstance(text, str) and text and len(self._lines) < _MAX_LINES:
                 self._lines.append(_Line("agent", text, t - self.placed_at, event.get("response_id")))
         elif typ == "response.done":
             resp = event.get("response") or {}
