@@ -25,6 +25,7 @@ from .errors import (
     ConnectError,
     ConnectionLost,
     GateTimeout,
+    InputGuardrailTripped,
     InvalidArgument,
     ProtocolError,
     ResponseError,
@@ -38,6 +39,14 @@ from .errors import (
 )
 from .formats import PCM16, PCMA, PCMU, AudioFormat
 from .gate import GateStats, ResponseGate
+from .guardrails import (
+    GuardrailContext,
+    GuardrailResult,
+    InputGuardrail,
+    OutputGuardrail,
+    input_guardrail,
+    output_guardrail,
+)
 from .handles import ResponseHandle, SendHandle
 from .reconnect import ReconnectPolicy
 from .session import Session
@@ -66,9 +75,14 @@ __all__ = [
     "FaultPlan",
     "GateStats",
     "GateTimeout",
+    "GuardrailContext",
+    "GuardrailResult",
     "Handoff",
+    "InputGuardrail",
+    "InputGuardrailTripped",
     "Interruption",
     "InvalidArgument",
+    "OutputGuardrail",
     "ProtocolError",
     "ReconnectPolicy",
     "Response",
@@ -89,5 +103,7 @@ __all__ = [
     "WebhookVerificationError",
     "__version__",
     "handoff",
+    "input_guardrail",
+    "output_guardrail",
     "tool",
 ]

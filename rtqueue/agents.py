@@ -30,6 +30,7 @@ from typing import Any, TypeAlias
 import attrs
 
 from .errors import InvalidArgument
+from .guardrails import InputGuardrail, OutputGuardrail, check_list
 from .tools import Tool, _check_name
 
 __all__ = [
@@ -175,6 +176,14 @@ def _check_voice(instance: Any, attribute: Any, value: Any) -> None:
         raise InvalidArgument(f"Agent voice must be a non-empty str or None, got {value!r}")
 
 
+def _output_guards(value: object) -> tuple[OutputGuardrail, ...]:
+    return check_list(value, OutputGuardrail, "output_guardrails")
+
+
+def _input_guards(value: object) -> tuple[InputGuardrail, ...]:
+    return check_list(value, InputGuardrail, "input_guardrails")
+
+
 @attrs.frozen
 class Agent:
     """One persona of a voice app.
@@ -188,6 +197,9 @@ class Agent:
     - ``voice``: the voice to open the session with when this agent starts it;
       a handoff never changes the voice (the server refuses once audio was sent).
     - ``description``: one line used in the handoff tool other agents see.
+    - ``output_guardrails`` / ``input_guardrails``: checks on what this agent
+      says and on what the user says to it (see :mod:`rtqueue.guardrails`),
+      on top of the session-wide ones.
 
     Invalid values raise :class:`~rtqueue.errors.InvalidArgument`.
     """
@@ -198,6 +210,8 @@ class Agent:
     handoffs: tuple[Agent | Handoff | str | Callable[[], Agent], ...] = attrs.field(default=(), converter=_to_handoffs)
     voice: str | None = attrs.field(default=None, validator=_check_voice)
     description: str = attrs.field(default="", validator=_str_field("Agent"))
+    output_guardrails: tuple[OutputGuardrail, ...] = attrs.field(default=(), converter=_output_guards)
+    input_guardrails: tuple[InputGuardrail, ...] = attrs.field(default=(), converter=_input_guards)
 
     def render_instructions(self, context: Any = None) -> str:
         """The instructions text; a callable is called with ``context``.

@@ -118,6 +118,7 @@ class AudioLink:
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         # Which socket generation each item's audio came on (truncating it is only valid on that socket).
         self._item_gen: OrderedDict[str, int] = OrderedDict()
+        self._item_resp: OrderedDict[str, str] = OrderedDict()  # item id -> the response whose audio it is
         self.last_interruption: Interruption | None = None
         self.interruptions = 0
         self.bad_audio = 0
@@ -239,8 +240,37 @@ class AudioLink:
                 self._item_gen[item_id] = self._host.generation()
                 while len(self._item_gen) > _MAX_TRACKED:
                     self._item_gen.popitem(last=False)
+                if isinstance(rid, str):
+                    self._item_resp[item_id] = rid
+                    while len(self._item_resp) > _MAX_TRACKED:
+                        self._item_resp.popitem(last=False)
             # Under the lock, so a concurrent barge-in cannot slip between the check and the play.
             self.io.output.play(item_id, pcm)
+
+    def cut_response(self, response_id: str) -> tuple[str, int] | None:
+        """Stop playing ``response_id`` (a guardrail cut it): ``(item_id, audio_end_ms)`` to truncate, or None.
+
+        Its audio still arriving is dropped. Playback stops only if what plays
+        now is that response's; the truncate position is what was played,
+        clamped to what was received (None at 0 ms or for an item of an
+        earlier socket).
+        """
+        out = self.io.output
+        with self._lock:
+            self._cancelled[response_id] = None
+            while len(self._cancelled) > _MAX_TRACKED:
+                self._cancelled.popitem(last=False)
+            if out is None:
+                return None
+            current = out.current_item()
+            if current is None or self._item_resp.get(current) != response_id:
+                return None
+            self._to_device = None
+            cut = out.interrupt()
+            if cut is None or self._item_gen.get(cut.item_id) != self._host.generation():
+                return None
+        ms = truncate_ms(cut)
+        return (cut.item_id, ms) if ms is not None else None
 
     # -- barge-in -------------------------------------------------------------------------------
 

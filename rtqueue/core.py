@@ -56,6 +56,7 @@ from .errors import (
     SessionClosed,
 )
 from .formats import PCM16, AudioFormat, format_of
+from .guardrails import refusal_instructions
 from .history import History, reseed_plan
 from .protocol import METADATA_KEY, new_event_id
 from .values import Response
@@ -334,6 +335,15 @@ class ConversationCore:
         # The negotiated audio formats: what the server last reported (the desired ones until then).
         self.input_format: AudioFormat = PCM16
         self.output_format: AudioFormat = PCM16
+        # Output guardrails (rtqueue.guardrails): the shell sets guard_outputs when any exist.
+        self.guard_outputs = False
+        self.max_corrections = 2
+        self._tripped: OrderedDict[str, None] = OrderedDict()  # responses a guardrail cut (once each)
+        self._guard_pending: dict[str, Any] = {}  # done, verdict not in: response id -> its handle
+        self._corrections: dict[str, Any] = {}  # tripped before done: response id -> correction handle
+        self._correction_depth: OrderedDict[str, int] = OrderedDict()  # correction create event id -> depth
+        self.guardrail_trips = 0
+        self.corrections = 0
         self.config_version = 0
         self.turn_seq = 0
         self.produced_audio = False
@@ -745,10 +755,17 @@ class ConversationCore:
             req.move("done")
             self._requests.pop(req.event_id, None)
             handle = req.handle
+        chained = False
         if response.function_calls:
             # Decide on a follow-up before resolving the handle, so final() never
             # sees "done, no follow-up" in between.
-            actions += self._on_calls(response, agent, handle, self.turn_seq)
+            calls = self._on_calls(response, agent, handle, self.turn_seq)
+            chained = any(isinstance(a, RunTools) for a in calls)
+            actions += calls
+        if chained:
+            self._corrections.pop(rid, None)  # it finished with calls before our cancel: the chain leads
+        elif self.guard_outputs or rid in self._corrections or rid in self._tripped:
+            actions += self._guard_followup(rid, handle)
         if handle is not None:
             actions.append(Resolve(handle, response))
         for w in rec.waiters if rec is not None else ():
@@ -806,6 +823,122 @@ class ConversationCore:
     def _on_speech_started(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
         self.turn_seq += 1
         return _EMPTY
+
+    # -- guardrails -----------------------------------------------------------------------------
+
+    def _guard_followup(self, rid: str, handle: Any) -> list[Action]:
+        """At ``response.done``: link a correction made already, or await the final guardrail verdict."""
+        if rid in self._corrections:
+            corr = self._corrections.pop(rid)
+            return [SetFollowup(handle, corr)] if handle is not None else _EMPTY
+        if rid in self._tripped:  # cut off with no correction (too many in a row)
+            return [SetFollowup(handle)] if handle is not None else _EMPTY
+        if handle is None or self._closed is not None:
+            return _EMPTY
+        self._guard_pending[rid] = handle
+        return [SetFollowup(handle, expect=True)]
+
+    def guardrail_passed(self, response_id: str) -> list[Action]:
+        """The final guardrail check of a finished response passed: its chain ends here."""
+        handle = self._guard_pending.pop(response_id, None)
+        return [SetFollowup(handle)] if handle is not None else _EMPTY
+
+    def guardrail_tripped(
+        self, response_id: str, *, guardrail: str, note: str, info: Any = None, text: str = "",
+        truncate: tuple[str, int] | None = None, now: float,
+    ) -> list[Action]:
+        """An output guardrail tripped on ``response_id``: cut it off and ask for one correction.
+
+        Once per response (later trips of it are ignored). Cancels it by id if
+        it still runs and nobody cancels it yet, truncates ``truncate = (item_id,
+        audio_end_ms)`` (what was played) if the item is in the conversation,
+        both at the head of the lane; then queues ``note`` as a system message
+        and one corrective ``response.create`` as one gated unit, so it goes
+        out after the cancelled response's ``response.done``. A correction that
+        trips in turn is corrected at most :attr:`max_corrections` times in a row.
+        """
+        if response_id in self._tripped or self._closed is not None:
+            return _EMPTY
+        self._tripped[response_id] = None
+        while len(self._tripped) > RECENT_DONE_IDS:
+            self._tripped.popitem(last=False)
+        self.guardrail_trips += 1
+        actions: list[Action] = []
+        rec = self._responses.get(response_id)
+        agent = rec.agent if rec is not None else None
+        if rec is not None and not rec.cancel_sent and response_id not in self._finished:
+            rec.cancel_sent = True
+            actions.append(Send({"type": "response.cancel", "event_id": new_event_id(),
+                                 "response_id": response_id}, front=True))
+        if truncate is not None and truncate[0] in self.history:
+            item_id, ms = truncate
+            actions.append(Send({"type": "conversation.item.truncate", "event_id": new_event_id(),
+                                 "item_id": item_id, "content_index": 0, "audio_end_ms": ms}, front=True))
+        request_eid = rec.request.event_id if rec is not None and rec.request is not None else None
+        depth = self._correction_depth.get(request_eid, 0) if request_eid is not None else 0
+        corr = None
+        if depth < self.max_corrections:
+            corr = self._new_handle({}, True)
+            item = {"id": new_event_id("item_rtq_"), "type": "message", "role": "system",
+                    "content": [{"type": "input_text", "text": note}]}
+            eid = new_event_id()
+            self._correction_depth[eid] = depth + 1
+            while len(self._correction_depth) > RECENT_DONE_IDS:
+                self._correction_depth.popitem(last=False)
+            note_event = {"type": "conversation.item.create", "event_id": new_event_id(), "item": item}
+            actions += self.create_response({}, corr, now=now, event_id=eid, prelude=(note_event,))
+            self.corrections += 1
+            pending = self._guard_pending.pop(response_id, None)
+            if pending is not None:  # done already: its waiters follow on to the correction
+                actions.append(SetFollowup(pending, corr))
+            elif rec is not None:
+                self._corrections[response_id] = corr  # linked at its response.done
+        else:
+            pending = self._guard_pending.pop(response_id, None)
+            if pending is not None:
+                actions.append(SetFollowup(pending))
+        actions.append(Publish("guardrail.tripped", {
+            "kind": "output", "guardrail": guardrail, "response_id": response_id, "agent": agent, "info": info,
+            "text": text, "note": note, "corrected": corr is not None, "correction": corr}))
+        return actions
+
+    def input_tripped(
+        self, item_id: str | None, *, guardrail: str, info: Any = None, text: str = "",
+        refusal: str | None = None, active: str | None = None, truncate: tuple[str, int] | None = None,
+        now: float,
+    ) -> list[Action]:
+        """An input guardrail tripped on a user item (a transcript): block what answers it.
+
+        Cancels ``active`` (the in-band response running now, which server VAD
+        started for this speech) unless someone cancels it already, truncates
+        what was played of it, deletes the user's item from the conversation,
+        and, with a ``refusal``, queues one response saying it (gated).
+        """
+        if self._closed is not None:
+            return _EMPTY
+        self.guardrail_trips += 1
+        actions: list[Action] = []
+        rec = self._responses.get(active) if active is not None else None
+        if rec is not None and active is not None and not rec.cancel_sent and active not in self._finished:
+            rec.cancel_sent = True
+            self._tripped[active] = None
+            actions.append(Send({"type": "response.cancel", "event_id": new_event_id(),
+                                 "response_id": active}, front=True))
+        if truncate is not None and truncate[0] in self.history:
+            actions.append(Send({"type": "conversation.item.truncate", "event_id": new_event_id(),
+                                 "item_id": truncate[0], "content_index": 0, "audio_end_ms": truncate[1]},
+                                front=True))
+        if item_id is not None and item_id in self.history:
+            actions.append(Send({"type": "conversation.item.delete", "event_id": new_event_id(),
+                                 "item_id": item_id}, front=True))
+        handle = None
+        if refusal is not None:
+            handle = self._new_handle({}, True)
+            actions += self.create_response({"instructions": refusal_instructions(refusal)}, handle, now=now)
+        actions.append(Publish("guardrail.tripped", {
+            "kind": "input", "guardrail": guardrail, "item_id": item_id, "info": info, "text": text,
+            "cancelled": active if rec is not None else None, "refusal": handle}))
+        return actions
 
     # -- tools and handoffs -------------------------------------------------------------------
 
@@ -1119,6 +1252,9 @@ class ConversationCore:
             if handle is not None:
                 actions.append(SetFollowup(handle))
         self._jobs.clear()
+        actions += [SetFollowup(h) for h in self._guard_pending.values()]
+        self._guard_pending.clear()
+        self._corrections.clear()
         return actions
 
     def evict(self, now: float, response_timeout: float, entries: Iterable[tuple[str | None, str | None, float]]

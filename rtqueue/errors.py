@@ -20,6 +20,7 @@ own checks::
     |   +-- GateTimeout                        never sent: its deadline passed in the gate
     |   +-- ResponseRejected                   the server refused the response.create
     +-- ToolError                              a tool raised, timed out or got bad args
+    +-- InputGuardrailTripped                  an input guardrail blocked the user's text
     +-- AudioUnavailable                       no PortAudio / no device
     +-- WebhookVerificationError               a webhook's signature, timestamp or shape is wrong
 
@@ -33,12 +34,14 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AudioFormatError",
     "AudioUnavailable",
     "AuthenticationError",
     "CallControlError",
     "ConnectError",
     "ConnectionLost",
     "GateTimeout",
+    "InputGuardrailTripped",
     "InvalidArgument",
     "ProtocolError",
     "ResponseError",
@@ -187,6 +190,18 @@ class ResponseRejected(ResponseError):
 
 class ToolError(RtqueueError):
     """A tool raised, ran past its timeout, or was called with invalid arguments."""
+
+
+class InputGuardrailTripped(RtqueueError):
+    """An input guardrail blocked the user's text; nothing was sent.
+
+    ``guardrail`` is its name, ``result`` its :class:`~rtqueue.guardrails.GuardrailResult`.
+    """
+
+    def __init__(self, message: str, *, guardrail: str, result: Any) -> None:
+        super().__init__(message)
+        self.guardrail = guardrail
+        self.result = result
 
 
 class AudioUnavailable(RtqueueError):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
@@ -29,6 +29,7 @@ from .dispatch import DEFAULT_STREAM_SIZE, EventStream
 from .errors import AudioFormatError, ConnectError, InvalidArgument, RtqueueError, SessionClosed
 from .formats import AudioFormat, format_of
 from .gate import ResponseGate
+from .guardrails import InputGuardrail, InputGuardrailTripped, OutputGuardrail, check_list, refusal_instructions
 from .handles import ResponseHandle, SendHandle, check_timeout
 from .protocol import new_event_id
 from .secrets import Secret
@@ -126,6 +127,8 @@ class Session:
         record: str | os.PathLike[str] | Recorder | None = None,
         record_audio: str = "kept",
         tracing: str | Mapping[str, Any] | None = None,
+        output_guardrails: Sequence[OutputGuardrail] | None = None,
+        input_guardrails: Sequence[InputGuardrail] | None = None,
     ) -> Session:
         """Connect, configure, and return a ready session.
 
@@ -158,6 +161,9 @@ class Session:
         keys and auth headers redacted; ``record_audio="duration"`` replaces
         audio by its length. Replay it with ``rtqueue.Simulator(replay=...)``,
         draw it with ``rtqueue timeline``.
+
+        ``output_guardrails`` / ``input_guardrails`` apply to every agent (each
+        agent may add its own): see :mod:`rtqueue.guardrails`.
 
         ``tracing`` sets the GA session's ``tracing`` field (``"auto"``, or a
         dict of ``workflow_name``, ``group_id``, ``metadata``): OpenAI's own
@@ -239,6 +245,8 @@ class Session:
                 self._shell.own_recorder = True
             else:
                 raise InvalidArgument(f"record must be a path or an rtqueue.recording.Recorder, not {record!r}")
+        self._shell.output_guards = check_list(output_guardrails, OutputGuardrail, "output_guardrails")
+        self._shell.input_guards = check_list(input_guardrails, InputGuardrail, "input_guardrails")
         if graph is not None and start is not None:
             try:
                 config = self._shell.use_agents(graph, start, config)  # renders instructions: user code
@@ -247,6 +255,7 @@ class Session:
             except Exception as exc:
                 why = f"{type(exc).__name__}: {exc}"
                 raise RtqueueError(f"agent {start.name!r}: its instructions raised {why}") from exc
+        self._shell.refresh_guards()
         try:
             if audio is not None and audio is not False:
                 from .audio_session import AudioLink
@@ -311,8 +320,19 @@ class Session:
         return handle
 
     def send_text(self, text: str, *, role: str = "user") -> SendHandle:
-        """Add a text message to the conversation (``conversation.item.create``); no response."""
+        """Add a text message to the conversation (``conversation.item.create``); no response.
+
+        A user message is checked by the input guardrails first (in the
+        calling thread): a trip raises
+        :class:`~rtqueue.guardrails.InputGuardrailTripped` and sends nothing.
+        """
         item = _message(text, role)
+        if role == "user":
+            tripped = self._open().check_input(text)
+            if tripped is not None:
+                guard, result = tripped
+                raise InputGuardrailTripped(f"input guardrail {guard.name!r} blocked the message",
+                                            guardrail=guard.name, result=result)
         return self.send({"type": "conversation.item.create", "item": item})
 
     def ask(self, text: str, timeout: float | None = 120.0, **response_params: Any) -> Response:
@@ -331,6 +351,13 @@ class Session:
         question after it; if the user speaks while this answer's tools run,
         the chain stops there (the new turn gets the next response) and the
         response that called the tools is returned.
+
+        Input guardrails check ``text`` first, in this thread: a trip raises
+        :class:`~rtqueue.guardrails.InputGuardrailTripped` with nothing sent,
+        or, if the guardrail has a ``refusal``, the question stays out of the
+        conversation and the returned response is the assistant saying the
+        refusal. With output guardrails, the answer is returned once they all
+        passed it; if one trips, the correction it asked for is returned.
         """
         item = _message(text, "user")
         timeout = check_timeout(timeout)
@@ -338,6 +365,16 @@ class Session:
         shell = self._open()
         handle = shell.new_response_handle()
         now = time.monotonic()
+        tripped = shell.check_input(text)
+        if tripped is not None:
+            guard, result = tripped
+            refusal = result.message or guard.refusal
+            if refusal is None:
+                raise InputGuardrailTripped(f"input guardrail {guard.name!r} blocked the question",
+                                            guardrail=guard.name, result=result)
+            refusal_params = {**params, "instructions": refusal_instructions(refusal)}
+            shell.run(lambda core: core.create_response(refusal_params, handle, now=now))
+            return handle.final(timeout)
         span = shell.telemetry.turn(text)
         try:
             shell.run(lambda core: core.turn(item, params, handle, now=now))
@@ -641,6 +678,7 @@ class Session:
             raise InvalidArgument(f"respond must be a bool, not {respond!r}")
         shell = self._open()
         target, graph = shell.resolve_target(agent)
+        shell.refresh_guards()  # a new agent may bring guardrails
         try:
             config = session_config_for(target, graph, shell.context)  # user code, off every lock
         except Exception as exc:

@@ -86,6 +86,14 @@ from .errors import (
 )
 from .formats import AudioFormat
 from .gate import ResponseGate
+from .guard_runner import GuardrailMonitor, run_guard
+from .guardrails import (
+    GuardrailContext,
+    GuardrailResult,
+    InputGuardrail,
+    OutputGuardrail,
+    correction_note,
+)
 from .handles import ResponseHandle, SendHandle, Waiter
 from .history import History
 from .reconnect import AUTH_CLOSE_CODES, REQUEST_CLOSE_CODES, Reconnector, fatal_loss
@@ -173,6 +181,9 @@ class SessionShell:
             name=f"rtqueue-writer-{self.n}",
         )
         self.tools: ToolWorker | None = None
+        self.output_guards: tuple[OutputGuardrail, ...] = ()  # session-wide (agents add their own)
+        self.input_guards: tuple[InputGuardrail, ...] = ()
+        self.guards: GuardrailMonitor | None = None  # made by refresh_guards when any guardrail exists
         self.audio: AudioLink | None = None
         self.reconnector: Reconnector | None = None
         self._evict_check = 0.0
@@ -404,8 +415,17 @@ class SessionShell:
         if typ in _STREAMING:  # the bulk of the traffic: no gate, no actions
             with self._mutex:
                 self.core.stream(event)
+                guards = self.guards
+                if guards is not None and typ != "response.output_audio.delta":
+                    rid = event.get("response_id")
+                    rec = self.core.response(rid) if isinstance(rid, str) else None
+                    size = rec.size if rec is not None else -1
+            if guards is not None and typ != "response.output_audio.delta" and size >= 0:
+                guards.offer_output(event["response_id"], size)
         else:
             self._route_control(typ, event)
+            if self.guards is not None:
+                self._offer_guards(typ, event)
         if self.audio is not None:
             self.audio.on_event(event)
         if self.dispatcher.wants(typ):
@@ -427,6 +447,102 @@ class SessionShell:
         if typ in ("session.created", "session.updated"):
             with self._changed:
                 self._changed.notify_all()
+
+    def _offer_guards(self, typ: str, event: dict[str, Any]) -> None:
+        assert self.guards is not None
+        if typ == "response.done":
+            _resp, rid, _eid = response_ids(event)
+            if rid is not None:
+                with self._mutex:
+                    guarded = self.core.guard_outputs
+                if guarded:
+                    self.guards.offer_output(rid, 0, final=True)
+        elif typ == "conversation.item.input_audio_transcription.completed":
+            iid, text = event.get("item_id"), event.get("transcript")
+            if isinstance(iid, str) and isinstance(text, str) and text.strip():
+                self.guards.offer_input(iid, text)
+
+    # -- guardrails (GuardHost) -------------------------------------------------------------------
+
+    def refresh_guards(self) -> None:
+        """Start guarding once any guardrail exists (session-wide or on an agent of the graph)."""
+        with self._mutex:
+            graph = self.core.graph
+            agents = list(graph.values()) if graph is not None else []
+            outputs = [*self.output_guards, *(g for a in agents for g in a.output_guardrails)]
+            inputs = [*self.input_guards, *(g for a in agents for g in a.input_guardrails)]
+            if not outputs and not inputs:
+                return
+            self.core.guard_outputs = bool(outputs)
+            if self.guards is None:
+                self.guards = GuardrailMonitor(self, f"rtqueue-guard-{self.n}")
+            self.guards.min_every = min((g.every_chars for g in outputs), default=1)
+
+    def guard_text(self, response_id: str) -> tuple[str, str | None, bool] | None:
+        """GuardHost: the response's text so far, its agent, and whether it is done."""
+        with self._mutex:
+            rec = self.core.response(response_id)
+            if rec is not None:
+                return "".join(rec.parts), rec.agent, False
+            done = self.core.recent(response_id)
+        if done is None:
+            return None
+        return done.text, done.agent, True
+
+    def output_guards_for(self, agent: str | None) -> tuple[OutputGuardrail, ...]:
+        """Session-wide output guardrails plus ``agent``'s."""
+        with self._mutex:
+            graph = self.core.graph
+        own = graph[agent].output_guardrails if graph is not None and agent is not None and agent in graph else ()
+        return (*self.output_guards, *own)
+
+    def input_guards_now(self) -> tuple[tuple[InputGuardrail, ...], str | None]:
+        """Session-wide input guardrails plus the current agent's, and its name."""
+        with self._mutex:
+            agent = self.core.agent
+        own = agent.input_guardrails if agent is not None else ()
+        return (*self.input_guards, *own), (agent.name if agent is not None else None)
+
+    def guard_context(self) -> Any:
+        """GuardHost: the app's context object."""
+        return self.context
+
+    def output_tripped(self, response_id: str, guard: OutputGuardrail, result: GuardrailResult, text: str) -> None:
+        """GuardHost: stop playback of the response, then let the core cut it off and correct it."""
+        cut = self.audio.cut_response(response_id) if self.audio is not None else None
+        note = correction_note(guard.name, result)
+        now = time.monotonic()
+        self.run(lambda core: core.guardrail_tripped(response_id, guardrail=guard.name, note=note,
+                                                     info=result.info, text=text, truncate=cut, now=now))
+
+    def output_passed(self, response_id: str) -> None:
+        """GuardHost: the finished response passed every check."""
+        self.run(lambda core: core.guardrail_passed(response_id))
+
+    def input_tripped(self, item_id: str, guard: InputGuardrail, result: GuardrailResult, text: str) -> None:
+        """GuardHost: a transcript tripped: block the response server VAD made for it."""
+        active = self.gate.active_response_id()
+        cut = self.audio.cut_response(active) if self.audio is not None and active is not None else None
+        refusal = result.message or guard.refusal
+        now = time.monotonic()
+        self.run(lambda core: core.input_tripped(item_id, guardrail=guard.name, info=result.info, text=text,
+                                                 refusal=refusal, active=active, truncate=cut, now=now))
+
+    def check_input(self, text: str) -> tuple[InputGuardrail, GuardrailResult] | None:
+        """Run the input guardrails on the app's text in the calling thread; the first trip, or None."""
+        guards, agent = self.input_guards_now()
+        if not guards:
+            return None
+        ctx = GuardrailContext(text=text, kind="input", agent=agent, final=True, context=self.context)
+        for guard in guards:
+            result = run_guard(guard, ctx, self.publish)
+            if result is not None and result.tripped:
+                with self._mutex:
+                    self.core.guardrail_trips += 1
+                self.publish(Event("guardrail.tripped", {"kind": "input", "guardrail": guard.name, "item_id": None,
+                                                         "info": result.info, "text": text}))
+                return guard, result
+        return None
 
     def _trace_response(self, typ: str, event: dict[str, Any]) -> None:
         resp, rid, _eid = response_ids(event)
@@ -813,6 +929,8 @@ class SessionShell:
             step(lambda: self.reconnector.stop(timeout))  # type: ignore[union-attr]
         if self.tools is not None:
             step(lambda: self.tools.close(timeout))  # type: ignore[union-attr]
+        if self.guards is not None:
+            step(lambda: self.guards.close(timeout))  # type: ignore[union-attr]
         if self.audio is not None:
             step(self.audio.close)
         step(lambda: self.writer.stop(err, timeout))
@@ -850,7 +968,8 @@ class SessionShell:
 
     def threads(self) -> list[threading.Thread]:
         """Live threads this session started (reader, writer, dispatcher, tools, reconnect)."""
-        names = {f"rtqueue-{role}-{self.n}" for role in ("reader", "writer", "dispatch", "turns", "reconnect")}
+        roles = ("reader", "writer", "dispatch", "turns", "reconnect", "guard")
+        names = {f"rtqueue-{role}-{self.n}" for role in roles}
         return [t for t in threading.enumerate() if t.name in names and t.is_alive()]
 
     def stores(self) -> dict[str, tuple[object, int]]:

@@ -3,7 +3,8 @@
 :class:`FakeTwilio` places calls to a Media Streams WebSocket (a
 :class:`rtqueue.twilio.TwilioBridge`, or any other server) the way Twilio
 does: ``connected``, ``start`` (``audio/x-mulaw`` 8000 Hz mono, custom
-parameters), then ``media`` frames of 20 ms mu-law paced in real time (``speed``
+parameters; the handshake signed with ``auth_token`` when given), then ``media`` frames
+of 20 ms mu-law paced in real time (``speed``
 times faster), ``dtmf`` and ``stop``. Each :class:`FakeCall` is also the
 caller's ear:
 
@@ -118,6 +119,7 @@ class FakeCall:
         mic: bool = True,
         echo_marks_on_clear: bool = True,
         connect_timeout: float = 10.0,
+        auth_token: str | None = None,
     ) -> None:
         from websockets.sync.client import connect
 
@@ -156,8 +158,13 @@ class FakeCall:
         self.errors: list[str] = []  # protocol violations seen from the server
         self.close_code: int | None = None
 
+        headers = {}
+        if auth_token is not None:  # sign the handshake as Twilio does
+            from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
+
+            headers["X-Twilio-Signature"] = RequestValidator(auth_token).compute_signature(url, {})
         self._ws = connect(url, compression=None, open_timeout=connect_timeout, ping_interval=None,
-                           close_timeout=2.0, proxy=None)
+                           close_timeout=2.0, proxy=None, additional_headers=headers)
         self._ws.recv_events_thread.name = f"rtqueue-fake-twilio-recv-{index}"
         self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         self._send({

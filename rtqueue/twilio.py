@@ -55,6 +55,7 @@ from .audio.input import AudioInput, ChunkCallback
 from .audio.output import AudioOutput, PlaybackCut
 from .errors import AudioUnavailable, InvalidArgument, RtqueueError
 from .formats import PCMU, AudioFormat
+from .secrets import Secret
 from .values import Event
 
 if TYPE_CHECKING:
@@ -110,7 +111,8 @@ class TwilioStart:
     account_sid: str = ""
     tracks: tuple[str, ...] = ("inbound",)
     media_format: AudioFormat = PCMU
-    custom_parameters: Mapping[str, str] = attrs.field(factory=dict, converter=_str_map)
+    # Apps pass per-call tokens here: kept out of repr (and so out of logs).
+    custom_parameters: Mapping[str, str] = attrs.field(factory=dict, converter=_str_map, repr=False)
 
     @classmethod
     def from_message(cls, message: Mapping[str, Any]) -> TwilioStart:
@@ -777,14 +779,22 @@ class TwilioCall:
         digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
         if not isinstance(digit, str) or not digit:
             return
-        self.digits.append(digit)
-        session = self.session
-        if session is not None and not session.closed:
-            # The session's dispatcher runs the app's callbacks on its own thread.
-            session.dispatcher.publish(Event(DTMF_EVENT, {
-                "type": DTMF_EVENT, "event": digit, "received_at": int(time.time()), "source": "twilio",
-                "call_sid": self.call_sid, "stream_sid": self.stream_sid,
-            }))
+        with self._lock:
+            self.digits.append(digit)
+            session = self.session
+            if session is not None:
+                self._publish_dtmf(session, digit)
+        # Before the session exists the key waits in digits; the worker publishes it then.
+
+    def _publish_dtmf(self, session: Session, digit: str) -> None:
+        # Under self._lock, so keys reach the app in the order pressed; publish()
+        # only queues (the session's dispatcher runs the app's callbacks).
+        if session.closed:
+            return
+        session.dispatcher.publish(Event(DTMF_EVENT, {
+            "type": DTMF_EVENT, "event": digit, "received_at": int(time.time()), "source": "twilio",
+            "call_sid": self.call_sid, "stream_sid": self.stream_sid,
+        }))
 
     def work(self, factory: SessionFactory, on_end: Callable[[TwilioCall], Any] | None) -> None:
         """The worker: make the session, write outbound audio, close everything at the end."""
@@ -802,7 +812,10 @@ class TwilioCall:
                             self._hangup_code = 1011
                     self._stop.set()
                 else:
-                    self.session = session
+                    with self._lock:
+                        self.session = session
+                        for digit in self.digits:  # keys pressed while the session was connecting
+                            self._publish_dtmf(session, digit)
                     self.state = "active"
                     while self.output.write_pending(self._stop):
                         pass
@@ -899,7 +912,11 @@ class TwilioBridge:
     ``on_call_end(call)`` runs on the call's worker after its session closed.
     ``frame_ms`` is the size of outbound media frames, one mark each (the
     precision of what-was-heard). ``close_timeout`` bounds each closing
-    handshake. Use as a context manager or call :meth:`close`.
+    handshake. With ``auth_token`` (the Twilio account's; a ``str`` or
+    :class:`~rtqueue.secrets.Secret`, never logged) a handshake whose
+    ``X-Twilio-Signature`` does not sign ``public_url`` (the ``wss://`` URL in
+    the TwiML; default: :attr:`url` plus the request's path) is refused with
+    403. Use as a context manager or call :meth:`close`.
     """
 
     def __init__(
@@ -916,6 +933,8 @@ class TwilioBridge:
         ping_interval: float | None = 20.0,
         close_timeout: float = 2.0,
         open_timeout: float = 5.0,
+        auth_token: str | Secret | None = None,
+        public_url: str | None = None,
     ) -> None:
         if not callable(factory):
             raise InvalidArgument("factory must be a callable taking a TwilioCall and returning a Session")
@@ -944,6 +963,15 @@ class TwilioBridge:
         self._ping_interval = ping_interval
         self._close_timeout = float(close_timeout)
         self._open_timeout = float(open_timeout)
+        self._validator: Any = None
+        if auth_token is not None:
+            token = auth_token if isinstance(auth_token, Secret) else Secret(auth_token)
+            from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
+
+            self._validator = RequestValidator(token.reveal())
+        if public_url is not None and urllib.parse.urlsplit(public_url).scheme not in ("wss", "ws"):
+            raise InvalidArgument(f"public_url must be the wss:// URL given to Twilio, not {public_url!r}")
+        self._public_url = public_url
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._server: Server | None = None
@@ -1062,7 +1090,7 @@ class TwilioBridge:
                 self._changed.wait(min(left, 0.05))
 
     def stats(self) -> BridgeStats:
-        """Calls now, in total, failed (factory raised), refused (503/404), barge-ins, per-call stats."""
+        """Calls now, in total, failed (factory raised), refused (403/404/503), barge-ins, per-call stats."""
         with self._lock:
             live = list(self._calls.values())
             total, failed, rejected, done = self._total, self._failed, self._rejected, self._barge_ins_done
@@ -1097,6 +1125,8 @@ class TwilioBridge:
                 refusal: tuple[http.HTTPStatus, str] | None = (http.HTTPStatus.SERVICE_UNAVAILABLE, "closing\n")
             elif self._path is not None and path != self._path:
                 refusal = (http.HTTPStatus.NOT_FOUND, "no media stream here\n")
+            elif self._validator is not None and not self._signed(request):
+                refusal = (http.HTTPStatus.FORBIDDEN, "bad signature\n")
             elif self._max_calls is not None and live >= self._max_calls:
                 refusal = (http.HTTPStatus.SERVICE_UNAVAILABLE, "too many calls\n")
             else:
@@ -1106,6 +1136,13 @@ class TwilioBridge:
         if refusal is None:
             return None
         return conn.respond(*refusal)
+
+    def _signed(self, request: Request) -> bool:
+        # Twilio signs the handshake with the account's auth token over the URL it
+        # was given (no body): X-Twilio-Signature, as for its webhooks.
+        url = self._public_url or f"ws://{self._host}:{self._port}{request.path}"
+        signature = request.headers.get("X-Twilio-Signature", "")
+        return bool(self._validator.validate(url, {}, signature))
 
     def _handle(self, conn: ServerConnection) -> None:
         with self._lock:
@@ -1216,7 +1253,7 @@ class VoiceWebhook:
         self._parameters = parameters
         self._validator: Any = None
         if auth_token is not None:
-            from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
+            from twilio.request_validator import RequestValidator
 
             self._validator = RequestValidator(auth_token)
         self._public_url = public_url

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = {
     "Agent", "AudioFormat", "AudioFormatError", "AudioUnavailable", "AuthenticationError", "PCM16", "PCMA",
     "PCMU", "ConnectError", "ConnectionLost", "Event", "FaultPlan",
-    "GateStats", "GateTimeout", "Handoff", "Interruption", "InvalidArgument", "ProtocolError", "ReconnectPolicy",
+    "GateStats", "GateTimeout", "GuardrailContext", "GuardrailResult", "InputGuardrail",
+    "InputGuardrailTripped", "OutputGuardrail", "input_guardrail", "output_guardrail",
+    "Handoff", "Interruption", "InvalidArgument", "ProtocolError", "ReconnectPolicy",
     "Response", "ResponseError", "ResponseGate", "ResponseHandle", "ResponseRejected", "ResponseTimeout",
     "RtqueueError", "SendHandle", "ServerError", "Session", "SessionClosed", "Simulator", "Tool", "ToolContext",
     "ToolError", "__version__", "handoff", "tool",

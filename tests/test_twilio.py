@@ -140,32 +140,56 @@ def test_barge_in_clears_first_and_truncates_at_what_the_caller_heard(tmp_path: 
 
 
 def test_dtmf_reaches_the_app_as_an_event():
-    """A key press on the call is published to its session as input_audio_buffer.dtmf_event_received."""
+    """Key presses are published to the call's session as input_audio_buffer.dtmf_event_received, in order,
+    including one pressed while the session was still connecting."""
+    seen: list[str] = []
+    got = threading.Event()
+
+    def on_key(ev: Any) -> None:
+        seen.append(ev.event)
+        if len(seen) == 4:
+            got.set()
+
     with Simulator(speed=None, seed=3) as sim:
-        factory = session_factory(sim.url, turn_detection=VAD)
+        connect = session_factory(sim.url, turn_detection=VAD)
+
+        def factory(call: TwilioCall) -> Session:
+            session = connect(call)
+            session.on(DTMF_EVENT, on_key)
+            return session
+
         with TwilioBridge(factory) as bridge, FakeTwilio(bridge.url, speed=4.0) as twilio:
             caller = twilio.call()
+            caller.dtmf("9")  # most likely before the session exists
             assert bridge.wait_calls(lambda cs: bool(cs) and cs[0].session is not None, UNIT)
             call = bridge.calls()[0]
             assert call.session is not None
             keys = call.session.events(DTMF_EVENT)
-            seen: list[str] = []
-            got = threading.Event()
-
-            def on_key(ev: Any) -> None:
-                seen.append(ev.event)
-                if len(seen) == 3:
-                    got.set()
-
-            call.session.on(DTMF_EVENT, on_key)
             for digit in "42#":
                 caller.dtmf(digit)
             assert got.wait(UNIT)
-            assert seen == ["4", "2", "#"] and call.digits == ["4", "2", "#"]
+            assert seen == ["9", "4", "2", "#"] and call.digits == seen
             ev = keys.get(timeout=UNIT)
             assert ev is not None and ev.source == "twilio" and ev.call_sid == caller.call_sid
             caller.hangup()
             assert call.wait_ended(UNIT)
+
+
+def test_unsigned_handshakes_are_refused():
+    """With auth_token, a stream whose handshake does not carry Twilio's signature is refused (403)."""
+    token = "twilio-auth-token-0123456789"
+    with Simulator(speed=None, seed=5) as sim:
+        factory = session_factory(sim.url, turn_detection=VAD)
+        with TwilioBridge(factory, auth_token=token) as bridge, FakeTwilio(bridge.url, speed=4.0) as twilio:
+            with pytest.raises(Exception, match="403"):
+                twilio.call(auth_token="not-the-token")
+            with pytest.raises(Exception, match="403"):
+                twilio.call()
+            caller = twilio.call(auth_token=token)
+            assert bridge.wait_calls(lambda cs: bool(cs) and cs[0].session is not None, UNIT)
+            caller.hangup()
+            assert bridge.wait_calls(lambda cs: cs[0].ended.is_set(), UNIT)
+            assert bridge.stats().rejected == 2 and bridge.stats().total_calls == 1
 
 
 def test_close_ends_every_call_session_and_thread():

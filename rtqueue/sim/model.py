@@ -11,9 +11,11 @@ says when the audio was made by :mod:`rtqueue.sim.synth` (see
 ``"(audio N ms)"``.
 
 **Test hooks** in the last user text, or in the instructions (the user text
-wins; hooks are removed before anything is echoed):
+wins; a system message after the last user message, such as a guardrail's
+correction note, wins over both; hooks are removed before anything is echoed):
 
-- ``[say: some text]``: the reply is exactly ``some text``.
+- ``[say: some text]``: the reply is exactly ``some text``; so is
+  ``Say exactly ...: some text`` in the instructions (a refusal).
 - ``[len: N]``: the reply has exactly N words (1 <= N <= 1000).
 - ``[items: N]``: the words are spread over N assistant message items in one
   response (1 <= N <= 8), as the real service sometimes does.
@@ -111,6 +113,8 @@ _ID_HINTS = ("id", "number", "num", "code", "zip", "postal", "phone", "account",
 _PLACE_HINTS = ("city", "location", "place", "town", "country", "destination", "address", "region")
 _FREE_TEXT_HINTS = ("query", "text", "question", "message", "reason", "topic", "description", "note", "input")
 _HOOK = re.compile(r"\[(say|len|tools|items|mcp)\s*:\s*([^\]]*)\]", re.IGNORECASE)
+# "Say exactly ...: X" in the instructions (how an app makes the model say a refusal): the reply is X.
+_SAY_EXACTLY = re.compile(r"\bsay exactly\b[^:]*:\s*(.+)", re.IGNORECASE | re.DOTALL)
 _WORD = re.compile(r"[a-z0-9]+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _ROLE = re.compile(r"\byou are\s+((?:a|an|the)\s+)?([^.,;:!?\n]{1,48})", re.IGNORECASE)
@@ -207,7 +211,13 @@ class ScriptedModel:
         # Hooks in the last user text win; hooks in the instructions (a
         # response.create's own) apply otherwise.
         hooks = {k.lower(): v.strip() for k, v in _HOOK.findall(instructions or "")}
+        exact = _SAY_EXACTLY.search(_HOOK.sub(" ", instructions or ""))
+        if exact and "say" not in hooks:
+            hooks["say"] = " ".join(exact.group(1).split())
         hooks.update({k.lower(): v.strip() for k, v in _HOOK.findall(user_text)})
+        for t in after:  # a system note after the user's words (a guardrail's correction) has the last word
+            if t.kind == "system":
+                hooks.update({k.lower(): v.strip() for k, v in _HOOK.findall(t.text)})
         clean_text = " ".join(_HOOK.sub(" ", user_text).split())
         rng = random.Random(f"{self.seed}|{len(turns)}|{user_text}|{instructions}")
         role = _role_sentence(_HOOK.sub(" ", instructions or ""))
