@@ -1199,11 +1199,14 @@ def stream_twiml(
 
     ``parameters`` become ``<Parameter name= value=>`` children (they come
     back in ``start.customParameters``; do not put secrets there, Twilio logs
-    them). Twilio requires a ``wss://`` URL; ``ws://`` is accepted for
-    loopback tests. Needs the ``twilio`` package (extra ``rtqueue[phone]``).
+    them). Twilio requires a ``wss://`` URL without a query string;
+    ``ws://`` is accepted for loopback tests. Needs the ``twilio`` package (extra ``rtqueue[phone]``).
     """
     if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("wss", "ws"):
         raise InvalidArgument(f"url must be a wss:// (or ws://) URL, not {url!r}")
+    if urllib.parse.urlsplit(url).query:
+        # Twilio's <Stream> refuses query strings (error 31920): values travel as <Parameter>s.
+        raise InvalidArgument(f"a <Stream> url takes no query string; pass parameters= instead: {url!r}")
     try:
         from twilio.twiml.voice_response import Connect, VoiceResponse  # type: ignore[import-untyped]
     except ImportError as exc:

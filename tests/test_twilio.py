@@ -248,8 +248,9 @@ def test_twiml_and_voice_webhook():
     assert root.tag == "Response" and stream is not None
     assert stream.get("url") == "wss://example.test/media" and stream.get("name") == "desk"
     assert {p.get("name"): p.get("value") for p in stream.findall("Parameter")} == {"tenant": "acme"}
-    with pytest.raises(TypeError):
-        stream_twiml("https://example.test/media")
+    for bad in ("https://example.test/media", "wss://example.test/media?token=x"):
+        with pytest.raises(TypeError):
+            stream_twiml(bad)
 
     from twilio.request_validator import RequestValidator
 
