@@ -17,6 +17,7 @@ import logging as _logging
 
 from .agents import Agent, Handoff, handoff
 from .audio_session import Interruption
+from .config import SessionConfig
 from .errors import (
     AudioFormatError,
     AudioUnavailable,
@@ -96,6 +97,7 @@ __all__ = [
     "ServerError",
     "Session",
     "SessionClosed",
+    "SessionConfig",
     "Simulator",
     "Tool",
     "ToolContext",

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .agents import Agent, resolve_agents, session_config_for
+from .config import SessionConfig, merge_session
+from .config import session_fields as split_session_fields
 from .core import deep_merge
 from .dispatch import DEFAULT_STREAM_SIZE, EventStream
 from .errors import AudioFormatError, ConnectError, InvalidArgument, RtqueueError, SessionClosed
@@ -108,6 +110,7 @@ class Session:
         call_id: str | None = None,
         instructions: str | None = None,
         session: Mapping[str, Any] | None = None,
+        config: SessionConfig | Mapping[str, Any] | None = None,
         agent: Agent | None = None,
         agents: Iterable[Agent] = (),
         context: Any = None,
@@ -138,10 +141,14 @@ class Session:
         (``"server_vad"``, ``"semantic_vad"``, ``"push_to_talk"``/``None`` for
         manual commits, a dict, or ``True`` to keep the server's default) and
         ``session`` (raw GA session fields, merged last) make up the first
-        ``session.update``. ``agent`` starts a multi-agent conversation (see
-        :class:`~rtqueue.Agent`); ``context`` is handed to agent instructions and
-        tools. ``audio=True`` plays and records with the default devices,
-        ``"null"`` uses device-less ones, or pass an :class:`~rtqueue.audio.AudioIO`.
+        ``session.update``, on top of ``config``: a typed
+        :class:`~rtqueue.config.SessionConfig` (or its GA dict form, checked
+        the same way) for everything else of the GA session (noise reduction,
+        transcription, VAD details, truncation, prompt, ...). ``agent``
+        starts a multi-agent conversation (see :class:`~rtqueue.Agent`);
+        ``context`` is handed to agent instructions and tools. ``audio=True``
+        plays and records with the default devices, ``"null"`` uses
+        device-less ones, or pass an :class:`~rtqueue.audio.AudioIO`.
         ``audio_format`` sets the session's audio format both ways
         (``"pcm16"``, ``"pcmu"``, ``"pcma"``, a GA format dict or an
         :class:`~rtqueue.formats.AudioFormat`), or per direction as a pair
@@ -206,7 +213,8 @@ class Session:
         extra = tuple(agents)
         start = agent if agent is not None else (extra[0] if extra else None)
         graph = resolve_agents(start, extra) if start is not None else None
-        config = _initial_config(instructions, voice, output_modalities, turn_detection, session)
+        config = _initial_config(instructions, voice, output_modalities, turn_detection, session,
+                                 base=_typed_config(config))
         if audio_format is not None:
             config = deep_merge(config, {"audio": _format_config(audio_format)})
         if tracing is not None:
@@ -275,11 +283,13 @@ class Session:
             self._shell.reconnector = Reconnector(self._shell, policy)
         return self
 
-    def start(self, config: Mapping[str, Any] | None = None, timeout: float = 10.0) -> Session:
+    def start(self, config: SessionConfig | Mapping[str, Any] | None = None, timeout: float = 10.0) -> Session:
         """Open the connection of a session made with the low-level constructor; returns it."""
         _positive("timeout", timeout)
         if self._shell.started:
             raise InvalidArgument("start() was called already; a session starts once")
+        if isinstance(config, SessionConfig):
+            config = config.to_dict()
         cfg = {"type": "realtime", **dict(config or {})}
         try:
             self._shell.start(cfg, timeout)
@@ -425,9 +435,25 @@ class Session:
         shell.run(lambda core: core.send_event(ev, handle, front=ev["type"] in URGENT))
         return handle
 
-    def update(self, *, wait: bool = True, timeout: float | None = 10.0, **session_fields: Any
-               ) -> dict[str, Any] | SendHandle:
-        """Send a ``session.update`` with GA session fields (``type`` is added).
+    def update(self, config: SessionConfig | Mapping[str, Any] | None = None, /, *, wait: bool = True,
+               timeout: float | None = 10.0, **session_fields: Any) -> dict[str, Any] | SendHandle:
+        """Send a ``session.update`` (``type: "realtime"`` is added); only what is given changes.
+
+        ``config`` is a :class:`~rtqueue.config.SessionConfig` (its set fields
+        only) or a raw dict of GA session fields. Keyword fields are GA
+        top-level fields, sent as given (``instructions=``, ``tools=``,
+        ``audio={...}``...), or conveniences mapped to their GA path:
+        ``voice`` and ``speed`` (``audio.output``), ``input_format``,
+        ``output_format`` and ``audio_format`` (both, or an ``(input,
+        output)`` pair), ``turn_detection`` (``"server_vad"``,
+        ``"semantic_vad"``, ``None`` for manual turns, a
+        :class:`~rtqueue.config.ServerVad`...), ``noise_reduction``
+        (``"near_field"``, ``"far_field"``, ``None`` for off) and
+        ``transcription`` (a model name, a
+        :class:`~rtqueue.config.Transcription`, ``None`` for off). Layers merge
+        in that order: the typed config, the conveniences, the raw keyword
+        fields, a raw ``config`` dict last. A keyword that is neither raises
+        :class:`InvalidArgument` and nothing is sent.
 
         With ``wait`` (default) returns the session as ``session.updated``
         reports it, raising :class:`ServerError` if the server refused it;
@@ -436,7 +462,7 @@ class Session:
         timeout = check_timeout(timeout)
         if not isinstance(wait, bool):
             raise InvalidArgument(f"wait must be a bool, not {wait!r}")
-        fields = {"type": "realtime", **session_fields}
+        fields = _update_fields(config, session_fields)
         _check_json(fields, "session fields")
         shell = self._open()
         if wait:
@@ -790,8 +816,10 @@ def _initial_config(
     output_modalities: list[str] | None,
     turn_detection: str | Mapping[str, Any] | bool | None,
     session: Mapping[str, Any] | None,
+    *,
+    base: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    config: dict[str, Any] = {"type": "realtime"}
+    config: dict[str, Any] = {"type": "realtime", **(base or {})}
     if instructions is not None:
         config["instructions"] = instructions
     if output_modalities is not None:
@@ -807,7 +835,7 @@ def _initial_config(
     if td is not _KEEP:
         audio_cfg.setdefault("input", {})["turn_detection"] = td
     if audio_cfg:
-        config["audio"] = audio_cfg
+        config = merge_session(config, {"audio": audio_cfg})  # on top of base's audio, not instead of it
     if session:
         _check_json(dict(session), "session")
         config = deep_merge(config, dict(session))
@@ -815,6 +843,33 @@ def _initial_config(
 
 
 _KEEP = object()
+
+
+def _typed_config(config: object) -> dict[str, Any] | None:
+    """``connect(config=...)`` as GA JSON: a SessionConfig, or its GA dict form checked as one."""
+    if config is None:
+        return None
+    if isinstance(config, Mapping):
+        config = SessionConfig.from_dict(config)
+    if not isinstance(config, SessionConfig):
+        raise InvalidArgument(f"config must be an rtqueue.SessionConfig, not {type(config).__name__}")
+    return config.to_dict()
+
+
+def _update_fields(config: object, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``session`` of an ``update()``: typed config, conveniences, raw fields, then a raw dict (see there)."""
+    raw_last: Mapping[str, Any] = {}
+    out: dict[str, Any] = {"type": "realtime"}
+    if isinstance(config, SessionConfig):
+        out = config.to_dict()
+    elif isinstance(config, Mapping):
+        raw_last = config
+    elif config is not None:
+        raise InvalidArgument(f"update() takes a SessionConfig or a dict of GA session fields, not {config!r}")
+    conveniences, raw = split_session_fields(fields)
+    for layer in (conveniences, raw, raw_last):
+        out = merge_session(out, layer)
+    return out
 
 
 def _format_config(value: Any) -> dict[str, Any]:

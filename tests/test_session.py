@@ -178,12 +178,12 @@ def test_raw_send_create_is_gated(sim: Simulator):
 
 
 def test_update_applies_and_reports_server_errors(sim: Simulator):
-    """update() returns the new session; an unknown field raises the server's error."""
+    """update() returns the new session; an unknown field in a raw dict raises the server's error."""
     with Session.connect(url=sim.url) as session:
         cfg = session.update(instructions="Speak like a pirate.")
         assert cfg["instructions"] == "Speak like a pirate."
         with pytest.raises(rtqueue.ServerError) as info:
-            session.update(not_a_field=1)
+            session.update({"not_a_field": 1})  # raw: sent as given (a keyword is refused before sending)
         assert info.value.code == "unknown_parameter"
         assert session.ask("still alive?", timeout=UNIT).status == "completed"
 
