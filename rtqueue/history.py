@@ -4,8 +4,9 @@ A session remembers the conversation items the server announced
 (``conversation.item.added`` / ``.done``), for :attr:`Session.items` and for
 re-seeding a new socket after a reconnect (:func:`rtqueue.reconnect.reseed_plan`).
 It keeps only what those need: ids, types, roles, status, text and
-transcripts, and function-call fields. Audio, images and fields it does not
-know are dropped.
+transcripts, and function-call fields. Audio and fields it does not know are
+dropped; an image is kept as a reference (its SHA-256 and size, see
+:class:`~rtqueue.images.ImageRef`), never its bytes.
 
 Why not keep the server's dicts: a parsed item is about 1.5 KB (every dict
 carries its own copy of each key, every value is a fresh string), and at 200
@@ -20,6 +21,8 @@ import sys
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from .images import ImageRef, image_ref
 
 __all__ = ["History", "reseed_plan"]
 
@@ -57,20 +60,23 @@ class _Record:
         args, output = item.get("arguments"), item.get("output")
         self.arguments = _cut(args) if isinstance(args, str) else None
         self.output = _cut(output) if isinstance(output, str) else None
-        parts: list[tuple[str, str | None]] = []
+        parts: list[tuple[str, str | ImageRef | None]] = []
         content = item.get("content")
         for c in content if isinstance(content, list) else ():
             if isinstance(c, Mapping) and isinstance(c.get("type"), str):
                 ctype = sys.intern(c["type"])
+                if ctype == "input_image":
+                    parts.append((ctype, image_ref(c)))
+                    continue
                 text = c.get("text") if ctype in _TEXT_PARTS else c.get("transcript")
                 parts.append((ctype, _cut(text) if isinstance(text, str) else None))
-        self.parts: tuple[tuple[str, str | None], ...] = tuple(parts)
+        self.parts: tuple[tuple[str, str | ImageRef | None], ...] = tuple(parts)
 
     @property
     def size(self) -> int:
         """Characters of text this record holds."""
         return (len(self.arguments or "") + len(self.output or "")
-                + sum(len(x) for _, x in self.parts if x is not None))
+                + sum(len(x) for _, x in self.parts if isinstance(x, str)))
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "type": self.type}
@@ -79,10 +85,14 @@ class _Record:
             if value is not None:
                 out[key] = value
         if self.parts or self.type == "message":
-            out["content"] = [
-                {"type": ctype, "text" if ctype in _TEXT_PARTS else "transcript": text} for ctype, text in self.parts
-            ]
+            out["content"] = [_part(ctype, x) for ctype, x in self.parts]
         return out
+
+
+def _part(ctype: str, value: str | ImageRef | None) -> dict[str, Any]:
+    if ctype == "input_image":
+        return {"type": ctype, **(value.to_dict() if isinstance(value, ImageRef) else {})}
+    return {"type": ctype, "text" if ctype in _TEXT_PARTS else "transcript": value}
 
 
 class History:
@@ -121,7 +131,9 @@ class History:
         """Add or update an item (a server item dict with a string ``id``; others are ignored).
 
         An update keeps the item's place; a transcript already filled in by
-        :meth:`set_transcript` survives an update that has none.
+        :meth:`set_transcript` survives an update that has none. An
+        ``input_image`` part is kept as ``{"type": "input_image", "image":
+        sha256, "bytes": n, "mime_type": ...}``.
         """
         if not isinstance(item, Mapping) or not isinstance(item.get("id"), str):
             return
@@ -173,6 +185,11 @@ def reseed_plan(
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
     """Items to re-create on a new socket, and what cannot be carried, by reason.
 
+    Reasons: ``dangling_call``, ``audio`` (a message with audio and no
+    transcript), ``incomplete``, ``other`` (item types not re-created),
+    ``trimmed`` (past ``limit``) and ``image``: each image of a message (the
+    history holds a reference, not the bytes; the message's text still goes).
+
     ``pending_calls(call_id)`` says whether a function call's output is still
     on its way (its tools run or its output is queued); such a call is
     carried even though its output is not in ``items`` yet. ``limit`` keeps
@@ -204,10 +221,13 @@ def reseed_plan(
                           "output": str(item.get("output") or "")})
         elif typ == "message":
             seed, why = _message_seed(item, base)
-            if seed is None:
-                dropped[why] += 1
-            else:
+            images = _images(item)
+            if images:
+                dropped["image"] += images
+            if seed is not None:
                 seeds.append(seed)
+            elif not images or why != "incomplete":  # an image-only message is counted once, as its image
+                dropped[why] += 1
         else:
             dropped["other"] += 1
     if limit is not None and len(seeds) > limit:
@@ -220,6 +240,13 @@ def reseed_plan(
         dropped["trimmed"] += len(seeds) - len(kept)
         seeds = kept
     return seeds, dropped
+
+
+def _images(item: dict[str, Any]) -> int:
+    """How many ``input_image`` parts a message holds (none can be re-sent: only references are kept)."""
+    parts = item.get("content")
+    return sum(1 for c in parts if isinstance(c, dict) and c.get("type") == "input_image") \
+        if isinstance(parts, list) else 0
 
 
 def _message_seed(item: dict[str, Any], base: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:

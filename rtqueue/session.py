@@ -405,6 +405,31 @@ class Session:
         timeout = check_timeout(timeout)
         return self._open().cancel_active(timeout)
 
+    def send_image(self, image: str | os.PathLike[str] | bytes, text: str | None = None, *,
+                   mime: str | None = None, detail: str | None = None) -> SendHandle:
+        """Add a user message with an image (and ``text``, if given) to the conversation; no response.
+
+        ``image`` is a file path or the image's bytes: a PNG, JPEG, WebP or
+        GIF (told by its magic bytes; ``mime``, if given, must agree) of at
+        most :data:`rtqueue.images.MAX_IMAGE_BYTES`. It goes as an
+        ``input_image`` content part (a base64 data URL; ``detail``
+        ``"auto"``, ``"low"`` or ``"high"``), before the ``input_text`` part.
+        Every check runs first and raises :class:`InvalidArgument` with
+        nothing sent. :attr:`items` keeps a reference to the image (SHA-256
+        and size), never its bytes, so a reconnect cannot re-send it: its
+        re-seed counts it under ``not_carried_by_reason["image"]``.
+        """
+        from .images import image_part, load_image
+
+        data, kind = load_image(image, mime)
+        content = [image_part(data, kind, detail)]
+        if text is not None:
+            if not isinstance(text, str):
+                raise InvalidArgument(f"text must be a str, not {type(text).__name__}")
+            content.append({"type": "input_text", "text": text})
+        return self.send({"type": "conversation.item.create",
+                          "item": {"type": "message", "role": "user", "content": content}})
+
     def send(self, event: Mapping[str, Any]) -> SendHandle:
         """Queue any raw client event; returns a handle (a :class:`ResponseHandle` for creates).
 
@@ -554,8 +579,9 @@ class Session:
         At most the newest 500, and about a million characters of text (see
         :mod:`rtqueue.history`). Fresh dicts in the server's item shape,
         holding what re-seeding uses: ``id``, ``type``, ``role``, ``status``,
-        ``content`` parts with their ``text`` or ``transcript``, and
-        function-call fields.
+        ``content`` parts with their ``text`` or ``transcript`` (an image as a
+        reference: ``{"type": "input_image", "image": sha256, "bytes": n,
+        "mime_type": ...}``), and function-call fields.
         """
         with self._shell.locked() as core:
             return core.history.items()

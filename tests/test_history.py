@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import gc
+import hashlib
 import json
 import tracemalloc
 from collections.abc import Callable
@@ -46,7 +48,9 @@ def test_items_keep_what_reseeding_needs_and_drop_the_rest() -> None:
     assert out["item_a1"] == {"id": "item_a1", "type": "message", "role": "assistant", "status": "completed",
                               "content": [{"type": "output_audio", "transcript": "Hello there."}]}
     assert out["item_u1"]["content"] == [{"type": "input_audio", "transcript": None}]  # no audio kept
-    assert out["item_u2"]["content"][1] == {"type": "input_image", "transcript": None}  # no image kept
+    image = base64.b64decode("B" * 2000)  # an image is kept as a reference, never its bytes
+    assert out["item_u2"]["content"][1] == {"type": "input_image", "image": hashlib.sha256(image).hexdigest(),
+                                            "bytes": len(image), "mime_type": "image/png"}
     assert out["item_fc"] == {"id": "item_fc", "type": "function_call", "status": "completed", "call_id": "call_1",
                               "name": "lookup", "arguments": '{"order": 42}'}
     assert out["item_fo"]["output"] == '{"status": "shipped"}'
