@@ -53,6 +53,7 @@ from .reconnect import ReconnectPolicy
 from .session import Session
 from .sim import FaultPlan, Simulator
 from .tools import Tool, ToolContext, tool
+from .usage import Usage
 from .values import Event, Response
 
 __version__ = "0.1.0"
@@ -102,6 +103,7 @@ __all__ = [
     "Tool",
     "ToolContext",
     "ToolError",
+    "Usage",
     "WebhookVerificationError",
     "__version__",
     "handoff",

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .audio_session import AudioLink, Interruption
     from .dispatch import Dispatcher
     from .recording import Recorder
+    from .usage import Usage
     from .writer import Writer
 
 __all__ = ["Session"]
@@ -591,6 +592,17 @@ class Session:
         """A counter bumped each time the user starts a new turn (text, commit, speech)."""
         with self._shell.locked() as core:
             return core.turn_seq
+
+    @property
+    def usage(self) -> Usage:
+        """Tokens used so far, per session and per agent, and the latest rate limits (a frozen snapshot).
+
+        Sums the ``usage`` of every ``response.done`` (a response counts for the
+        agent that made it) and of every input transcription, and keeps the
+        latest ``rate_limits.updated``: see :class:`~rtqueue.usage.Usage`.
+        """
+        with self._shell.locked():
+            return self._shell.usage.snapshot()
 
     def stats(self) -> dict[str, Any]:
         """Gate stats plus writer, dispatcher, reconnect and audio counters."""

@@ -102,6 +102,7 @@ from .secrets import Secret, redact
 from .telemetry import Telemetry
 from .transport import Transport
 from .turns import ToolWorker
+from .usage import USAGE_EVENTS, UsageMeter
 from .values import Event, Response
 from .writer import Outbound, Writer
 
@@ -188,6 +189,7 @@ class SessionShell:
         self.reconnector: Reconnector | None = None
         self._evict_check = 0.0
         self._issued: weakref.WeakSet[SendHandle] = weakref.WeakSet()
+        self.usage = UsageMeter()  # token usage and rate limits; read and fed under the mutex
         self.issued_count = 0
         self._fatal_error: ServerError | None = None
         self._last_error: ServerError | None = None  # a refusing close (3000/4000) carries its text
@@ -441,7 +443,10 @@ class SessionShell:
         if routed.error is not None:
             self._note_error(routed.error)
         verdict, matched = routed.verdict, routed.matched
-        self.run(lambda core: core.receive(event, verdict=verdict, matched=matched))
+        if typ in USAGE_EVENTS:
+            self.run(lambda core: self._receive_metered(core, event, verdict, matched))
+        else:
+            self.run(lambda core: core.receive(event, verdict=verdict, matched=matched))
         if self.telemetry.enabled and typ in ("response.created", "response.done"):
             self._trace_response(typ, event)
         if typ in ("session.created", "session.updated"):
@@ -556,6 +561,25 @@ class SessionShell:
         sent = handle.sent_at if handle is not None else None
         wait = sent - handle.queued_at if handle is not None and sent is not None else None
         self.telemetry.response_created(rid, agent, wait)
+
+    def _receive_metered(self, core: ConversationCore, event: dict[str, Any], verdict: str | None,
+                         matched: str | None) -> list[Action]:
+        """The core's step for an event with usage, then its count (under the mutex, before any waiter wakes).
+
+        A ``response.done`` counts for the agent that made the response: the
+        :class:`Response` the core has just built says which.
+        """
+        actions = core.receive(event, verdict=verdict, matched=matched)
+        agent: str | None = None
+        if event["type"] == "response.done":
+            resp = event.get("response")
+            rid = resp.get("id") if isinstance(resp, dict) else None
+            done = core.recent(rid) if isinstance(rid, str) else None
+            agent = done.agent if done is not None else None
+        elif core.agent is not None:
+            agent = core.agent.name
+        self.usage.observe(event, agent)
+        return actions
 
     def _note_error(self, err: ServerError) -> None:
         eid = err.event_id

@@ -22,7 +22,7 @@ PUBLIC = {
     "RtqueueError", "SendHandle", "ServerError", "Session", "SessionClosed", "Simulator", "Tool", "ToolContext",
     "ToolError", "__version__", "handoff", "tool",
     "CallControlError", "WebhookVerificationError",
-    "SessionConfig",
+    "SessionConfig", "Usage",
 }
 
 
