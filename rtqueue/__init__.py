@@ -16,6 +16,7 @@ works without PortAudio.
 import logging as _logging
 
 from .agents import Agent, Handoff, handoff
+from .approvals import ApprovalDecision, ApprovalRequest
 from .audio_session import Interruption
 from .config import SessionConfig
 from .errors import (
@@ -49,6 +50,7 @@ from .guardrails import (
     output_guardrail,
 )
 from .handles import ResponseHandle, SendHandle
+from .hosted_mcp import HostedMCP
 from .reconnect import ReconnectPolicy
 from .session import Session
 from .sim import FaultPlan, Simulator
@@ -66,6 +68,8 @@ __all__ = [
     "PCMA",
     "PCMU",
     "Agent",
+    "ApprovalDecision",
+    "ApprovalRequest",
     "AudioFormat",
     "AudioFormatError",
     "AudioUnavailable",
@@ -80,6 +84,7 @@ __all__ = [
     "GuardrailContext",
     "GuardrailResult",
     "Handoff",
+    "HostedMCP",
     "InputGuardrail",
     "InputGuardrailTripped",
     "Interruption",

@@ -31,6 +31,7 @@ import attrs
 
 from .errors import InvalidArgument
 from .guardrails import InputGuardrail, OutputGuardrail, check_list
+from .hosted_mcp import HostedMCP, check_servers
 from .tools import Tool, _check_name
 
 __all__ = [
@@ -176,6 +177,11 @@ def _check_voice(instance: Any, attribute: Any, value: Any) -> None:
         raise InvalidArgument(f"Agent voice must be a non-empty str or None, got {value!r}")
 
 
+def _check_agent_approval(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, bool) and not callable(value):
+        raise InvalidArgument(f"needs_approval must be a bool or a predicate (tool_name, arguments), not {value!r}")
+
+
 def _output_guards(value: object) -> tuple[OutputGuardrail, ...]:
     return check_list(value, OutputGuardrail, "output_guardrails")
 
@@ -197,6 +203,11 @@ class Agent:
     - ``voice``: the voice to open the session with when this agent starts it;
       a handoff never changes the voice (the server refuses once audio was sent).
     - ``description``: one line used in the handoff tool other agents see.
+    - ``needs_approval``: ``True``, or a predicate ``(tool_name, arguments)``,
+      when this agent's function tool calls must be approved before they run
+      (on top of each tool's own ``needs_approval``; see :mod:`rtqueue.approvals`).
+    - ``mcp``: hosted MCP servers (:class:`~rtqueue.hosted_mcp.HostedMCP`) this
+      agent may use.
     - ``output_guardrails`` / ``input_guardrails``: checks on what this agent
       says and on what the user says to it (see :mod:`rtqueue.guardrails`),
       on top of the session-wide ones.
@@ -210,6 +221,9 @@ class Agent:
     handoffs: tuple[Agent | Handoff | str | Callable[[], Agent], ...] = attrs.field(default=(), converter=_to_handoffs)
     voice: str | None = attrs.field(default=None, validator=_check_voice)
     description: str = attrs.field(default="", validator=_str_field("Agent"))
+    needs_approval: bool | Callable[[str, dict[str, Any]], bool] = attrs.field(default=False,
+                                                                                validator=_check_agent_approval)
+    mcp: tuple[HostedMCP, ...] = attrs.field(default=(), converter=check_servers)
     output_guardrails: tuple[OutputGuardrail, ...] = attrs.field(default=(), converter=_output_guards)
     input_guardrails: tuple[InputGuardrail, ...] = attrs.field(default=(), converter=_input_guards)
 
@@ -256,12 +270,15 @@ class AgentGraph(Mapping[str, Agent]):
     the model.
     """
 
-    __slots__ = ("_agents", "_edges", "_start")
+    __slots__ = ("_agents", "_edges", "_start", "shared_mcp")
 
-    def __init__(self, start: Agent, agents: dict[str, Agent], edges: dict[str, dict[str, _HandoffEdge]]) -> None:
+    def __init__(self, start: Agent, agents: dict[str, Agent], edges: dict[str, dict[str, _HandoffEdge]],
+                 shared_mcp: tuple[HostedMCP, ...] = ()) -> None:
         self._start = start
         self._agents = types.MappingProxyType(agents)
         self._edges = edges
+        #: Hosted MCP servers of the whole session: in every agent's tool list, so handoffs keep them.
+        self.shared_mcp = shared_mcp
 
     @property
     def start(self) -> Agent:
@@ -297,11 +314,13 @@ class AgentGraph(Mapping[str, Agent]):
         return found
 
     def tools_for(self, agent: Agent | str) -> list[dict[str, Any]]:
-        """The ``session.tools`` list for ``agent``: its function tools, then
-        its handoff tools, as fresh dicts."""
+        """The ``session.tools`` list for ``agent``: its function tools, its
+        handoff tools, then its hosted MCP servers and the session's, as fresh dicts."""
         found = self.agent(agent)
         tools = [t.definition() for t in found.tools]
         tools += [copy.deepcopy(edge.definition) for edge in self._edges[found.name].values()]
+        own = {m.server_label for m in found.mcp}
+        tools += [m.definition() for m in (*found.mcp, *(m for m in self.shared_mcp if m.server_label not in own))]
         return tools
 
     def handoff_target(self, tool_name: str, from_agent: Agent | str) -> Agent | None:
@@ -323,7 +342,8 @@ class AgentGraph(Mapping[str, Agent]):
         return None
 
 
-def resolve_agents(start: Agent, extra: Iterable[Agent] = ()) -> AgentGraph:
+def resolve_agents(start: Agent, extra: Iterable[Agent] = (), *, shared_mcp: Iterable[HostedMCP] = ()
+                   ) -> AgentGraph:
     """Walk the graph from ``start`` and ``extra`` and check it.
 
     Every agent reachable through handoffs joins the graph; agents that are
@@ -334,7 +354,7 @@ def resolve_agents(start: Agent, extra: Iterable[Agent] = ()) -> AgentGraph:
     unknown name; two different agents with one name; a callable that raises
     or returns no Agent; an agent handing off to itself; two handoffs of one
     agent with the same tool name, or a handoff tool name equal to one of its
-    function tools.
+    function tools. ``shared_mcp`` hosted MCP servers join every agent's tools.
     """
     if not isinstance(start, Agent):
         raise InvalidArgument(f"resolve_agents() needs an Agent to start from, got {start!r}")
@@ -392,7 +412,7 @@ def resolve_agents(start: Agent, extra: Iterable[Agent] = ()) -> AgentGraph:
                 )
             table[edge.tool_name] = edge
         edges[name] = table
-    return AgentGraph(start, agents, edges)
+    return AgentGraph(start, agents, edges, check_servers(list(shared_mcp), "mcp"))
 
 
 def _resolve_target(spec: Any, owner: Agent) -> Agent | str:

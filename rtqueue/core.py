@@ -208,6 +208,8 @@ class ToolCallSpec:
     name: str
     arguments: str
     item_id: str | None = None
+    kind: str = "function"  # or "mcp_approval": an mcp_approval_request item (call_id is its id)
+    server_label: str | None = None
 
 
 @attrs.frozen
@@ -219,6 +221,7 @@ class ToolJob:
     calls: tuple[ToolCallSpec, ...]
     handoff_call: str | None = None  # call id of the (first) handoff call
     handoff_target: str | None = None  # the agent it transfers to
+    in_band: bool = True  # an out-of-band response's chain holds no gate slot
 
 
 @attrs.frozen
@@ -756,10 +759,10 @@ class ConversationCore:
             self._requests.pop(req.event_id, None)
             handle = req.handle
         chained = False
-        if response.function_calls:
+        if response.function_calls or response.mcp_approval_requests:
             # Decide on a follow-up before resolving the handle, so final() never
             # sees "done, no follow-up" in between.
-            calls = self._on_calls(response, agent, handle, self.turn_seq)
+            calls = self._on_calls(response, agent, handle, self.turn_seq, rec.in_band if rec is not None else True)
             chained = any(isinstance(a, RunTools) for a in calls)
             actions += calls
         if chained:
@@ -953,28 +956,34 @@ class ConversationCore:
             return False
         output = resp.get("output")
         return isinstance(output, list) and any(
-            isinstance(i, dict) and i.get("type") == "function_call" and isinstance(i.get("call_id"), str)
-            and i["call_id"] not in self._handled for i in output)
+            isinstance(i, dict) and _call_key(i) is not None and _call_key(i) not in self._handled for i in output)
 
-    def _on_calls(self, response: Response, agent: str | None, handle: Any, turn: int) -> list[Action]:
+    def _on_calls(self, response: Response, agent: str | None, handle: Any, turn: int, in_band: bool = True
+                  ) -> list[Action]:
         calls: list[ToolCallSpec] = []
-        for item in response.function_calls:
-            cid = item.get("call_id")
-            if not isinstance(cid, str) or cid in self._handled:
+        for item in (*response.function_calls, *response.mcp_approval_requests):
+            cid = _call_key(item)
+            if cid is None or cid in self._handled:
                 continue  # a call is handled once, ever
             self._handled[cid] = None
             while len(self._handled) > HANDLED_CALLS:
                 self._handled.popitem(last=False)
             iid = item.get("id")
+            label = item.get("server_label")
             calls.append(ToolCallSpec(cid, str(item.get("name") or ""), str(item.get("arguments") or ""),
-                                      iid if isinstance(iid, str) else None))
+                                      iid if isinstance(iid, str) else None,
+                                      kind="function" if item.get("type") == "function_call" else "mcp_approval",
+                                      server_label=label if isinstance(label, str) else None))
         if not calls or self._closed is not None:
             return _EMPTY
         if response.status != "completed":
-            # An interrupted response's calls are answered "not run"; no follow-up.
+            # An interrupted response's calls are answered "not run"; no follow-up. (An MCP
+            # approval request of a cut response is left unanswered: the model asks again if it must.)
             reason = f"not run: the response was {response.status} before it finished"
             actions: list[Action] = []
             for call in calls:
+                if call.kind != "function":
+                    continue
                 actions.append(self._output(call.call_id, json.dumps({"error": reason})))
                 actions.append(Publish("tool.skipped", {"call_id": call.call_id, "name": call.name,
                                                               "reason": reason, "response_id": response.id}))
@@ -984,7 +993,7 @@ class ConversationCore:
             dest = self._handoff_dest(call.name, agent)
             if dest is not None and handoff_call is None:
                 handoff_call, target = call.call_id, dest.name
-        job = ToolJob(response.id, agent, tuple(calls), handoff_call, target)
+        job = ToolJob(response.id, agent, tuple(calls), handoff_call, target, in_band)
         self._jobs[response.id] = (job, handle, turn, response.status)
         # The promise of a follow-up first: the worker may finish before RunTools is applied.
         out: list[Action] = [SetFollowup(handle, expect=True)] if handle is not None else []
@@ -1032,6 +1041,9 @@ class ConversationCore:
                                                   "the conversation stays with you"})
             elif job.handoff_target is not None and self._is_handoff(call.name, job.agent):
                 output = json.dumps({"error": "only one handoff per response; this one was not done"})
+            elif call.kind == "mcp_approval":
+                actions.append(self._mcp_answer(call, outputs.get(call.call_id)))
+                continue
             else:
                 output = outputs.get(call.call_id) or json.dumps({"error": f"tool {call.name} gave no output"})
             actions.append(self._output(call.call_id, output))
@@ -1053,10 +1065,32 @@ class ConversationCore:
                 actions.append(SetFollowup(handle))
             return _to_front(actions)
         follow = self._new_handle({}, True)
+        if not job.in_band:
+            # An out-of-band response's chain holds no gate slot, so its follow-up queues like any create:
+            # at the head it would block an in-band chain's follow-up that ends the hold it waits for.
+            actions = _to_front(actions)
+            actions += self.create_response({}, follow, now=now)
+            if handle is not None:
+                actions.append(SetFollowup(handle, follow))
+            return actions
         actions += self.create_response({}, follow, now=now, holder=response_id)
         if handle is not None:
             actions.append(SetFollowup(handle, follow))
         return _to_front(actions)
+
+    def _mcp_answer(self, call: ToolCallSpec, decision: str | None) -> Send:
+        """The ``mcp_approval_response`` item for an approval request (``decision``: JSON from the worker)."""
+        try:
+            parsed = json.loads(decision) if decision else {}
+        except ValueError:
+            parsed = {}
+        approve = bool(parsed.get("approve", False)) if isinstance(parsed, dict) else False
+        item: dict[str, Any] = {"type": "mcp_approval_response", "approval_request_id": call.call_id,
+                                "approve": approve}
+        reason = parsed.get("reason") if isinstance(parsed, dict) else None
+        if isinstance(reason, str) and reason:
+            item["reason"] = reason
+        return Send({"type": "conversation.item.create", "event_id": new_event_id(), "item": item})
 
     def _is_handoff(self, name: str, agent: str | None) -> bool:
         return self._handoff_dest(name, agent) is not None
@@ -1326,6 +1360,13 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
         old = out.get(k)
         out[k] = deep_merge(old, v) if isinstance(v, Mapping) and isinstance(old, Mapping) else v
     return out
+
+
+def _call_key(item: Mapping[str, Any]) -> str | None:
+    """The id a tool chain answers: a function call's ``call_id``, an MCP approval request's item ``id``."""
+    kind = item.get("type")
+    key = item.get("call_id") if kind == "function_call" else item.get("id") if kind == "mcp_approval_request" else None
+    return key if isinstance(key, str) else None
 
 
 def b64_len(s: str) -> int:

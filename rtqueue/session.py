@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .agents import Agent, resolve_agents, session_config_for
+from .approvals import ApprovalBroker, ApprovalRequest
 from .config import SessionConfig, merge_session
 from .config import session_fields as split_session_fields
 from .core import deep_merge
@@ -33,6 +34,7 @@ from .formats import AudioFormat, format_of
 from .gate import ResponseGate
 from .guardrails import InputGuardrail, InputGuardrailTripped, OutputGuardrail, check_list, refusal_instructions
 from .handles import ResponseHandle, SendHandle, check_timeout
+from .hosted_mcp import HostedMCP, check_servers
 from .protocol import new_event_id
 from .secrets import Secret
 from .shell import SessionShell
@@ -133,6 +135,10 @@ class Session:
         tracing: str | Mapping[str, Any] | None = None,
         output_guardrails: Sequence[OutputGuardrail] | None = None,
         input_guardrails: Sequence[InputGuardrail] | None = None,
+        mcp: Sequence[HostedMCP] | None = None,
+        approval_handler: Callable[[ApprovalRequest], Any] | None = None,
+        approval_timeout: float = 60.0,
+        approval_default: str = "reject",
     ) -> Session:
         """Connect, configure, and return a ready session.
 
@@ -172,6 +178,15 @@ class Session:
 
         ``output_guardrails`` / ``input_guardrails`` apply to every agent (each
         agent may add its own): see :mod:`rtqueue.guardrails`.
+
+        ``mcp`` lists hosted MCP servers (:class:`~rtqueue.hosted_mcp.HostedMCP`)
+        offered in every agent's tools. Tool calls that need approval (a tool's
+        or agent's ``needs_approval``, a hosted MCP approval request) ask
+        ``approval_handler(request)`` on the tool worker, or, without one,
+        publish ``tool.approval_requested`` for :meth:`approve` /
+        :meth:`reject`; after ``approval_timeout`` seconds
+        ``approval_default`` (``"reject"`` or ``"approve"``) decides. See
+        :mod:`rtqueue.approvals`.
 
         ``tracing`` sets the GA session's ``tracing`` field (``"auto"``, or a
         dict of ``workflow_name``, ``group_id``, ``metadata``): OpenAI's own
@@ -213,7 +228,8 @@ class Session:
             raise InvalidArgument("agents must be a list of rtqueue.Agent")
         extra = tuple(agents)
         start = agent if agent is not None else (extra[0] if extra else None)
-        graph = resolve_agents(start, extra) if start is not None else None
+        shared_mcp = check_servers(mcp, "mcp")
+        graph = resolve_agents(start, extra, shared_mcp=shared_mcp) if start is not None else None
         config = _initial_config(instructions, voice, output_modalities, turn_detection, session,
                                  base=_typed_config(config))
         if audio_format is not None:
@@ -254,6 +270,10 @@ class Session:
                 self._shell.own_recorder = True
             else:
                 raise InvalidArgument(f"record must be a path or an rtqueue.recording.Recorder, not {record!r}")
+        self._shell.approvals = ApprovalBroker(handler=approval_handler, timeout=approval_timeout,
+                                               default=approval_default, publish=self._shell.publish)
+        if shared_mcp and graph is None:  # no agents: the servers join the session's own tools
+            config["tools"] = [*config.get("tools", ()), *(m.definition() for m in shared_mcp)]
         self._shell.output_guards = check_list(output_guardrails, OutputGuardrail, "output_guardrails")
         self._shell.input_guards = check_list(input_guardrails, InputGuardrail, "input_guardrails")
         if graph is not None and start is not None:
@@ -395,6 +415,22 @@ class Session:
             raise
         shell.telemetry.end_turn(span, answer.id)
         return answer
+
+    def approve(self, call_id: str) -> None:
+        """Approve a call announced by ``tool.approval_requested`` (from any thread).
+
+        Raises :class:`InvalidArgument` if no approval waits for ``call_id``
+        (answered already, timed out, or unknown).
+        """
+        self._open().approvals.answer(call_id, True)
+
+    def reject(self, call_id: str, reason: str | None = None) -> None:
+        """Reject a call announced by ``tool.approval_requested``; the model is told ``reason``."""
+        self._open().approvals.answer(call_id, False, reason)
+
+    def pending_approvals(self) -> list[ApprovalRequest]:
+        """The calls waiting for :meth:`approve` / :meth:`reject` now."""
+        return self._open().approvals.pending()
 
     def cancel(self, timeout: float | None = 10.0) -> Response | None:
         """Cancel the active in-band response by id; return it once its ``response.done`` is in.
@@ -618,7 +654,9 @@ class Session:
             handles_issued=shell.issued_count,
         )
         with shell.locked() as core:
-            out.update(handoffs=core.handoffs, history_items=len(core.history), history_chars=core.history.chars)
+            out.update(handoffs=core.handoffs, history_items=len(core.history), history_chars=core.history.chars,
+                       guardrail_trips=core.guardrail_trips, corrections=core.corrections)
+        out["approvals"] = shell.approvals.stats()
         if shell.reconnector is not None:
             out.update(shell.reconnector.stats())
         if shell.audio is not None:

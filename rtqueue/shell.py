@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .agents import Agent, AgentGraph, resolve_agents, session_config_for
+from .approvals import ApprovalBroker
 from .core import (
     Action,
     ConversationCore,
@@ -182,6 +183,7 @@ class SessionShell:
             name=f"rtqueue-writer-{self.n}",
         )
         self.tools: ToolWorker | None = None
+        self.approvals = ApprovalBroker(handler=None, timeout=60.0, default="reject", publish=self.publish)
         self.output_guards: tuple[OutputGuardrail, ...] = ()  # session-wide (agents add their own)
         self.input_guards: tuple[InputGuardrail, ...] = ()
         self.guards: GuardrailMonitor | None = None  # made by refresh_guards when any guardrail exists
@@ -323,7 +325,8 @@ class SessionShell:
         if graph is not None and graph.get(agent.name) == agent:
             return agent, graph
         known = tuple(a for a in graph.values() if a.name != agent.name) if graph is not None else ()
-        new_graph = resolve_agents(agent, known)  # calls handoff target callables: user code, off the mutex
+        shared = graph.shared_mcp if graph is not None else ()
+        new_graph = resolve_agents(agent, known, shared_mcp=shared)  # calls handoff target callables: user code
         with self._mutex:
             self.core.set_graph(new_graph)
         return agent, new_graph
@@ -678,6 +681,7 @@ class SessionShell:
                 on_done=self._tools_done,
                 tool_timeout=self._tool_timeout,
                 observe=self._trace_tool if self.telemetry.enabled else None,
+                approvals=self.approvals,
             )
         return self.tools
 
@@ -951,6 +955,7 @@ class SessionShell:
         self.wake()
         if self.reconnector is not None:
             step(lambda: self.reconnector.stop(timeout))  # type: ignore[union-attr]
+        step(self.approvals.close)  # wakes a tool job waiting for an answer: it is rejected
         if self.tools is not None:
             step(lambda: self.tools.close(timeout))  # type: ignore[union-attr]
         if self.guards is not None:

@@ -35,6 +35,7 @@ import decimal
 import enum
 import inspect
 import json
+import logging
 import pathlib
 import re
 import types
@@ -67,6 +68,13 @@ _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Several validation errors at once let the model fix all of them in one retry,
 # but a flood of them helps nobody.
 _MAX_REPORTED_ERRORS = 5
+
+log = logging.getLogger("rtqueue.tools")
+
+
+def _check_approval(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, bool) and not callable(value):
+        raise InvalidArgument(f"needs_approval must be a bool or a predicate of the arguments, not {value!r}")
 
 
 @attrs.frozen
@@ -144,6 +152,8 @@ class Tool:
       :class:`ToolContext`, or ``None``.
     - ``converters``: per-parameter functions applied after validation (turning
       JSON values into ``float``, enum members, tuples); :func:`tool` fills it.
+    - ``needs_approval``: ``True``, or a predicate of the parsed arguments,
+      when a call must be approved before it runs (see :mod:`rtqueue.approvals`).
 
     Tools compare by identity (their schema is a dict, so value equality would
     make them unhashable).
@@ -156,6 +166,8 @@ class Tool:
     timeout: float | None = attrs.field(default=None, converter=_check_timeout)
     context_param: str | None = attrs.field(default=None, repr=False)
     converters: Mapping[str, Callable[[Any], Any]] = attrs.field(factory=dict, converter=_freeze_converters, repr=False)
+    needs_approval: bool | Callable[[dict[str, Any]], bool] = attrs.field(default=False,
+                                                                           validator=_check_approval)
     _validator: Any = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -166,6 +178,17 @@ class Tool:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the wrapped function directly, exactly as app code would."""
         return self.func(*args, **kwargs)
+
+    def requires_approval(self, arguments: dict[str, Any]) -> bool:
+        """Whether this call (its parsed ``arguments``) must be approved first; a raising predicate says yes."""
+        rule = self.needs_approval
+        if isinstance(rule, bool):
+            return rule
+        try:
+            return bool(rule(arguments))
+        except Exception:  # a broken predicate must not wave a call through
+            log.warning("needs_approval of tool %s raised; asking for approval", self.name, exc_info=True)
+            return True
 
     def definition(self) -> dict[str, Any]:
         """The GA Realtime function tool for ``session.tools``.
@@ -350,7 +373,8 @@ def tool(func: Callable[..., Any], /) -> Tool: ...
 
 @overload
 def tool(
-    *, name: str | None = None, description: str | None = None, timeout: float | None = None
+    *, name: str | None = None, description: str | None = None, timeout: float | None = None,
+    needs_approval: bool | Callable[[dict[str, Any]], bool] = False,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
@@ -361,12 +385,15 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     timeout: float | None = None,
+    needs_approval: bool | Callable[[dict[str, Any]], bool] = False,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Make a :class:`Tool` from a typed function; use as ``@tool`` or ``@tool(...)``.
 
     - ``name`` defaults to the function's ``__name__``.
     - ``description`` defaults to the docstring's first paragraph.
     - ``timeout``: seconds a call may run; ``None`` uses the runner's default.
+    - ``needs_approval``: ``True`` or a predicate of the arguments; such calls
+      wait for the app's yes (see :mod:`rtqueue.approvals`).
 
     Parameter descriptions come from the docstring's Google-style ``Args:``
     section or Sphinx ``:param name:`` fields (``Annotated[X, "text"]`` wins
@@ -380,7 +407,8 @@ def tool(
     """
 
     def decorate(f: Callable[..., Any]) -> Tool:
-        return _make_tool(f, name=name, description=description, timeout=timeout)
+        made = _make_tool(f, name=name, description=description, timeout=timeout)
+        return attrs.evolve(made, needs_approval=needs_approval) if needs_approval is not False else made
 
     if func is None:
         return decorate

@@ -24,6 +24,7 @@ never joins the thread it is called from, and abandons a tool still running
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import deque
@@ -31,7 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .agents import AgentGraph, session_config_for
-from .core import ToolJob
+from .approvals import ApprovalBroker, ApprovalDecision, ApprovalRequest
+from .core import ToolCallSpec, ToolJob
 from .toolrunner import ToolCall, ToolOutcome, ToolRunner
 from .tools import Tool, ToolContext
 from .values import Event
@@ -62,8 +64,10 @@ class ToolWorker:
         on_done: Callable[[ToolJob, dict[str, str], dict[str, Any] | None, BaseException | None], None],
         tool_timeout: float,
         observe: Callable[[dict[str, Any]], None] | None = None,
+        approvals: ApprovalBroker | None = None,
     ) -> None:
         self._name = name
+        self._approvals = approvals
         self._graph = graph
         self._context = context
         self._publish = publish
@@ -127,9 +131,14 @@ class ToolWorker:
         known = graph is not None and agent is not None and agent in graph
         handoffs = {c.call_id for c in job.calls
                     if known and graph is not None and graph.handoff_target(c.name, agent or "") is not None}
+        mcp = [c for c in job.calls if c.kind == "mcp_approval"]
         calls = [ToolCall(call_id=c.call_id, name=c.name, arguments=c.arguments, item_id=c.item_id,
-                          response_id=job.response_id) for c in job.calls if c.call_id not in handoffs]
-        outputs = {o.call.call_id: o.output for o in self._run_tools(calls, graph, agent or "")}
+                          response_id=job.response_id)
+                 for c in job.calls if c.call_id not in handoffs and c.kind == "function"]
+        rejected = self._approve(job, calls, mcp, graph, agent)
+        outputs = {cid: out for cid, out in rejected.items()}
+        runnable = [c for c in calls if c.call_id not in rejected]
+        outputs.update({o.call.call_id: o.output for o in self._run_tools(runnable, graph, agent or "")})
         config: dict[str, Any] | None = None
         error: BaseException | None = None
         if job.handoff_target is not None and graph is not None:
@@ -139,6 +148,60 @@ class ToolWorker:
                 error = exc
                 log.warning("handoff to %s failed: %r", job.handoff_target, exc)
         return outputs, config, error
+
+    def _approve(self, job: ToolJob, calls: list[ToolCall], mcp: list[ToolCallSpec], graph: AgentGraph | None,
+                 agent: str | None) -> dict[str, str]:
+        """Ask for the approvals this job needs; return the outputs of MCP answers and rejected calls.
+
+        A rejected function call is not run: its output tells the model why.
+        An MCP approval request's "output" is the decision as JSON, which
+        the core turns into an ``mcp_approval_response`` item.
+        """
+        asks: list[ApprovalRequest] = []
+        for call in calls:
+            if self._needs_approval(call, graph, agent):
+                asks.append(ApprovalRequest(call.call_id, call.name, call.arguments, "function", agent,
+                                            response_id=job.response_id))
+        for spec in mcp:
+            asks.append(ApprovalRequest(spec.call_id, spec.name, spec.arguments, "mcp", agent,
+                                        server_label=spec.server_label, response_id=job.response_id))
+        if not asks:
+            return {}
+        if self._approvals is None:  # no broker: nothing can say yes
+            decisions = {a.call_id: ApprovalDecision(False, "no approval path configured") for a in asks}
+        else:
+            decisions = self._approvals.decide(asks)
+        out: dict[str, str] = {}
+        for ask in asks:
+            d = decisions[ask.call_id]
+            if ask.kind == "mcp":
+                out[ask.call_id] = json.dumps({"approve": d.approved, "reason": d.reason})
+            elif not d.approved:
+                why = d.reason or "the operator said no"
+                out[ask.call_id] = json.dumps({"error": f"rejected: {why}"})
+        return out
+
+    @staticmethod
+    def _needs_approval(call: ToolCall, graph: AgentGraph | None, agent: str | None) -> bool:
+        if graph is None or agent is None or agent not in graph:
+            return False
+        found = graph.tool(agent, call.name)
+        try:
+            args = json.loads(call.arguments) if call.arguments.strip() else {}
+        except ValueError:
+            return False  # the runner reports the bad arguments; nothing would run
+        if not isinstance(args, dict):
+            return False
+        if found is not None and found.requires_approval(args):
+            return True
+        rule = graph[agent].needs_approval
+        if isinstance(rule, bool):
+            return rule and found is not None
+        try:
+            return found is not None and bool(rule(call.name, args))
+        except Exception:  # a broken predicate must not wave a call through
+            log.warning("needs_approval of agent %s raised; asking for approval", agent, exc_info=True)
+            return True
 
     def _run_tools(self, calls: list[ToolCall], graph: AgentGraph | None, agent: str) -> list[ToolOutcome]:
         if not calls:

@@ -41,6 +41,11 @@ class Response:
         """The ``function_call`` output items, in order."""
         return tuple(i for i in self.output if i.get("type") == "function_call")
 
+    @property
+    def mcp_approval_requests(self) -> tuple[dict[str, Any], ...]:
+        """The ``mcp_approval_request`` output items (hosted MCP calls waiting for a yes), in order."""
+        return tuple(i for i in self.output if i.get("type") == "mcp_approval_request")
+
     @classmethod
     def from_done(
         cls,

@@ -672,3 +672,17 @@ def test_reconnect_reseeds_a_sent_but_unechoed_output_and_carries_calls_still_ru
     assert ("function_call", "call_queued") in kinds and ("function_call_output", "call_queued") not in kinds
     assert ("function_call", "call_running") in kinds
     assert dropped.get("dangling_call", 0) == 0
+
+
+def test_an_oob_chain_never_blocks_an_in_band_chains_follow_up():
+    """An out-of-band response's tool follow-up queues behind the in-band chain whose hold it would wait on."""
+    w = World()
+    w.app_oob()
+    w.vad()  # the server starts an in-band response of its own
+    w.write()
+    w.start()
+    w.finish_one("completed", ["lookup", "refund", "nope"])  # the in-band one: its chain holds the gate
+    w.finish_one("completed", ["lookup", "refund", "nope"])  # the out-of-band one: a chain with no hold
+    w.quiesce()
+    assert w.conflicts == 0
+    assert {cid for cid in w.calls} == set(w.outputs)

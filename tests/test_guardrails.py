@@ -105,7 +105,7 @@ def test_a_correction_that_trips_again_is_capped(sim: Simulator):
         trips, _ = _events(s, "guardrail.tripped")
         s.ask("hello there", timeout=UNIT)
         assert s.wait_idle(UNIT)
-        assert s.wait_idle(UNIT) and len(trips) == 3 or _wait(lambda: len(trips) == 3)
+        assert (s.wait_idle(UNIT) and len(trips) == 3) or _wait(lambda: len(trips) == 3)
     assert _count(sim, "response.create") == 3  # the answer + 2 corrections, no endless loop
     assert [t["corrected"] for t in trips] == [True, True, False]
     assert sim.stats()["conflicts"] == 0

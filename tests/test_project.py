@@ -13,6 +13,7 @@ from tests.utils import UNIT
 ROOT = Path(__file__).resolve().parent.parent
 
 PUBLIC = {
+    "ApprovalDecision", "ApprovalRequest", "HostedMCP",
     "Agent", "AudioFormat", "AudioFormatError", "AudioUnavailable", "AuthenticationError", "PCM16", "PCMA",
     "PCMU", "ConnectError", "ConnectionLost", "Event", "FaultPlan",
     "GateStats", "GateTimeout", "GuardrailContext", "GuardrailResult", "InputGuardrail",
