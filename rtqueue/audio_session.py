@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -72,6 +73,9 @@ class Interruption:
     source: str
     cancel_sent: bool = False
     response_id: str | None = None  # the active response at the moment of the interrupt
+    # Monotonic time of the trigger: when the reader read speech_started (server VAD), or the
+    # interrupt() call (app). Playback stopped (a phone bridge's ``clear``) after it: the barge-in latency.
+    trigger_at: float | None = attrs.field(default=None, eq=False)  # a time, not part of what happened
 
 
 class AudioHost(Protocol):
@@ -85,6 +89,9 @@ class AudioHost(Protocol):
 
     def output_format(self) -> AudioFormat:
         """The session's negotiated output audio format."""
+
+    def frame_time(self) -> float:
+        """Monotonic time the reader read the frame it is handling now."""
 
     def generation(self) -> int:
         """A number that changes each time the session adopts a new socket."""
@@ -286,6 +293,7 @@ class AudioLink:
         seconds and report it in ``cancelled``.
         """
         host = self._host
+        trigger_at = host.frame_time() if source == "server_vad" else time.monotonic()
         out = self.io.output
         with self._lock:
             self._to_device = None  # whatever the resampler held was never played: drop it
@@ -314,6 +322,7 @@ class AudioLink:
             source=source,
             cancel_sent=send_cancel,
             response_id=rid,
+            trigger_at=trigger_at,
         )
         self.last_interruption = result
         self.interruptions += 1

@@ -196,6 +196,7 @@ class SessionShell:
         self._fatal_error: ServerError | None = None
         self._last_error: ServerError | None = None  # a refusing close (3000/4000) carries its text
         self._started = False
+        self.frame_at = 0.0  # monotonic time the reader read its current frame
         self._router = GateRouter(self.gate)  # the gate's side of each server event (rtqueue.routing)
         self.recorder: Recorder | None = None  # every frame both ways, when recording
         self.own_recorder = False  # close it with the session (it was made from a path)
@@ -389,6 +390,7 @@ class SessionShell:
                 except ConnectionLost as exc:
                     error = exc
                     break
+                self.frame_at = time.monotonic()  # when the frame being handled was read (barge-in latency)
                 if self.recorder is not None and frame is not None:
                     self._record_in(frame)
                 if frame is None:
@@ -769,6 +771,10 @@ class SessionShell:
         """The negotiated output audio format (AudioHost)."""
         with self._mutex:
             return self.core.output_format
+
+    def frame_time(self) -> float:
+        """Monotonic time the reader read the frame it is handling (AudioHost)."""
+        return self.frame_at
 
     def generation(self) -> int:
         """Bumped each time a new socket is adopted."""
