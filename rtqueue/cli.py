@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "rtqueue") -> int:
 
     demo = sub.add_parser("demo", help="run a multi-agent voice conversation (simulator unless --live)")
     demo.add_argument("--live", action="store_true", help="talk to OpenAI (needs $OPENAI_API_KEY)")
+    demo.add_argument("--phone", action="store_true",
+                      help="a phone call instead: the support desk answers an OpenAI SIP call from a scripted "
+                           "caller (simulator; with --live it waits for a real call, see rtqueue.demo_phone)")
     demo.add_argument("--audio", action="store_true", help="play the voices through the speaker")
     demo.add_argument("--scenario", choices=["customer_service", "basic"], default="customer_service")
     demo.add_argument("--model", default="gpt-realtime")
@@ -56,6 +59,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "rtqueue") -> int:
     bench.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG results")
 
     ns = parser.parse_args(args)
+    if ns.command == "demo" and ns.phone:
+        from .demo_phone import phone_demo
+
+        return phone_demo(live=ns.live, speed=ns.speed, json_path=ns.json)
     if ns.command == "demo":
         from .demo import run_demo
 
