@@ -533,6 +533,21 @@ class Session:
 
     # -- public API: events --------------------------------------------------------
 
+    def publish(self, event_type: str, data: Mapping[str, Any] | None = None) -> None:
+        """Deliver an event the app (or a bridge) makes to this session's subscribers.
+
+        It reaches :meth:`on` callbacks and :meth:`events` streams like the
+        session's own events, in publish order, on the dispatcher thread
+        (never blocks). A phone bridge publishes DTMF key presses this way.
+        Raises :class:`InvalidArgument` for a non-str type or non-dict data,
+        :class:`SessionClosed` once closed.
+        """
+        if not isinstance(event_type, str) or not event_type:
+            raise InvalidArgument(f"event_type must be a non-empty str, not {event_type!r}")
+        if data is not None and not isinstance(data, Mapping):
+            raise InvalidArgument(f"data must be a dict, not {type(data).__name__}")
+        self._open().publish(Event(event_type, {"type": event_type, **(data or {})}))
+
     def on(self, event_type: str, callback: Callable[[Event], Any]) -> Callable[[], None]:
         """Call ``callback(event)`` for each event of ``event_type`` (``"*"`` for all).
 

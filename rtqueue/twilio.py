@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import http
 import itertools
 import json
@@ -53,10 +54,9 @@ import attrs
 
 from .audio.input import AudioInput, ChunkCallback
 from .audio.output import AudioOutput, PlaybackCut
-from .errors import AudioUnavailable, InvalidArgument, RtqueueError
+from .errors import AudioUnavailable, InvalidArgument, RtqueueError, SessionClosed
 from .formats import PCMU, AudioFormat
 from .secrets import Secret
-from .values import Event
 
 if TYPE_CHECKING:
     from websockets.http11 import Request
@@ -791,10 +791,9 @@ class TwilioCall:
         # only queues (the session's dispatcher runs the app's callbacks).
         if session.closed:
             return
-        session.dispatcher.publish(Event(DTMF_EVENT, {
-            "type": DTMF_EVENT, "event": digit, "received_at": int(time.time()), "source": "twilio",
-            "call_sid": self.call_sid, "stream_sid": self.stream_sid,
-        }))
+        with contextlib.suppress(SessionClosed):  # closed meanwhile: nobody is listening
+            session.publish(DTMF_EVENT, {"event": digit, "received_at": int(time.time()), "source": "twilio",
+                                         "call_sid": self.call_sid, "stream_sid": self.stream_sid})
 
     def work(self, factory: SessionFactory, on_end: Callable[[TwilioCall], Any] | None) -> None:
         """The worker: make the session, write outbound audio, close everything at the end."""
