@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Any
 
 import pytest
 import websocket
@@ -334,3 +335,24 @@ def test_unresolved_lists_only_events_neither_sent_nor_failed(sim: Simulator):
     assert session.unresolved() == []
     assert all(h.sent() or isinstance(h.error, SessionClosed) for h in queued)
     assert session.stats()["handles_issued"] >= 5
+
+
+def test_publish_delivers_app_events_in_order_and_checks_arguments():
+    """Session.publish reaches callbacks and streams in order; bad arguments and a closed session raise."""
+    from rtqueue.testing import MockTransport
+
+    s = Session.connect(transport=MockTransport(), reconnect=False)
+    got: list[Any] = []
+    s.on("app.note", got.append)
+    with s.events("app.note") as stream:
+        for n in range(3):
+            s.publish("app.note", {"n": n})
+        assert [stream.get(timeout=UNIT)["n"] for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(InvalidArgument):
+        s.publish("", {})
+    with pytest.raises(InvalidArgument):
+        s.publish("app.note", [1])  # type: ignore[arg-type]
+    s.close()
+    assert [e["n"] for e in got] == [0, 1, 2] and got[0]["type"] == "app.note"
+    with pytest.raises(SessionClosed):
+        s.publish("app.note")
