@@ -123,3 +123,17 @@ def test_soak_quick(tmp_path: Path) -> None:
     assert row["threads_left_after_close"] <= 1
     assert row["session_tables_at_end"]["items"] > 0
     assert row["history_mb"]["end"] > 0
+
+
+def test_bench_phone_quick(tmp_path: Path) -> None:
+    """bench_phone --quick: Twilio and SIP calls with 0 conflicts, 0 lost intents, barge-ins truncated; no full JSON."""
+    data = run_bench("bench_phone.py", tmp_path)
+    twilio, sip = data["results"]
+    assert twilio["part"] == "twilio" and sip["part"] == "sip"
+    assert twilio["conflicts"] == 0 and twilio["lost_intents"] == 0 and twilio["truncate_errors"] == 0
+    assert twilio["barge_ins"] == twilio["calls"] and twilio["truncations"] == twilio["calls"]
+    assert twilio["barge_p99_ms"] is not None and twilio["trunc_err_p99_ms"] is not None
+    assert sip["conflicts"] == 0 and sip["lost_intents"] == 0
+    assert sip["attached"] == sip["calls"] == sip["calls_ended"] and sip["gate_samples"] > 0
+    assert (tmp_path / "out" / "bench_phone_quick.json").exists()
+    assert not (tmp_path / "out" / "bench_phone.json").exists()  # --quick never replaces the published run
