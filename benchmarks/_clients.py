@@ -44,6 +44,15 @@ each active id) and truncate the playing item at the played milliseconds,
 clamped to the audio received. Every client plays the assistant's audio on
 the same device-less speaker (``rtqueue.audio.NullSpeaker`` paced like the
 simulator), except openai-agents, which uses its own playback tracker.
+
+Output guardrails (``Spec.guard``, the ``guardrails`` workload; rtqueue and
+openai-agents only, the baselines have none): both SDKs get the same check,
+:func:`guard_tripped` (the word :data:`GUARD_WORD` in the assistant's
+transcript), run every :data:`GUARD_EVERY_CHARS` characters of it, and each
+counts its trips from its own ``guardrail tripped`` events. What happens on a
+trip is each SDK's own: rtqueue's cancel, truncate, system note and one
+correction through its gate; openai-agents' interrupt (``response.cancel``)
+and its follow-up user message ``guardrail triggered: <name>``.
 """
 
 from __future__ import annotations
@@ -95,6 +104,22 @@ def run_tool_sync(name: str, value: str, seed: int) -> dict[str, Any]:
     return {"tool": name, "value": value, "ok": True}
 
 
+#: The output guardrail of the ``guardrails`` workload trips on this word in the assistant's words.
+GUARD_WORD = "refund"
+GUARD_NAME = "no_money_back_talk"  # its name must not hold the word: the agents SDK says it back
+#: Both SDKs run it every this many characters of a response's transcript.
+GUARD_EVERY_CHARS = 20
+#: rtqueue's correction note: the same words as openai-agents' follow-up message, plus the simulator
+#: hook that makes the scripted model's correction clean (openai-agents' message, a new user turn, is
+#: answered by the scripted model with an echo of its own words, which is clean already).
+RTQ_CORRECTION = f"guardrail triggered: {GUARD_NAME} [say: Sorry, let me put that another way.]"
+
+
+def guard_tripped(text: str) -> bool:
+    """The guardrail's check, the same function for both SDKs."""
+    return GUARD_WORD in text.lower()
+
+
 def handoff_name(agent: str) -> str:
     return "transfer_to_" + agent
 
@@ -108,6 +133,7 @@ class Spec:
     agents: tuple[str, ...] = ()  # handoff storm: every agent can hand off to every other
     tools: tuple[str, ...] = ()  # tool chains
     vad: bool = False  # server VAD with create_response and interrupt_response
+    guard: bool = False  # an output guardrail on every response (guard_tripped)
     watch: tuple[str, ...] = ()  # server events the workload script waits for
 
     def instructions(self, agent: str | None) -> str:
@@ -474,6 +500,7 @@ class RtqueueClient:
         self.session: Any = None
         self.handles: list[Any] = []
         self._fu = itertools.count()
+        self.guardrail_trips = 0
 
     def connect(self, url: str, spec: Spec) -> None:
         from rtqueue import Agent, Session, tool
@@ -481,15 +508,22 @@ class RtqueueClient:
 
         tools = [tool(_make_tool(name, spec.seed), name=name, description=TOOL_DESCRIPTIONS[name])
                  for name in spec.tools]
-        agents = [Agent(name=a, instructions=spec.instructions(a), handoffs=[o for o in spec.agents if o != a])
+        agents = [Agent(name=a, instructions=spec.instructions(a), tools=tools,
+                        handoffs=[o for o in spec.agents if o != a])
                   for a in spec.agents]
         if not agents:
             agents = [Agent(name="assistant", instructions=spec.instructions(None), tools=tools)]
         # Every client plays the assistant's audio (here on a device-less clock).
         audio = AudioIO(output=NullSpeaker(speed=spec.speed), input=None)
+        guards = None
+        if spec.guard:
+            from rtqueue import GuardrailResult, output_guardrail
+
+            guards = [output_guardrail(lambda ctx: GuardrailResult(guard_tripped(ctx.text), message=RTQ_CORRECTION),
+                                       name=GUARD_NAME, every_chars=GUARD_EVERY_CHARS)]
         self.session = Session.connect(
             url, agent=agents[0], agents=agents[1:], turn_detection=spec.vad_config(), audio=audio,
-            api_key="sk-bench", name=f"bench-{secrets.token_hex(2)}", reconnect=False,
+            api_key="sk-bench", name=f"bench-{secrets.token_hex(2)}", reconnect=False, output_guardrails=guards,
         )
         session = self.session
         original = session.create_response
@@ -504,8 +538,14 @@ class RtqueueClient:
             return original(**params)
 
         session.create_response = create_response
+        if spec.guard:
+            session.on("guardrail.tripped", self._tripped)
         for typ in spec.watch:  # only what the script needs: each one wakes the dispatcher thread
             session.on(typ, lambda ev, typ=typ: self.tap.push(typ, ev.data))
+
+    def _tripped(self, ev: Any) -> None:
+        if ev["kind"] == "output":  # one dispatcher thread: no lock needed
+            self.guardrail_trips += 1
 
     def say(self, text: str, key: str) -> None:
         self.session.send_text(text)
@@ -534,7 +574,8 @@ class RtqueueClient:
         st = self.session.gate.stats()
         failed = sum(1 for h in self.handles if h.done() and h.error is not None)
         return {"gate_retried": st.retried, "gate_rejected": st.rejected, "gate_timed_out": st.timed_out,
-                "handles_failed": failed, "threads": len(self.session.threads())}
+                "handles_failed": failed, "threads": len(self.session.threads()),
+                "guardrail_trips": self.guardrail_trips}
 
     def close(self) -> None:
         if self.session is not None:
@@ -579,12 +620,18 @@ class AgentsClient:
         self._session: Any = None
         self._pump: Any = None
         self._live: set[str] = set()
+        # Guardrails workload only: app intents asked for whose response was not created yet. Its turns
+        # must not start before the previous one's create even went out (the SDK holds creates in its
+        # sequencer, where _live cannot see them); the other workloads keep their pacing.
+        self._waiting: set[str] = set()
+        self._track_waiting = False
         self.session_events: Counter[str] = Counter()
 
     def _run(self, coro: Any, timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def connect(self, url: str, spec: Spec) -> None:
+        self._track_waiting = spec.guard
         self._thread.start()
         self._run(self._open(url, spec))
 
@@ -600,7 +647,17 @@ class AgentsClient:
         for a, agent in agents.items():
             agent.handoffs = [agents[o] for o in names if o != a]
         settings: dict[str, Any] = {"turn_detection": spec.vad_config(), "output_modalities": ["audio"]}
-        runner = RealtimeRunner(agents[names[0]])
+        config: dict[str, Any] = {}
+        if spec.guard:
+            from agents import GuardrailFunctionOutput, OutputGuardrail
+
+            def check(_ctx: Any, _agent: Any, text: Any) -> GuardrailFunctionOutput:
+                tripped = guard_tripped(str(text))
+                return GuardrailFunctionOutput(output_info={"tripped": tripped}, tripwire_triggered=tripped)
+
+            config = {"output_guardrails": [OutputGuardrail(guardrail_function=check, name=GUARD_NAME)],
+                      "guardrails_settings": {"debounce_text_length": GUARD_EVERY_CHARS}}
+        runner = RealtimeRunner(agents[names[0]], config=config or None)
         self._session = await runner.run(model_config={"url": url, "api_key": "sk-bench",
                                                        "initial_model_settings": settings})
         await self._session.__aenter__()
@@ -614,6 +671,7 @@ class AgentsClient:
                     typ = data.get("type")
                     if typ == "response.created":
                         self._live.add(data["response"]["id"])
+                        self._waiting.discard((data["response"].get("metadata") or {}).get("bench_intent"))
                     elif typ == "response.done":
                         self._live.discard(data["response"]["id"])
                     if typ in WATCH:
@@ -635,6 +693,8 @@ class AgentsClient:
 
     def request(self, key: str) -> None:
         self.asked.add(key)
+        if self._track_waiting:
+            self._waiting.add(key)
         eid = "evt_oa_" + secrets.token_hex(8)
         self._run(self._send_raw("response.create", {"event_id": eid, "response": {"metadata": {"bench_intent": key}}}))
 
@@ -644,7 +704,7 @@ class AgentsClient:
     def quiet(self, timeout: float, settle: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._live and time.monotonic() - self.tap.last_frame >= settle:
+            if not self._live and not self._waiting and time.monotonic() - self.tap.last_frame >= settle:
                 return True
             time.sleep(0.005)
         return False
@@ -653,7 +713,8 @@ class AgentsClient:
         return None  # its sequencer is internal; not measured
 
     def extra(self) -> dict[str, Any]:
-        return {"session_events": dict(self.session_events)}
+        return {"session_events": dict(self.session_events),
+                "guardrail_trips": self.session_events["guardrail_tripped"]}
 
     def close(self) -> None:
         async def shut() -> None:

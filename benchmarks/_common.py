@@ -284,7 +284,65 @@ def tally(client_events: list[dict[str, Any]], server_events: list[dict[str, Any
         "responses_cancelled": cancelled,
         "errors": dict(codes),
         "truncate_errors": truncate_errors,
+        "guard": guard_tally(server_events),
     }
+
+
+#: What every guardrail correction message says (openai-agents' own text; bench_conflicts' rtqueue note repeats it).
+CORRECTION_MARK = "guardrail triggered"
+
+
+def _message_text(item: dict[str, Any]) -> str:
+    parts = item.get("content") if isinstance(item.get("content"), list) else []
+    return " ".join(str(p.get("text") or p.get("transcript") or "") for p in parts if isinstance(p, dict))
+
+
+def guard_tally(server_events: list[dict[str, Any]]) -> dict[str, int]:
+    """Guardrail corrections as the server saw them (bench_conflicts' ``guardrails`` workload).
+
+    A *correction* is a user or system message item whose text holds
+    :data:`CORRECTION_MARK`. Walking the server's events in wire order:
+
+    - a correction is **answered** by the first response created after it was
+      added and before the next user message that is not a correction (the
+      script's next turn); one still open at that message, or at the end, is
+      **unanswered**;
+    - a response created after the one that answered a correction, with no new
+      input in between (no function call output, no user or system message),
+      answers that correction again: a **duplicate answer**.
+
+    Responses created with ``conversation: "none"`` are out of band and skipped.
+    """
+    open_corrections = 0
+    items = answered = unanswered = duplicates = 0
+    answering = False  # the latest response answered a correction and nothing new came since
+    for ev in server_events:
+        typ = ev.get("type")
+        if typ == "conversation.item.added":
+            item = ev.get("item") if isinstance(ev.get("item"), dict) else {}
+            kind, role = item.get("type"), item.get("role")
+            if kind == "message" and role in ("user", "system") and CORRECTION_MARK in _message_text(item):
+                items += 1
+                open_corrections += 1
+                answering = False
+            elif kind == "message" and role == "user":
+                unanswered += open_corrections
+                open_corrections = 0
+                answering = False
+            elif kind in ("function_call_output", "message") and role != "assistant":
+                answering = False
+        elif typ == "response.created":
+            resp = ev.get("response") if isinstance(ev.get("response"), dict) else {}
+            if resp.get("conversation_id") == "none" or resp.get("conversation") == "none":
+                continue
+            if open_corrections:
+                answered += open_corrections
+                open_corrections = 0
+                answering = True
+            elif answering:
+                duplicates += 1
+    return {"correction_items": items, "answered": answered, "unanswered": unanswered + open_corrections,
+            "duplicate_answers": duplicates}
 
 
 # -- output ----------------------------------------------------------------------------------------

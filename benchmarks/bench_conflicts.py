@@ -24,6 +24,22 @@ Workloads:
   of the answer, and the app asks for a response right after the interruption.
 - ``app_vs_vad``: the user keeps talking (server-VAD auto responses) while the
   app asks for responses from a timer.
+- ``guardrails`` (not in the default set: ``--workloads guardrails``; rtqueue
+  and openai-agents only, the baselines have no guardrails): four agents
+  with tools and handoffs and one output guardrail (``_clients.guard_tripped``:
+  the word "refund" in the assistant's words, checked every 20 characters by
+  both SDKs). Each turn is a plain question, a 1-3 tool request or a handoff;
+  in about half of them the assistant's words hold the word at a random
+  point: in the answer, in the words said before the tool calls (the trip
+  races the calls, the tools and their follow-up), or in the new agent's
+  answer after a handoff. A turn ends when everything is quiet. Figures per
+  1000 trips (each SDK counts its own trips): **lost corrections** (a trip
+  whose correction message was never sent, or never answered by a response
+  before the next turn) and **duplicate corrections** (more correction
+  messages than trips, or a second response answering a correction with
+  nothing new in between), from the simulator's logs
+  (``_common.guard_tally``). Written to ``bench_conflicts_guardrails.json``
+  (``_quick`` with ``--quick``), never into the other workloads' file.
 
 Figures per row: creates on the wire; server-counted
 ``conversation_already_has_active_response`` per 1000 creates; user-visible
@@ -48,15 +64,17 @@ from pathlib import Path
 from typing import Any
 
 import _common as C
-from _clients import AgentsClient, Spec, agents_available, make_client, warm_imports
+from _clients import GUARD_WORD, AgentsClient, Spec, agents_available, make_client, warm_imports
 
 STRATEGIES = ("naive", "flag", "poll", "rtqueue", "openai-agents")
 WORKLOADS = ("handoff", "tools", "bargein", "app_vs_vad")
+EXTRA_WORKLOADS = ("guardrails",)  # run only when named: --workloads guardrails
+GUARDED = ("rtqueue", "openai-agents")  # the strategies that have output guardrails
 AGENTS = ("front", "billing", "sales", "support")
 TOOLS = ("get_weather", "get_time", "lookup_order", "get_stock")
 
-FULL = {"handoff": 200, "tools": 100, "bargein": 60, "app_vs_vad": 150, "speed": 20.0}
-QUICK = {"handoff": 6, "tools": 4, "bargein": 4, "app_vs_vad": 6, "speed": 20.0}
+FULL = {"handoff": 200, "tools": 100, "bargein": 60, "app_vs_vad": 150, "guardrails": 300, "speed": 20.0}
+QUICK = {"handoff": 6, "tools": 4, "bargein": 4, "app_vs_vad": 6, "guardrails": 8, "speed": 20.0}
 ROUND_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 300.0  # after the script: everything asked for must be answered (or the row says drained=False)
 
@@ -206,11 +224,54 @@ def wl_app_vs_vad(c: Any, sim: C.SimProcess, n: int, speed: float, seed: int, on
     return {"mic_errors": mic.errors}
 
 
+# Words of the guardrails workload's turns: none names a tool, an agent or the guard word.
+_PLAIN = ("could", "you", "tell", "me", "more", "about", "the", "blue", "kettle", "today")
+
+
+def _with_word(words: list[str], rng: random.Random, trip: bool) -> str:
+    """``words`` with the guard word at a random place among the first ten (those the scripted model echoes)."""
+    out = list(words)
+    if trip:
+        out.insert(rng.randint(0, min(9, len(out))), GUARD_WORD)
+    return " ".join(out)
+
+
+def wl_guardrails(c: Any, sim: C.SimProcess, n: int, speed: float, seed: int, one_way: float) -> dict[str, Any]:
+    rng = random.Random(f"{seed}|guardrails")
+    current = AGENTS[0]
+    stalls = 0
+    kinds = {"plain": 0, "tools": 0, "handoff": 0}
+    tripping = 0
+    for i in range(n):
+        kind = rng.choice(("plain", "tools", "handoff"))
+        trip = rng.random() < 0.5
+        kinds[kind] += 1
+        tripping += trip
+        if kind == "plain":
+            # The answer echoes the first ten words: the guard word is said at a random point.
+            text = _with_word([f"Q{i}:", *_PLAIN[: rng.randint(5, 9)]], rng, trip)
+        elif kind == "tools":
+            # Words said before the calls (then the calls, then the follow-up summary): a trip races them.
+            names = rng.sample(TOOLS, rng.randint(1, 3))
+            said = _with_word(["Okay,", "let", "me", "look", "into", "that", "for", "you", "right", "now."], rng, trip)
+            text = f"Request {i}: [tools: {', '.join(names)}] [say: {said}] for Paris and item {i}."
+        else:
+            target = rng.choice([a for a in AGENTS if a != current])
+            current = target
+            # The handing-off agent says "Let me transfer you"; the new agent echoes the first ten words.
+            text = _with_word([f"T{i}:", "please", "put", "me", "through", "to", target, "now"], rng, trip)
+        c.say(text, f"app:{i}")
+        if not (c.quiet(ROUND_TIMEOUT, _settle(one_way)) and sim.wait_quiet(ROUND_TIMEOUT)):
+            stalls += 1
+    return {"stalls": stalls, "turn_kinds": kinds, "turns_with_word": tripping}
+
+
 SCRIPTS: dict[str, Callable[..., dict[str, Any]]] = {
     "handoff": wl_handoff,
     "tools": wl_tools,
     "bargein": wl_bargein,
     "app_vs_vad": wl_app_vs_vad,
+    "guardrails": wl_guardrails,
 }
 
 
@@ -222,6 +283,8 @@ def spec_for(workload: str, speed: float, seed: int) -> Spec:
     if workload == "bargein":
         return Spec(speed=speed, seed=seed, vad=True,
                     watch=("response.created", "input_audio_buffer.speech_started"))
+    if workload == "guardrails":
+        return Spec(speed=speed, seed=seed, agents=AGENTS, tools=TOOLS, guard=True)
     return Spec(speed=speed, seed=seed, vad=True)
 
 
@@ -281,7 +344,28 @@ def run_one(strategy: str, workload: str, sim: C.SimProcess, n: int, speed: floa
         "cpu_ms": round(cpu_s * 1000.0, 1),
         "cpu_ms_per_response": round(cpu_s * 1000.0 / responses, 3) if responses else None,
     })
+    if workload == "guardrails":
+        row.update(guard_figures(row.get("client_guardrail_trips", 0), t["guard"]))
     return row
+
+
+def guard_figures(trips: int, g: dict[str, int]) -> dict[str, Any]:
+    """Lost and duplicate corrections (see the module doc) from the client's trips and the server's guard tally."""
+    sent = g["correction_items"]
+    lost = max(0, trips - sent) + g["unanswered"]
+    dups = max(0, sent - trips) + g["duplicate_answers"]
+    return {
+        "trips": trips,
+        "corrections_sent": sent,
+        "corrections_answered": g["answered"],
+        "corrections_unanswered": g["unanswered"],
+        "trips_without_correction": max(0, trips - sent),
+        "duplicate_answers": g["duplicate_answers"],
+        "lost_corrections": lost,
+        "duplicate_corrections": dups,
+        "lost_corrections_per_1000_trips": round(1000.0 * lost / trips, 1) if trips else None,
+        "duplicate_corrections_per_1000_trips": round(1000.0 * dups / trips, 1) if trips else None,
+    }
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -293,6 +377,32 @@ COLS = [
     ("truncate_errors", "truncate err"), ("gate_p50_ms", "gate p50 ms"), ("gate_p99_ms", "gate p99 ms"),
     ("gate_max_ms", "gate max ms"), ("cpu_ms_per_response", "CPU ms/resp"), ("drained", "drained"),
 ]
+
+
+GUARD_COLS = [
+    ("strategy", "strategy"), ("latency_ms", "RTT ms"), ("rounds", "turns"), ("trips", "trips"),
+    ("corrections_sent", "corrections sent"), ("lost_corrections", "lost corr."),
+    ("duplicate_corrections", "dup corr."), ("lost_corrections_per_1000_trips", "lost /1000 trips"),
+    ("duplicate_corrections_per_1000_trips", "dup /1000 trips"), ("creates", "creates"),
+    ("conflicts_per_1000", "conflicts/1000 creates"), ("user_visible_conflicts", "visible conflicts"),
+    ("cancel_not_active", "cancel_not_active"), ("lost_intents", "lost intents"), ("drained", "drained"),
+]
+
+
+def guard_targets(rows: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
+    """rtqueue's guardrail targets: trips happened; 0 visible conflicts, 0 lost, 0 duplicate corrections."""
+    mine = [r for r in rows if r["strategy"] == "rtqueue"]
+    if not mine:
+        return [("rtqueue ran the guardrails workload", False, "no rtqueue rows")]
+    out: list[tuple[str, bool, str]] = []
+    for r in mine:
+        ok = (r["trips"] > 0 and r["user_visible_conflicts"] == 0 and r["lost_corrections"] == 0
+              and r["duplicate_corrections"] == 0 and r["lost_intents"] == 0 and r.get("drained", True))
+        out.append((f"guardrails @ {r['latency_ms']:g} ms: trips > 0, 0 visible conflicts, 0 lost and 0 duplicate "
+                    "corrections, 0 lost intents", ok,
+                    f"trips={r['trips']} visible={r['user_visible_conflicts']} lost_corr={r['lost_corrections']} "
+                    f"dup_corr={r['duplicate_corrections']} lost={r['lost_intents']} drained={r.get('drained')}"))
+    return out
 
 
 def targets(rows: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
@@ -323,6 +433,8 @@ def charts(rows: list[dict[str, Any]], out: Path) -> list[str]:
     lats = sorted({r["latency_ms"] for r in rows})
     strategies = [s for s in STRATEGIES if any(r["strategy"] == s for r in rows)]
     workloads = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
+    if not workloads:
+        return []
     fig, axes = plt.subplots(2, len(lats), figsize=(6.5 * len(lats), 7.6), squeeze=False)
     width = 0.8 / max(1, len(strategies))
     panels = (
@@ -379,7 +491,8 @@ def charts(rows: list[dict[str, Any]], out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated, of {', '.join(WORKLOADS + EXTRA_WORKLOADS)}")
     p.add_argument("--latencies", default="0,40", help="round-trip latencies in ms (one-way is half)")
     p.add_argument("--speed", type=float, default=None, help="simulator pacing vs real time (default 20)")
     p.add_argument("--seed", type=int, default=7)
@@ -388,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     speed = ns.speed or sizes["speed"]
     strategies = [s for s in ns.strategies.split(",") if s]
     workloads = [w for w in ns.workloads.split(",") if w]
+    unknown = sorted(set(workloads) - set(WORKLOADS + EXTRA_WORKLOADS))
+    if unknown:
+        p.error(f"unknown workloads: {', '.join(unknown)}")
     rtts = [float(x) for x in ns.latencies.split(",") if x]
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -400,12 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     warm_imports()
     rows: list[dict[str, Any]] = []
     t_start = time.monotonic()
-    total = len(rtts) * len(workloads) * len(strategies)
+    def runs(wl: str) -> list[str]:
+        return [s for s in strategies if wl not in EXTRA_WORKLOADS or s in GUARDED]
+
+    total = len(rtts) * sum(len(runs(wl)) for wl in workloads)
     k = 0
     for rtt in rtts:
         for wl in workloads:
             with C.SimProcess(latency_ms=rtt / 2, speed=speed, seed=ns.seed, record=True) as sim:
-                for strat in strategies:
+                for strat in runs(wl):
                     k += 1
                     C.progress(f"[{k}/{total}] {strat:<13} {wl:<10} RTT {rtt:g} ms ...")
                     try:
@@ -425,6 +544,41 @@ def main(argv: list[str] | None = None) -> int:
                             f"trunc_err={row['truncate_errors']} gate_p99={C.fmt(row['gate_p99_ms'], 3)} ms "
                             f"cpu/resp={C.fmt(row['cpu_ms_per_response'], 2)} ms ({row['seconds']} s)"
                         )
+                        if wl == "guardrails":
+                            C.progress(f"      trips={row['trips']} corrections={row['corrections_sent']} "
+                                       f"lost_corr={row['lost_corrections']} dup_corr={row['duplicate_corrections']}")
+    guard_rows = [r for r in rows if r["workload"] in EXTRA_WORKLOADS]
+    rows = [r for r in rows if r["workload"] not in EXTRA_WORKLOADS]
+    guard_checks = guard_targets([r for r in guard_rows if "failed" not in r]) if guard_rows else []
+    guard_written: list[str] = []
+    if guard_rows:
+        guard_doc = {
+            "benchmark": "conflicts/guardrails",
+            "machine": C.machine(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "quick": ns.quick,
+            "speed": speed,
+            "seed": ns.seed,
+            "sizes": {"guardrails": sizes["guardrails"]},
+            "skipped": skipped,
+            "seconds": round(time.monotonic() - t_start, 1),
+            "targets": [{"target": n, "pass": ok, "detail": d} for n, ok, d in guard_checks],
+            "results": guard_rows,
+        }
+        # --quick never overwrites the full run's file.
+        name = "bench_conflicts_guardrails_quick.json" if ns.quick else "bench_conflicts_guardrails.json"
+        guard_written = C.write_json(guard_doc, out / name, ns.json if not rows else None)
+        print()
+        print(C.table(guard_rows, GUARD_COLS, nd=1))
+        print()
+        for name, ok, detail in guard_checks:
+            print(f"{'PASS' if ok else 'FAIL'}  rtqueue: {name}  [{detail}]")
+        if not rows:
+            for name, reason in skipped.items():
+                print(f"SKIP  {name}: {reason}")
+            print("\nwrote " + ", ".join(guard_written))
+            failed = any("failed" in r for r in guard_rows)
+            return 0 if all(ok for _, ok, _ in guard_checks) and not failed else 1
     checks = targets([r for r in rows if "failed" not in r]) if rows else []
     result = {
         "benchmark": "conflicts",
@@ -448,8 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'PASS' if ok else 'FAIL'}  rtqueue: {name}  [{detail}]")
     for name, reason in skipped.items():
         print(f"SKIP  {name}: {reason}")
-    print("\nwrote " + ", ".join(written))
-    return 0 if all(ok for _, ok, _ in checks) and not any("failed" in r for r in rows) else 1
+    print("\nwrote " + ", ".join(written + guard_written))
+    checks += guard_checks
+    return 0 if all(ok for _, ok, _ in checks) and not any("failed" in r for r in rows + guard_rows) else 1
 
 
 if __name__ == "__main__":

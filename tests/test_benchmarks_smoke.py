@@ -82,6 +82,25 @@ def test_bench_conflicts_quick(tmp_path: Path) -> None:
         assert cell.startswith("**") and ", 0/" in cell, line  # bold, and 0 lost intents
 
 
+def test_bench_conflicts_guardrails_quick(tmp_path: Path) -> None:
+    """bench_conflicts --workloads guardrails --quick: rtqueue's trips each get exactly one answered correction."""
+    data = run_bench("bench_conflicts.py", tmp_path, "--workloads", "guardrails")
+    rows = data["results"]
+    assert {r["workload"] for r in rows} == {"guardrails"}
+    assert {r["strategy"] for r in rows} <= {"rtqueue", "openai-agents"}  # the baselines have no guardrails
+    assert "openai-agents" in {r["strategy"] for r in rows} or "openai-agents" in data["skipped"]
+    mine = [r for r in rows if r["strategy"] == "rtqueue"]
+    assert {r["latency_ms"] for r in mine} == {0.0, 40.0}
+    for r in mine:
+        assert "failed" not in r, r
+        assert r["trips"] > 0 and r["corrections_sent"] == r["trips"], r
+        assert r["lost_corrections"] == 0 and r["duplicate_corrections"] == 0, r
+        assert r["user_visible_conflicts"] == 0 and r["lost_intents"] == 0, r
+    out = tmp_path / "out"
+    assert (out / "bench_conflicts_guardrails_quick.json").exists()
+    assert not (out / "bench_conflicts.json").exists() and not (out / "conflicts.png").exists()
+
+
 def test_bench_reader_quick(tmp_path: Path) -> None:
     """bench_reader --quick: rtqueue's reader and the floor are both measured against real time."""
     data = run_bench("bench_reader.py", tmp_path)
