@@ -59,6 +59,7 @@ from .formats import PCM16, AudioFormat, format_of
 from .guardrails import refusal_instructions
 from .history import History, reseed_plan
 from .protocol import METADATA_KEY, new_event_id
+from .recycle import Activity
 from .values import Response
 
 __all__ = [
@@ -98,6 +99,7 @@ _HANDLED = frozenset({
     "session.created", "session.updated", "response.created", "response.done", "error",
     "input_audio_buffer.speech_started", "conversation.item.added", "conversation.item.done",
     "conversation.item.deleted", "conversation.item.input_audio_transcription.completed",
+    "input_audio_buffer.speech_stopped",
 })
 
 
@@ -350,6 +352,7 @@ class ConversationCore:
         self.config_version = 0
         self.turn_seq = 0
         self.produced_audio = False
+        self.speaking = False  # server VAD heard speech start and no stop yet (a recycle waits for the stop)
         self.handoffs = 0
         self._closed: BaseException | None = None
         self._replay_waiters: list[Any] = []
@@ -365,6 +368,7 @@ class ConversationCore:
             "conversation.item.done": self._on_item,
             "conversation.item.deleted": self._on_item_deleted,
             "conversation.item.input_audio_transcription.completed": self._on_transcription,
+            "input_audio_buffer.speech_stopped": self._on_speech_stopped,
         }
         assert set(self._handlers) == _HANDLED
 
@@ -411,6 +415,14 @@ class ConversationCore:
     def tools_idle(self) -> bool:
         """Whether no tool job is running."""
         return not self._jobs
+
+    def activity(self) -> Activity:
+        """What is in flight, for a planned recycle's quiet check (the shell adds the gate and the writer).
+
+        A response whose output guardrails have not given their verdict yet counts as streaming.
+        """
+        return Activity(requests=len(self._requests), responses=len(self._responses) + len(self._guard_pending),
+                        updates=len(self._updates), tools=len(self._jobs), speaking=self.speaking)
 
     def stores(self) -> dict[str, tuple[object, int]]:
         """The capped per-session stores, ``name -> (container, cap)`` (memory diagnostics; do not change)."""
@@ -825,6 +837,11 @@ class ConversationCore:
 
     def _on_speech_started(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
         self.turn_seq += 1
+        self.speaking = True
+        return _EMPTY
+
+    def _on_speech_stopped(self, event: dict[str, Any], _verdict: str | None) -> list[Action]:
+        self.speaking = False
         return _EMPTY
 
     # -- guardrails -----------------------------------------------------------------------------
@@ -1184,6 +1201,7 @@ class ConversationCore:
         actions: list[Action] = []
         reissue: list[Send] = []
         failed = 0
+        self.speaking = False  # the new session's VAD has heard nothing yet
         lost = ConnectionLost("the connection dropped while this response was streaming; it cannot be resumed")
         for eid, _rid, pending in dropped:
             req = self._requests.get(eid) if eid is not None else None

@@ -155,6 +155,15 @@ class History:
         if gone is not None:
             self._chars -= gone.size
 
+    def replace(self, item_ids: Iterable[str], item: Mapping[str, Any]) -> None:
+        """Forget ``item_ids`` and put ``item`` first, in their place (a summary that stands for them)."""
+        for gone in item_ids:
+            self.delete(gone)
+        self.put(item)
+        iid = item.get("id")
+        if isinstance(iid, str) and iid in self._records:
+            self._records.move_to_end(iid, last=False)
+
     def set_transcript(self, item_id: str, transcript: str) -> None:
         """Fill in an input audio transcript (``...input_audio_transcription.completed``)."""
         record = self._records.get(item_id)

@@ -42,10 +42,27 @@ Policy (documented for apps):
   reconnect simply counts as a failed attempt.
 - **close()** during a reconnect stops it at once (the backoff wait and the
   handshake waits are cut short) and ends every thread.
+
+**Planned recycling** (calls longer than the 60-minute cap, see
+:mod:`rtqueue.recycle` for the decisions and :mod:`rtqueue.recycler` for the
+thread): :meth:`Reconnector.recycle` moves a quiet session to a new socket
+before the server ends it. It holds the writer, checks that nothing is in
+flight and nothing is queued, sends a no-op ``session.update`` on the old
+socket and waits for its answer (every event sent before it has then been
+processed, so every item the app created is in the history), checks again,
+opens the new socket, closes the old one, and resumes on the new one through
+the same steps as a reconnect (config, then the re-seed, optionally led by a
+summary), keeping the microphone audio queued meanwhile. The app sees
+``session.recycling`` and ``session.recycled`` (``old_session_id``,
+``new_session_id``, ``forced``, ``summarized``, ``reseeded``,
+``not_carried``, ``downtime_ms``). At the hard deadline it recycles anyway,
+the way a drop is handled (streaming responses fail, pending creates are
+re-issued).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -67,6 +84,7 @@ from .errors import (
 from .gate import percentile
 from .history import reseed_plan
 from .protocol import FATAL_CODES, SESSION_EXPIRED
+from .recycle import Activity, SessionClock, Summary
 from .secrets import Secret, redact
 from .transport import Transport
 from .values import Event
@@ -80,6 +98,9 @@ __all__ = [
     "fatal_loss",
     "reseed_plan",
 ]
+
+#: Outcomes of :meth:`Reconnector.recycle`.
+RECYCLED, BUSY, FAILED, HANDED_OVER, STOPPED = "recycled", "busy", "failed", "handed_over", "stopped"
 
 log = logging.getLogger("rtqueue")
 
@@ -112,6 +133,16 @@ def _attempts(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         raise InvalidArgument(f"{attr.name} must be an int >= 1, not {value!r}")
 
 
+def _optional_positive(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _positive(_inst, attr, value)
+
+
+def _count(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"{attr.name} must be an int >= 0, not {value!r}")
+
+
 def _optional_count(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise InvalidArgument(f"{attr.name} must be an int >= 0 or None, not {value!r}")
@@ -125,6 +156,17 @@ class ReconnectPolicy:
     ``connect_timeout`` bounds each handshake and each wait for the server's
     answer on the new socket; ``reseed`` re-creates the conversation's items,
     at most the newest ``max_reseed_items`` (``None``: all the session holds).
+
+    Recycling (calls longer than the server's 60-minute cap): ``recycle_after``
+    seconds after ``session.created`` (``None``: never) the session looks for
+    a quiet moment to move to a new socket; ``recycle_margin`` seconds before
+    the cap it moves anyway. The cap is the server's ``expires_at`` (from
+    ``session.created``) when it reports one, else ``session_cap`` seconds.
+    A history longer than ``summarize_over_chars`` characters of text or
+    ``summarize_over_items`` items (``None``: no such limit) is first
+    summarised by an out-of-band response on the old socket (bounded by
+    ``summary_timeout``); the new session then gets the summary and the last
+    ``keep_turns`` user turns verbatim instead of everything.
     """
 
     max_attempts: int = attrs.field(default=8, validator=_attempts)
@@ -134,6 +176,13 @@ class ReconnectPolicy:
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
     reseed: bool = True
     max_reseed_items: int | None = attrs.field(default=500, validator=_optional_count)
+    recycle_after: float | None = attrs.field(default=55 * 60.0, validator=_optional_positive)
+    recycle_margin: float = attrs.field(default=30.0, validator=_non_negative)
+    session_cap: float = attrs.field(default=60 * 60.0, validator=_positive)
+    summarize_over_chars: int | None = attrs.field(default=20_000, validator=_optional_count)
+    summarize_over_items: int | None = attrs.field(default=200, validator=_optional_count)
+    keep_turns: int = attrs.field(default=4, validator=_count)
+    summary_timeout: float = attrs.field(default=30.0, validator=_positive)
 
     def base_delay(self, attempt: int) -> float:
         """The wait before attempt ``attempt`` (1-based) without jitter."""
@@ -200,10 +249,12 @@ class ReconnectHost(Protocol):
     def drop_in_flight(self) -> tuple[int, int]:
         """Reset the gate: re-queue creates not started, fail streaming ones; ``(failed, reissued)``."""
 
-    def replay(self, transport: Transport, *, reseed: bool, limit: int | None) -> tuple[str, int, Counter[str]]:
+    def replay(self, transport: Transport, *, reseed: bool, limit: int | None,
+               summary: Summary | None = None) -> tuple[str, int, Counter[str]]:
         """Queue the configuration and the re-seed on the (paused) writer for ``transport``.
 
-        Returns ``(update event id, items re-seeded, not carried by reason)``.
+        ``summary``: it replaces the items it covers, in the re-seed and in the
+        history. Returns ``(update event id, items re-seeded, not carried by reason)``.
         """
 
     def config_version(self) -> int:
@@ -218,14 +269,38 @@ class ReconnectHost(Protocol):
     def wake(self) -> None:
         """Wake :meth:`wait_change` waiters."""
 
-    def resume_writer(self, error: BaseException | None = None) -> None:
-        """Let the writer send what the app queued; ``error``: the server refused the replayed config."""
+    def resume_writer(self, error: BaseException | None = None, *, keep_audio: bool = False) -> None:
+        """Let the writer send what the app queued; ``error``: the server refused the replayed config.
+
+        ``keep_audio``: send the microphone audio queued meanwhile too (else it is dropped as stale).
+        """
 
     def die(self, error: BaseException) -> None:
         """End the session for good with ``error``."""
 
     def publish(self, event: Event) -> None:
         """Deliver an event to the app."""
+
+    # Planned recycling (rtqueue.recycler):
+
+    def session_clock(self) -> SessionClock | None:
+        """When the current socket's session began and when the server ends it (``None``: not yet)."""
+
+    def activity(self) -> Activity:
+        """What is in flight or queued now (never blocks)."""
+
+    def quiet_barrier(self) -> tuple[Activity, Any]:
+        """Writer paused: the activity and, only if quiet, a waiter for a no-op ``session.update``
+        primed on the current socket (answered once the server processed everything sent before)."""
+
+    def retire_transport(self, transport: Transport, timeout: float) -> None:
+        """Stop using ``transport`` as planned: forget it, close it, wait (bounded) for its reader to end."""
+
+    def recycle_seeds(self) -> list[dict[str, Any]]:
+        """The items a re-seed would carry now (nothing changes)."""
+
+    def request_summary(self, params: dict[str, Any]) -> Any:
+        """Queue an out-of-band ``response.create`` with ``params``; its :class:`~rtqueue.ResponseHandle`."""
 
 
 class Reconnector:
@@ -258,6 +333,14 @@ class Reconnector:
         self.creates_reissued = 0
         self.not_carried: Counter[str] = Counter()
         self._downtimes: deque[float] = deque(maxlen=10_000)
+        # Planned recycles (written by the one recycling thread, read by stats()):
+        self.recycles = 0  # switches done, forced ones included
+        self.recycles_forced = 0  # at the hard deadline, not at a quiet moment
+        self.recycles_summarized = 0  # seeded with a summary
+        self.recycles_deferred = 0  # found busy once the writer was held: tried again later
+        self.recycle_failures = 0  # the new socket could not be opened: the old one went on
+        self._recycle_downtimes: deque[float] = deque(maxlen=10_000)
+        self._last_resume: tuple[int, Counter[str]] = (0, Counter())  # the last reconnect's re-seed
 
     # -- reader side (never blocks) ------------------------------------------------------
 
@@ -334,6 +417,8 @@ class Reconnector:
     def stats(self) -> dict[str, Any]:
         """Reconnect counters and downtime percentiles (ms)."""
         d = self.downtimes_ms()
+        with self._cond:
+            r = [x * 1000 for x in self._recycle_downtimes]
         return {
             "reconnects": self.reconnects,
             "reconnect_failures": self.failures,
@@ -342,14 +427,26 @@ class Reconnector:
             "responses_failed_by_reconnect": self.responses_failed,
             "creates_reissued": self.creates_reissued,
             "not_carried": sum(self.not_carried.values()),
+            "recycles": self.recycles,
+            "recycles_forced": self.recycles_forced,
+            "recycles_summarized": self.recycles_summarized,
+            "recycles_deferred": self.recycles_deferred,
+            "recycle_failures": self.recycle_failures,
+            "recycle_p50_ms": percentile(r, 50),
+            "recycle_p99_ms": percentile(r, 99),
         }
 
     # -- the reconnect thread ------------------------------------------------------------------
 
     def _run(self, error: BaseException) -> None:
+        self._loop(lambda: self._reconnect(error))
+
+    def _loop(self, first: Callable[[], bool]) -> None:
+        """Run ``first`` (a reconnect, or a recycle's switch), then reconnect while the new socket keeps dying."""
         try:
+            step = first
             while True:
-                if not self._reconnect(error):
+                if not step():
                     return
                 with self._cond:
                     if self._lost is not None and self._lost is self._host.current_transport():
@@ -363,6 +460,7 @@ class Reconnector:
                 if fatal is not None:
                     self._die(fatal)
                     return
+                step = functools.partial(self._reconnect, error)
         except Exception as exc:  # pragma: no cover - a bug must not leave the session hanging
             log.exception("reconnect thread failed")
             self._die(ConnectionLost(f"reconnecting failed: {exc!r}"))
@@ -373,7 +471,7 @@ class Reconnector:
         if not self._stop.is_set():
             self._host.die(error)
 
-    def _reconnect(self, error: BaseException) -> bool:
+    def _reconnect(self, error: BaseException, reason: str | None = None, summary: Summary | None = None) -> bool:
         """One loss: retry until connected (``True``), or end the session (``False``)."""
         host = self._host
         started = time.monotonic()
@@ -381,7 +479,7 @@ class Reconnector:
         failed, reissued = host.drop_in_flight()
         self.responses_failed += failed
         self.creates_reissued += reissued
-        reason = "session_expired" if self._expired else str(error)
+        reason = reason or ("session_expired" if self._expired else str(error))
         for attempt in range(1, self.policy.max_attempts + 1):
             wait = self.policy.delay(attempt, self._rand)
             host.publish(Event("session.reconnecting", {
@@ -400,7 +498,7 @@ class Reconnector:
                 reason = str(exc)
                 continue
             try:
-                reseeded, dropped = self._resume_on(transport)
+                reseeded, dropped = self._resume_on(transport, summary=summary)
             except _Stopped:
                 self._discard(transport)
                 return False
@@ -422,6 +520,7 @@ class Reconnector:
                 self._downtimes.append(downtime)
             self.reconnects += 1
             self.not_carried.update(dropped)
+            self._last_resume = (reseeded, dropped)
             log.info("reconnected after %.0f ms (attempt %d)", downtime * 1000, attempt)
             host.publish(Event("session.reconnected", {
                 "attempt": attempt, "downtime_ms": downtime * 1000, "reseeded": reseeded,
@@ -432,6 +531,164 @@ class Reconnector:
             f"gave up reconnecting after {self.policy.max_attempts} attempts: {reason}", host.secret
         )))
         return False
+
+    # -- planned recycling (the recycling thread) ------------------------------------------------
+
+    def recycle(self, summary: Summary | None, *, forced: bool) -> str:
+        """Move the session to a new socket now, as planned; runs on the caller's (recycling) thread.
+
+        Not ``forced``: only if the session is quiet once the writer is held,
+        and still quiet after the barrier (a no-op ``session.update`` on the
+        old socket, answered once the server processed everything sent before
+        it); else :data:`BUSY`, having sent nothing but that update. A new
+        socket that cannot be opened leaves the old one in use
+        (:data:`FAILED`). Then the old socket is closed and the new one gets
+        the config and the re-seed (``summary`` first, standing for what it
+        covers) before anything the app queued meanwhile, microphone audio
+        included.
+
+        ``forced`` (the hard deadline): the old socket is closed at once and
+        the rest is a reconnect: streaming responses fail with
+        :class:`ConnectionLost`, creates not started are re-issued.
+
+        Returns :data:`RECYCLED`, :data:`BUSY` (a reconnect under way counts
+        too), :data:`FAILED`, :data:`HANDED_OVER` (it ended in the reconnect
+        path: the new socket failed, or the old one died meanwhile) or
+        :data:`STOPPED`.
+        """
+        host = self._host
+        with self._cond:
+            if self._stop.is_set():
+                return STOPPED
+            if self._running:
+                return BUSY
+            self._running = True
+            self._lost = None
+        started = time.monotonic()
+        clock = host.session_clock()
+        old_id = clock.session_id if clock is not None else None
+        try:
+            return self._switch(host.current_transport(), old_id, summary, forced, started)
+        except RtqueueError as exc:  # the session was closed or died under us: nothing to renew
+            log.info("recycling stopped: %s", exc)
+            return STOPPED
+        except Exception as exc:  # pragma: no cover - a bug must not leave the session hanging
+            log.exception("recycling the session failed")
+            self._die(ConnectionLost(f"recycling the session failed: {exc!r}"))
+            return STOPPED
+
+    def _switch(self, old: Transport | None, old_id: str | None, summary: Summary | None, forced: bool,
+                started: float) -> str:
+        host = self._host
+        host.pause_writer()
+        new: Transport | None = None
+        if not forced and old is not None:
+            _activity, barrier = host.quiet_barrier()
+            if barrier is None:
+                return self._not_now(BUSY, deferred=True)
+            try:
+                self._await(old, barrier.done, "the answer to the recycle's barrier")
+            except _Stopped:
+                return STOPPED
+            except RtqueueError:
+                return self._not_now(BUSY)  # lost meanwhile (handled there), or no answer in time
+            if not host.activity().quiet:  # the server started something before the barrier came back
+                return self._not_now(BUSY, deferred=True)
+            host.publish(Event("session.recycling", {"session_id": old_id, "forced": False,
+                                                     "summarized": summary is not None}))
+            try:
+                new = host.open_transport()
+            except (ConnectError, AuthenticationError) as exc:
+                self.recycle_failures += 1
+                log.warning("recycling: could not open the new socket (%s); going on with the old one", exc)
+                return self._not_now(FAILED)
+            if self._stop.is_set():  # closed while the handshake ran: the old socket is the app's to close
+                new.shutdown()
+                return STOPPED
+        else:
+            host.publish(Event("session.recycling", {"session_id": old_id, "forced": True,
+                                                     "summarized": summary is not None}))
+        if old is not None:
+            host.retire_transport(old, self.policy.connect_timeout)
+        with self._cond:
+            if self._lost is old:
+                self._lost = None  # its end was ours
+        done: list[bool] = []
+        self._loop(lambda: self._finish_switch(new, old_id, summary, started, done))
+        if self._stop.is_set():
+            return STOPPED
+        return RECYCLED if done else HANDED_OVER
+
+    def _finish_switch(self, new: Transport | None, old_id: str | None, summary: Summary | None, started: float,
+                       done: list[bool]) -> bool:
+        """The old socket is closed: resume on ``new`` (or reconnect: forced, or it failed). As :meth:`_reconnect`."""
+        host = self._host
+        if new is None:
+            if not self._reconnect(ConnectionLost("the session was recycled at its deadline"),
+                                   reason="recycle_deadline", summary=summary):
+                return False
+            reseeded, dropped = self._last_resume
+        else:
+            failed, reissued = host.drop_in_flight()  # nothing when quiet; a response the server began since is cut
+            self.responses_failed += failed
+            self.creates_reissued += reissued
+            try:
+                reseeded, dropped = self._resume_on(new, summary=summary, keep_audio=True)
+            except _Stopped:
+                self._discard(new)
+                return False
+            except AuthenticationError as exc:
+                self._discard(new)
+                self._die(exc)
+                return False
+            except RtqueueError as exc:
+                fatal = self._take_fatal()
+                self._discard(new)
+                if fatal is not None:
+                    self._die(fatal)
+                    return False
+                self.recycle_failures += 1
+                return self._reconnect(exc, summary=summary)  # the old socket is gone: the drop path
+        downtime = time.monotonic() - started
+        with self._cond:
+            self._recycle_downtimes.append(downtime)
+        self.recycles += 1
+        self.recycles_forced += new is None
+        self.recycles_summarized += summary is not None
+        self.not_carried.update(dropped)
+        done.append(True)
+        clock = host.session_clock()
+        log.info("session recycled in %.0f ms (%s)", downtime * 1000, "forced" if new is None else "quiet")
+        host.publish(Event("session.recycled", {
+            "old_session_id": old_id, "new_session_id": clock.session_id if clock is not None else None,
+            "forced": new is None, "summarized": summary is not None, "reseeded": reseeded,
+            "not_carried": sum(dropped.values()), "not_carried_by_reason": dict(dropped),
+            "downtime_ms": downtime * 1000,
+        }))
+        return True
+
+    def _not_now(self, outcome: str, *, deferred: bool = False) -> str:
+        """Give the writer back to the old socket (its queued mic audio kept) and keep using it.
+
+        If the old socket died while it was held, the usual reconnect takes over, on this thread.
+        """
+        self.recycles_deferred += deferred
+        self._host.resume_writer(keep_audio=True)
+        with self._cond:
+            if self._stop.is_set():
+                return STOPPED
+            lost = self._lost
+            self._lost = None
+            if lost is None or lost is not self._host.current_transport():
+                self._running = False
+                return outcome
+            error = self._lost_error or ConnectionLost("connection lost")
+            fatal, self._fatal_loss = self._fatal_loss, None
+        if fatal is not None:
+            self._die(fatal)
+        else:
+            self._loop(lambda: self._reconnect(error))
+        return HANDED_OVER
 
     def _take_fatal(self) -> RtqueueError | None:
         with self._cond:
@@ -472,7 +729,8 @@ class Reconnector:
         if not ok:
             raise ConnectError(f"no {what} within {timeout}s after reconnecting")
 
-    def _resume_on(self, transport: Transport) -> tuple[int, Counter[str]]:
+    def _resume_on(self, transport: Transport, *, summary: Summary | None = None,
+                   keep_audio: bool = False) -> tuple[int, Counter[str]]:
         """Adopt ``transport``: configure, re-seed (both sent by the writer), then let the writer go."""
         host = self._host
         version = host.config_version()
@@ -490,7 +748,7 @@ class Reconnector:
         self._await(transport, lambda: host.config_version() > version, "session.created")
         version = host.config_version()
         update_id, reseeded, dropped = host.replay(transport, reseed=self.policy.reseed,
-                                                   limit=self.policy.max_reseed_items)
+                                                   limit=self.policy.max_reseed_items, summary=summary)
         self._await(
             transport,
             lambda: host.config_version() > version or host.error_for(update_id) is not None,
@@ -504,5 +762,5 @@ class Reconnector:
             if self._stop.is_set():
                 raise _Stopped
             self._attempt = None
-            host.resume_writer(err)
+            host.resume_writer(err, keep_audio=keep_audio)
         return reseeded, dropped

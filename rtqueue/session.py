@@ -163,7 +163,10 @@ class Session:
         transcoded to and from it) and every agent's ``session.update`` follow
         it.
         ``reconnect`` (``True``, ``False`` or a :class:`~rtqueue.ReconnectPolicy`;
-        on by default) survives dropped sockets and ``session_expired``.
+        on by default) survives dropped sockets and ``session_expired``, and
+        renews the session before the server's 60-minute cap, at a quiet moment
+        (``ReconnectPolicy.recycle_after``; see :mod:`rtqueue.recycler`): the
+        app keeps the same :class:`Session` and sees ``session.recycled``.
 
         ``transport`` replaces the WebSocket: a :class:`~rtqueue.transport.Transport`
         (used for the first connection only) or a zero-argument factory called for
@@ -302,6 +305,10 @@ class Session:
 
             policy = reconnect if isinstance(reconnect, ReconnectPolicy) else ReconnectPolicy()
             self._shell.reconnector = Reconnector(self._shell, policy)
+            if policy.recycle_after is not None:
+                from .recycler import Recycler
+
+                self._shell.recycler = Recycler(self._shell, self._shell.reconnector, policy).start()
         return self
 
     def start(self, config: SessionConfig | Mapping[str, Any] | None = None, timeout: float = 10.0) -> Session:
@@ -674,6 +681,8 @@ class Session:
         out["approvals"] = shell.approvals.stats()
         if shell.reconnector is not None:
             out.update(shell.reconnector.stats())
+        if shell.recycler is not None:
+            out.update(shell.recycler.stats(), recycle_audio_kept=shell.recycle_audio_kept)
         if shell.audio is not None:
             out["audio"] = shell.audio.stats()
         return out

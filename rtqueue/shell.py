@@ -96,8 +96,9 @@ from .guardrails import (
     correction_note,
 )
 from .handles import ResponseHandle, SendHandle, Waiter
-from .history import History
+from .history import History, reseed_plan
 from .reconnect import AUTH_CLOSE_CODES, REQUEST_CLOSE_CODES, Reconnector, fatal_loss
+from .recycle import Activity, SessionClock, Summary, apply_summary, session_clock
 from .routing import GateRouter
 from .secrets import Secret, redact
 from .telemetry import Telemetry
@@ -111,6 +112,7 @@ if TYPE_CHECKING:
     from .audio import PlaybackCut
     from .audio_session import AudioLink
     from .recording import Recorder
+    from .recycler import Recycler
 
 __all__ = ["SessionShell"]
 
@@ -189,6 +191,9 @@ class SessionShell:
         self.guards: GuardrailMonitor | None = None  # made by refresh_guards when any guardrail exists
         self.audio: AudioLink | None = None
         self.reconnector: Reconnector | None = None
+        self.recycler: Recycler | None = None  # renews the session before the server's cap
+        self._session_clock: SessionClock | None = None  # the current socket's session.created
+        self.recycle_audio_kept = 0  # mic chunks queued during a recycle and sent on the new socket
         self._evict_check = 0.0
         self._issued: weakref.WeakSet[SendHandle] = weakref.WeakSet()
         self.usage = UsageMeter()  # token usage and rate limits; read and fed under the mutex
@@ -454,6 +459,9 @@ class SessionShell:
             self.run(lambda core: core.receive(event, verdict=verdict, matched=matched))
         if self.telemetry.enabled and typ in ("response.created", "response.done"):
             self._trace_response(typ, event)
+        if typ == "session.created":  # read by the recycling thread: one reference, swapped whole
+            self._session_clock = session_clock(event, generation=self._generation, now=time.monotonic(),
+                                                wall=time.time())
         if typ in ("session.created", "session.updated"):
             with self._changed:
                 self._changed.notify_all()
@@ -833,8 +841,11 @@ class SessionShell:
         """Park the writer (no send in progress)."""
         self.writer.pause()
 
-    def resume_writer(self, error: BaseException | None = None) -> None:
-        """Unpark the writer; settle update waiters the replay answered (or failed: ``error``)."""
+    def resume_writer(self, error: BaseException | None = None, *, keep_audio: bool = False) -> None:
+        """Unpark the writer; settle update waiters the replay answered (or failed: ``error``).
+
+        ``keep_audio``: the mic audio queued meanwhile goes out too (a planned recycle), else it is dropped.
+        """
         with self._mutex:
             waiters = self.core.take_replay_waiters()
             config = dict(self.core.session_config)
@@ -843,7 +854,9 @@ class SessionShell:
                 w.set_error(error)
             else:
                 w.set_result(config)
-        self.writer.resume()
+        if keep_audio:
+            self.recycle_audio_kept += self.writer.audio_queued()
+        self.writer.resume(drop_audio=not keep_audio)
 
     def drop_in_flight(self) -> tuple[int, int]:
         """Reset the gate; re-queue creates not started, fail streaming ones."""
@@ -857,11 +870,18 @@ class SessionShell:
         self._apply(actions)
         return failed, len(reissue)
 
-    def replay(self, transport: Transport, *, reseed: bool, limit: int | None) -> tuple[str, int, Counter[str]]:
-        """Queue the configuration and the re-seed for the new socket (the writer sends them)."""
+    def replay(self, transport: Transport, *, reseed: bool, limit: int | None,
+               summary: Summary | None = None) -> tuple[str, int, Counter[str]]:
+        """Queue the configuration and the re-seed for the new socket (the writer sends them).
+
+        ``summary`` replaces what it covers, in the re-seed and in the history (it goes first in both).
+        """
         with self._mutex:  # the snapshot and the plan in one step (lock order: mutex, then writer)
             queued = self.writer.queued_event_ids()
             update, seeds, dropped = self.core.reconnect_plan(reseed=reseed, limit=limit, queued=queued)
+            if summary is not None and reseed:
+                seeds = apply_summary(seeds, summary)
+                self.core.history.replace(summary.covered, summary.item)
         texts = [json.dumps(update)]
         texts += [json.dumps({"type": "conversation.item.create", "event_id": protocol.new_event_id(), "item": s})
                   for s in seeds]
@@ -886,6 +906,62 @@ class SessionShell:
         """Wake :meth:`wait_change` waiters."""
         with self._changed:
             self._changed.notify_all()
+
+    # -- ReconnectHost: planned recycling (rtqueue.recycler) ----------------------------------------
+
+    def session_clock(self) -> SessionClock | None:
+        """When the current socket's ``session.created`` came, and the server's ``expires_at``."""
+        return self._session_clock
+
+    def _activity(self) -> Activity:
+        # Caller holds the mutex (lock order: mutex, writer, gate).
+        act = self.core.activity()
+        tools = act.tools + (0 if self.tools is None or self.tools.idle() else 1)
+        return act.plus(gate=self.gate.depth(), queued=len(self.writer.pending()), tools=tools)
+
+    def activity(self) -> Activity:
+        """What is in flight or queued now (core, gate, writer's control lane, tool worker)."""
+        with self._mutex:
+            return self._activity()
+
+    def quiet_barrier(self) -> tuple[Activity, Waiter[dict[str, Any]] | None]:
+        """Writer paused: if quiet, prime a no-op ``session.update`` on the current socket; its waiter.
+
+        Checked and registered in one mutex step, so an update the app asks
+        for meanwhile is answered after this one, in wire order.
+        """
+        with self._mutex:
+            act = self._activity()
+            if not act.quiet:
+                return act, None
+            waiter: Waiter[dict[str, Any]] = Waiter("session.updated for the recycle's barrier")
+            sends = [a for a in self.core.update({"type": "realtime"}, None, waiter) if isinstance(a, Send)]
+            self.writer.prime(self._send_text, [json.dumps(a.event) for a in sends])
+        return act, waiter
+
+    def retire_transport(self, transport: Transport, timeout: float) -> None:
+        """Stop using ``transport`` as planned: forget it, close it, wait (bounded) for its reader."""
+        reader = self._reader
+        self.forget_transport(transport)  # first: its reader must not report the close as a loss
+        transport.send_close()
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(min(timeout, 2.0))
+            if reader.is_alive():
+                transport.abort()
+                reader.join(timeout)
+
+    def recycle_seeds(self) -> list[dict[str, Any]]:
+        """The items a re-seed would carry now (nothing changes)."""
+        with self._mutex:
+            seeds, _dropped = reseed_plan(self.core.history.items(), pending_calls=self.core.pending_call)
+        return seeds
+
+    def request_summary(self, params: dict[str, Any]) -> ResponseHandle:
+        """Queue the recycle's out-of-band summary create; its handle."""
+        handle = self.new_response_handle()
+        now = time.monotonic()
+        self.run(lambda core: core.create_response(params, handle, now=now))
+        return handle
 
     # -- failure ---------------------------------------------------------------------------------
 
@@ -961,6 +1037,8 @@ class SessionShell:
         self.wake()
         if self.reconnector is not None:
             step(lambda: self.reconnector.stop(timeout))  # type: ignore[union-attr]
+        if self.recycler is not None:
+            step(lambda: self.recycler.stop(timeout))  # type: ignore[union-attr]
         step(self.approvals.close)  # wakes a tool job waiting for an answer: it is rejected
         if self.tools is not None:
             step(lambda: self.tools.close(timeout))  # type: ignore[union-attr]
@@ -1003,7 +1081,7 @@ class SessionShell:
 
     def threads(self) -> list[threading.Thread]:
         """Live threads this session started (reader, writer, dispatcher, tools, reconnect)."""
-        roles = ("reader", "writer", "dispatch", "turns", "reconnect", "guard")
+        roles = ("reader", "writer", "dispatch", "turns", "reconnect", "guard", "recycle")
         names = {f"rtqueue-{role}-{self.n}" for role in roles}
         return [t for t in threading.enumerate() if t.name in names and t.is_alive()]
 

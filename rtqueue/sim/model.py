@@ -73,6 +73,14 @@ message (its ``function_call`` item is in the context) is not called again.
 - else an acknowledgement that echoes up to ten of the user's words, padded
   with stock sentences to a seeded length of 8-18 words and capped at 25.
 
+**Summaries.** When the instructions ask to "summarize the conversation"
+(as rtqueue's recycling does, in an out-of-band response whose ``input`` is
+the history as text messages), the reply is ``Summary:`` followed by what the
+user and system turns say, and the values of function outputs, in order
+(hooks removed, each turn cut to 80 words, 250 words in all), and no tools
+are called. The words of every fact given survive, so tests can check that a
+summary carried them.
+
 If the instructions say ``You are <role>`` (e.g. "You are the returns agent."),
 the reply starts with ``This is <role>.``, which lets tests tell agents apart.
 """
@@ -128,6 +136,9 @@ _FILLER = (
 )
 _OPENERS = ("Sure.", "Okay.", "Got it.", "Alright.", "Of course.")
 _MAX_WORDS = 25
+_SUMMARIZE = re.compile(r"\bsummari[sz]e the conversation\b", re.IGNORECASE)
+_SUMMARY_TURN_WORDS = 80
+_SUMMARY_WORDS = 250
 
 
 @attrs.frozen
@@ -200,6 +211,8 @@ class ScriptedModel:
         turns: Sequence[Turn],
     ) -> Reply:
         """Decide the reply for a response with this context. Never raises on odd input."""
+        if _SUMMARIZE.search(instructions or ""):
+            return Reply(text=_conversation_summary(turns))
         functions = [t for t in tools if isinstance(t, Mapping) and t.get("type", "function") == "function"]
         last_user = max((i for i, t in enumerate(turns) if t.kind == "user"), default=None)
         if last_user is None:
@@ -419,6 +432,25 @@ def _summary(outputs: Sequence[str]) -> str:
     text = "Here is what I found: " + "; ".join(p for p in pieces if p)
     words = text.split()[:30]
     return " ".join(words).rstrip(".;,") + "."
+
+
+def _conversation_summary(turns: Sequence[Turn]) -> str:
+    """What the user and system turns said and what the tools returned, in order, capped."""
+    pieces: list[str] = []
+    for t in turns:
+        if t.kind in ("user", "system"):
+            text = _HOOK.sub(" ", t.text)
+        elif t.kind == "function_call_output":
+            try:
+                text = _flatten(json.loads(t.output))
+            except (TypeError, ValueError):
+                text = t.output
+        else:
+            continue
+        words = text.split()[:_SUMMARY_TURN_WORDS]
+        if words:
+            pieces.append(" ".join(words))
+    return " ".join(("Summary: " + "; ".join(pieces or ["nothing was said"])).split()[:_SUMMARY_WORDS])
 
 
 def _flatten(value: Any) -> str:
