@@ -30,7 +30,7 @@ from rtqueue.recycle import (
 )
 from rtqueue.sim.model import ScriptedModel, Turn
 from rtqueue.transport import Transport, WebSocketTransport
-from tests.utils import UNIT, silence_pcm
+from tests.utils import UNIT, silence_pcm, speech_pcm
 
 SESSION_S = 5.0  # the simulator's session cap in these tests (the real one: 3600 s)
 
@@ -462,3 +462,21 @@ def test_close_during_a_recycle_ends_every_thread():
         with pytest.raises(SessionClosed):
             queued[0].wait(UNIT)
         assert s.stats()["recycles"] == 0
+
+
+def test_a_user_who_never_stops_speaking_is_recycled_at_the_deadline():
+    """Server VAD hears speech start and no stop: never quiet, so the switch waits for the hard deadline."""
+    with short_sim() as sim, Session.connect(url=sim.url, turn_detection="server_vad",
+                                             reconnect=policy(recycle_after=0.2)) as s:
+        recycled = s.events("session.recycled")
+        vad = s.events("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped")
+        ev = None
+        while ev is None:  # the user talks on, 100 ms of speech every 20 ms
+            s.append_audio(speech_pcm(100))
+            ev = recycled.get(0.02)
+        assert ev.type == "session.recycled" and ev.forced
+        heard = [e.type for e in iter(lambda: vad.get(0), None)]
+        assert heard[:1] == ["input_audio_buffer.speech_started"]
+        assert "input_audio_buffer.speech_stopped" not in heard
+        assert s.stats()["recycles_forced"] == 1 and s.stats()["recycles_deferred"] == 0
+    assert sim.stats()["conflicts"] == 0 and "session_expired" not in sim.stats()["errors"]
