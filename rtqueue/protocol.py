@@ -7,6 +7,7 @@ headers, and the parser that turns a raw frame into a dict (or a
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets as _rand
@@ -58,9 +59,25 @@ BETA_ALIASES = {
 _MAX_FRAME_PREVIEW = 200
 
 
+# Event ids: a random per-process part and a counter (20 hex digits, as token_hex(10) was). Every mic
+# chunk takes one, and os.urandom is a system call that releases the GIL: with hundreds of sessions
+# each release was a chance for the feeding thread to lose the GIL and queue for it again.
+_id_seq = itertools.count(1)
+_id_base = _rand.token_hex(4)
+
+
+def _reseed_ids() -> None:
+    global _id_base
+    _id_base = _rand.token_hex(4)  # a forked child must not repeat its parent's ids
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_ids)
+
+
 def new_event_id(prefix: str = "evt_rtq_") -> str:
-    """A fresh client event id (unique enough to match responses to requests)."""
-    return prefix + _rand.token_hex(10)
+    """A fresh client event id, unique in this process (ids are matched per connection)."""
+    return f"{prefix}{_id_base}{next(_id_seq):012x}"
 
 
 def parse_frame(frame: str | bytes) -> dict[str, Any]:

@@ -766,8 +766,10 @@ class SessionShell:
 
     def append_audio(self, pcm: bytes) -> bool:
         """Queue mic audio (already checked) on the writer's audio lane."""
-        text = json.dumps({"type": "input_audio_buffer.append", "event_id": protocol.new_event_id(),
-                           "audio": base64.b64encode(bytes(pcm)).decode("ascii")})
+        # The JSON text by hand: base64 and our ids need no escaping, and json.dumps scanning the
+        # 6.4 KB string of a 100 ms chunk was ~17 us of held GIL, two thirds of this call.
+        text = ('{"type":"input_audio_buffer.append","event_id":"' + protocol.new_event_id()
+                + '","audio":"' + base64.b64encode(pcm).decode("ascii") + '"}')
         return self.writer.append_audio(text)
 
     def input_format(self) -> AudioFormat:
