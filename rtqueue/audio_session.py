@@ -234,7 +234,7 @@ class AudioLink:
                 self.dropped_after_cancel_ms += fmt.ms(len(pcm))
                 return
             device = self.io.output.format
-            if device != fmt:
+            if device is not fmt and device != fmt:  # usually the same object: skip attrs' field-wise compare
                 tc = self._to_device
                 if tc is None or tc.src != fmt or tc.dst != device:
                     tc = self._to_device = Transcoder(fmt, device)

@@ -774,13 +774,13 @@ class SessionShell:
 
     def input_format(self) -> AudioFormat:
         """The negotiated input audio format (AudioHost)."""
-        with self._mutex:
-            return self.core.input_format
+        # No mutex: one read of a reference the core swaps whole (on session.updated). It is read for
+        # every mic chunk and every audio delta; the mutex here was a second acquisition per frame.
+        return self.core.input_format
 
     def output_format(self) -> AudioFormat:
         """The negotiated output audio format (AudioHost)."""
-        with self._mutex:
-            return self.core.output_format
+        return self.core.output_format
 
     def frame_time(self) -> float:
         """Monotonic time the reader read the frame it is handling (AudioHost)."""
