@@ -349,6 +349,7 @@ class ConversationCore:
         self._correction_depth: OrderedDict[str, int] = OrderedDict()  # correction create event id -> depth
         self.guardrail_trips = 0
         self.corrections = 0
+        self._unguarded: OrderedDict[str, None] = OrderedDict()  # rtqueue's own responses
         self.config_version = 0
         self.turn_seq = 0
         self.produced_audio = False
@@ -723,6 +724,12 @@ class ConversationCore:
         in_band = req.in_band if req is not None else resp.get("conversation_id", "x") is not None
         rec = ResponseRecord(rid, self._confirmed_agent, in_band, self.turn_seq, request=req)
         self._responses[rid] = rec
+        meta = resp.get("metadata")
+        if isinstance(meta, dict) and "rtqueue_purpose" in meta:
+            # rtqueue's own work (a recycle summary) is not the assistant speaking: no guardrail checks it.
+            self._unguarded[rid] = None
+            while len(self._unguarded) > RECENT_DONE_IDS:
+                self._unguarded.popitem(last=False)
         if req is None:
             return _EMPTY
         req.move("created")
@@ -770,6 +777,9 @@ class ConversationCore:
             req.move("done")
             self._requests.pop(req.event_id, None)
             handle = req.handle
+        if req is not None and req.event_id in self._correction_depth:
+            # A correction finished: a trip on its final text must still see how deep the chain is.
+            self._correction_depth[rid] = self._correction_depth[req.event_id]
         chained = False
         if response.function_calls or response.mcp_approval_requests:
             # Decide on a follow-up before resolving the handle, so final() never
@@ -779,7 +789,7 @@ class ConversationCore:
             actions += calls
         if chained:
             self._corrections.pop(rid, None)  # it finished with calls before our cancel: the chain leads
-        elif self.guard_outputs or rid in self._corrections or rid in self._tripped:
+        elif self.is_guarded(rid) or rid in self._corrections or rid in self._tripped:
             actions += self._guard_followup(rid, handle)
         if handle is not None:
             actions.append(Resolve(handle, response))
@@ -846,6 +856,10 @@ class ConversationCore:
 
     # -- guardrails -----------------------------------------------------------------------------
 
+    def is_guarded(self, response_id: str) -> bool:
+        """Whether output guardrails check this response (all but rtqueue's own, such as a recycle summary)."""
+        return self.guard_outputs and response_id not in self._unguarded
+
     def _guard_followup(self, rid: str, handle: Any) -> list[Action]:
         """At ``response.done``: link a correction made already, or await the final guardrail verdict."""
         if rid in self._corrections:
@@ -895,7 +909,8 @@ class ConversationCore:
             actions.append(Send({"type": "conversation.item.truncate", "event_id": new_event_id(),
                                  "item_id": item_id, "content_index": 0, "audio_end_ms": ms}, front=True))
         request_eid = rec.request.event_id if rec is not None and rec.request is not None else None
-        depth = self._correction_depth.get(request_eid, 0) if request_eid is not None else 0
+        # A correction's depth is known by its create's event id while it streams, by its response id once done.
+        depth = self._correction_depth.get(request_eid if request_eid is not None else response_id, 0)
         corr = None
         if depth < self.max_corrections:
             corr = self._new_handle({}, True)

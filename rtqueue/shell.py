@@ -431,7 +431,7 @@ class SessionShell:
                 if guards is not None and typ != "response.output_audio.delta":
                     rid = event.get("response_id")
                     rec = self.core.response(rid) if isinstance(rid, str) else None
-                    size = rec.size if rec is not None else -1
+                    size = rec.size if rec is not None and self.core.is_guarded(rec.id) else -1
             if guards is not None and typ != "response.output_audio.delta" and size >= 0:
                 guards.offer_output(event["response_id"], size)
         else:
@@ -472,7 +472,7 @@ class SessionShell:
             _resp, rid, _eid = response_ids(event)
             if rid is not None:
                 with self._mutex:
-                    guarded = self.core.guard_outputs
+                    guarded = self.core.is_guarded(rid)
                 if guarded:
                     self.guards.offer_output(rid, 0, final=True)
         elif typ == "conversation.item.input_audio_transcription.completed":

@@ -686,3 +686,16 @@ def test_an_oob_chain_never_blocks_an_in_band_chains_follow_up():
     w.quiesce()
     assert w.conflicts == 0
     assert {cid for cid in w.calls} == set(w.outputs)
+
+
+def test_rtqueues_own_responses_are_not_guarded():
+    """A response tagged rtqueue_purpose (a recycle summary) is never checked by output guardrails."""
+    core = make_core(agents=False)
+    core.guard_outputs = True
+    summary = created("resp_sum", None, in_band=False)
+    summary["response"]["metadata"] = {"rtqueue_purpose": "recycle_summary"}
+    core.receive(summary)
+    core.receive(created("resp_user", None))
+    assert not core.is_guarded("resp_sum") and core.is_guarded("resp_user")
+    core.guard_outputs = False
+    assert not core.is_guarded("resp_user")

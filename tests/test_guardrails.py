@@ -241,3 +241,16 @@ def test_close_ends_the_guardrail_thread(sim: Simulator):
         s.ask("[say: hi] hello", timeout=UNIT)
         assert any(t.name.startswith("rtqueue-guard-") for t in s.threads())
     assert s.threads() == []
+
+
+def test_a_correction_tripping_after_it_finished_is_still_capped(sim: Simulator):
+    """Trips found only by the final check (short answers) still stop after max_corrections corrections."""
+    dollars = output_guardrail(lambda ctx: "$" in ctx.text, name="no_prices", every_chars=500)
+    with Session.connect(url=sim.url, output_guardrails=[dollars], reconnect=False) as s:
+        trips, _ = _events(s, "guardrail.tripped")
+        answer = s.ask("[say: That costs $40.] how much?", timeout=UNIT)
+        assert s.wait_idle(UNIT)
+        assert _wait(lambda: len(trips) == 3)
+    assert answer.text == "That costs $40."  # the last correction, cut off and not corrected again
+    assert _count(sim, "response.create") == 3
+    assert [t["corrected"] for t in trips] == [True, True, False]
