@@ -44,6 +44,7 @@ from typing import Any
 from .errors import RtqueueError
 from .reconnect import BUSY, FAILED, STOPPED, ReconnectHost, Reconnector, ReconnectPolicy
 from .recycle import RecycleWindow, SessionClock, Summary, make_summary, split_for_summary, summary_request
+from .timers import TimerHandle, call_at
 
 __all__ = ["Recycler"]
 
@@ -51,6 +52,7 @@ log = logging.getLogger("rtqueue")
 
 #: How often a session in its window looks for a quiet moment (seconds).
 POLL_S = 0.05
+LEAD_S = 5.0  # the thread starts this long before the window opens
 #: Wait after a new socket could not be opened before trying again (seconds).
 RETRY_S = 1.0
 
@@ -70,11 +72,35 @@ class Recycler:
         self.summaries = 0  # summary responses that came back with text
         self.summary_failures = 0  # failed, empty or late: the switch re-seeded everything
         self.window_open = False  # the current session is looking for a quiet moment
+        self._timer: TimerHandle | None = None  # starts the thread near the first window
+        self._start_lock = threading.Lock()  # start vs stop
 
     def start(self) -> Recycler:
-        """Start the thread (once)."""
-        self._thread.start()
+        """Start recycling: the thread itself starts shortly before the first window opens.
+
+        Until then the session costs no thread: the process-wide timer
+        (:mod:`rtqueue.timers`) starts it, ``LEAD_S`` before the window of the
+        session current now (a reconnect meanwhile only moves the window
+        later, which the thread then waits out).
+        """
+        clock = self._host.session_clock()
+        after = self.policy.recycle_after
+        if clock is None or after is None:
+            self._launch()
+            return self
+        window = RecycleWindow.plan(clock, after=after, margin=self.policy.recycle_margin,
+                                    cap=self.policy.session_cap)
+        when = window.start - LEAD_S
+        if when <= self._clock():
+            self._launch()
+        else:
+            self._timer = call_at(when, self._launch)
         return self
+
+    def _launch(self) -> None:
+        with self._start_lock:
+            if not self._stop.is_set() and not self._thread.is_alive() and self._thread.ident is None:
+                self._thread.start()
 
     @property
     def thread(self) -> threading.Thread:
@@ -83,7 +109,10 @@ class Recycler:
 
     def stop(self, timeout: float | None = None) -> None:
         """End the thread (from any thread but its own; bounded by ``timeout``)."""
-        self._stop.set()
+        with self._start_lock:
+            self._stop.set()
+            if self._timer is not None:
+                self._timer.cancel()
         self._host.wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(self.policy.connect_timeout + 2.0 if timeout is None else timeout)
