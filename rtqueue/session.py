@@ -38,6 +38,7 @@ from .hosted_mcp import HostedMCP, check_servers
 from .protocol import new_event_id
 from .secrets import Secret
 from .shell import SessionShell
+from .tools import Tool
 from .transport import Transport, WebSocketTransport
 from .values import Event, Response
 
@@ -115,6 +116,7 @@ class Session:
         session: Mapping[str, Any] | None = None,
         config: SessionConfig | Mapping[str, Any] | None = None,
         agent: Agent | None = None,
+        tools: Sequence[Tool] | None = None,
         agents: Iterable[Agent] = (),
         context: Any = None,
         voice: str | None = None,
@@ -151,7 +153,10 @@ class Session:
         ``session.update``, on top of ``config``: a typed
         :class:`~rtqueue.config.SessionConfig` (or its GA dict form, checked
         the same way) for everything else of the GA session (noise reduction,
-        transcription, VAD details, truncation, prompt, ...). ``agent``
+        transcription, VAD details, truncation, prompt, ...). ``tools``
+        (:class:`~rtqueue.Tool` objects) are function tools for a session
+        without agents: rtqueue calls them and answers the model (an implicit
+        agent named ``"assistant"`` owns them). ``agent``
         starts a multi-agent conversation (see :class:`~rtqueue.Agent`);
         ``context`` is handed to agent instructions and tools. ``audio=True``
         plays and records with the default devices, ``"null"`` uses
@@ -230,6 +235,11 @@ class Session:
         if isinstance(agents, (str, bytes, Mapping)) or not isinstance(agents, Iterable):
             raise InvalidArgument("agents must be a list of rtqueue.Agent")
         extra = tuple(agents)
+        if tools is not None:
+            if agent is not None or extra:
+                raise InvalidArgument("tools= is for a session without agents; give the tools to the Agent")
+            # One implicit agent runs them: function tools need an owner to resolve and call them.
+            agent = Agent("assistant", instructions=instructions or "", tools=tools)
         start = agent if agent is not None else (extra[0] if extra else None)
         shared_mcp = check_servers(mcp, "mcp")
         graph = resolve_agents(start, extra, shared_mcp=shared_mcp) if start is not None else None

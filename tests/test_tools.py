@@ -581,3 +581,30 @@ def test_invoke_unserializable_result() -> None:
 
     with pytest.raises(ToolError, match="cannot be sent"):
         f.invoke("{}")
+
+
+def test_tools_without_an_agent_are_called():
+    """Session.connect(tools=[...]) runs function tools for a session without agents."""
+    from rtqueue import Agent, Session, Simulator, tool
+    from rtqueue.errors import InvalidArgument
+    from tests.utils import UNIT
+
+    calls: list[str] = []
+
+    @tool
+    def lookup_order(order_id: str) -> str:
+        """Look an order up.
+
+        Args:
+            order_id: the order number
+        """
+        calls.append(order_id)
+        return "shipped"
+
+    with Simulator(speed=20.0) as sim, Session.connect(url=sim.url, instructions="Be brief.",
+                                                       tools=[lookup_order], reconnect=False) as s:
+        answer = s.ask("[tools: lookup_order] where is order 42", timeout=UNIT)
+        assert calls == ["42"] and "shipped" in answer.text
+        assert s.session_config["instructions"] == "Be brief."
+    with pytest.raises(InvalidArgument):
+        Session.connect(url="ws://127.0.0.1:9", tools=[lookup_order], agent=Agent("a"))
