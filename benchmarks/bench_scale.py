@@ -1,6 +1,13 @@
 """Scale: many concurrent rtqueue sessions in one process against one simulator.
 
     python benchmarks/bench_scale.py [--quick] [--sessions N] [--seconds S] [--aligned] [--out DIR] [--json FILE]
+    python benchmarks/bench_scale.py --peers all [--ramp 100,200,400,800] [--seconds S] [--quick]
+
+``--peers``: the same workload with rtqueue, openai-agents and the bare
+``openai`` client side by side, each in its own process (``_peers.py`` says
+how each is driven and measured) against one simulator, ramping N; results in
+``bench_scale_peers.json``. ``--quick`` writes ``*_quick.json`` files, never the
+full results.
 
 One process holds N :class:`rtqueue.Session` objects (default 200), all
 connected to one simulator running in a second process (the two processes
@@ -318,7 +325,17 @@ def main(argv: list[str] | None = None) -> int:
                         "at per-session phases")
     p.add_argument("--gate-slice-ms", type=float, default=None,
                    help="experiment: override the writer's gate wait slice (rtqueue's default is 50 ms)")
+    p.add_argument("--peers", metavar="CLIENTS", default=None,
+                   help="side by side: run the workload with each client in its own process against one "
+                        "simulator, ramping the session count: 'all' or a comma list of "
+                        + ", ".join(PEER_CLIENTS))
+    p.add_argument("--ramp", default=None, help="with --peers: session counts to try, in order (default "
+                   "100,200,400,800; a client leaves the ramp at the first count it does not hold)")
+    p.add_argument("--budget-min", type=float, default=20.0,
+                   help="with --peers: stop starting new steps after this many minutes")
     ns = p.parse_args(argv)
+    if ns.peers:
+        return peers_main(ns)
     n = ns.sessions or (20 if ns.quick else 200)
     seconds = ns.seconds or (6.0 if ns.quick else 180.0)
     out = Path(ns.out)
@@ -522,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss_samples": [(round(t, 2), round(m, 1)) for t, m in rss],
         "gate_latencies_ms": [round(x, 4) for x in lat],
     }
-    written = C.write_json(doc, out / "bench_scale.json", ns.json)
+    written = C.write_json(doc, out / ("bench_scale_quick.json" if ns.quick else "bench_scale.json"), ns.json)
     plt = C.pyplot()
     if plt is not None:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
@@ -566,6 +583,159 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'PASS' if ok else 'FAIL'}  rtqueue scale: {name}  [{detail}]")
     print("\nwrote " + ", ".join(written))
     return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+# -- side by side: rtqueue, openai-agents and the bare openai client (--peers) ---------------------------
+
+PEER_CLIENTS = ("rtqueue", "openai-agents", "openai")
+PEER_JITTER_P99_MS = 20.0  # a step is "held" with audio-delta jitter p99 at most this ...
+PEER_COMPARE_AT = 200  # ... and gate p99 <= GATE_P99_TARGET_MS (rtqueue); ratios are taken at this count
+
+
+def _peer_available(client: str) -> str | None:
+    """``None`` when the client's package imports, else why not."""
+    try:
+        if client == "openai-agents":
+            import agents.realtime  # noqa: F401
+        elif client == "openai":
+            import openai  # noqa: F401
+            import websockets.sync.client  # noqa: F401
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _run_peer(sim: Any, client: str, n: int, seconds: float, seed: int) -> dict[str, Any]:
+    """One step: ``client`` with ``n`` sessions in a child process (``_peers.py``); the server's counts around it."""
+    import json
+    import subprocess
+
+    sim.wait_quiet(15.0)  # the previous step's responses have ended
+    s0, cpu0, t0 = sim.stats(), proc_cpu_s(sim.pid), time.monotonic()
+    env = {**os.environ, "PYTHONPATH": str(C.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(C.HERE / "_peers.py"), client, sim.url, str(n), str(seconds), str(seed)],
+                          capture_output=True, text=True, timeout=seconds + 900, env=env)
+    s1, cpu1, wall = sim.stats(), proc_cpu_s(sim.pid), time.monotonic() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    row: dict[str, Any] = json.loads(lines[-1]) if lines else {
+        "client": client, "sessions": n, "error": (proc.stderr or proc.stdout)[-2000:]}
+    for key in ("responses", "conflicts", "cancel_not_active", "truncate_errors"):
+        row["server_" + key] = s1[key] - s0[key]
+    row["sim_cpu_pct"] = round(100.0 * (cpu1 - cpu0) / wall, 1)  # over the whole step (connect to close)
+    jit, gate = row.get("jitter_p99_ms"), row.get("gate_p99_ms")
+    row["held"] = (jit is not None and jit <= PEER_JITTER_P99_MS
+                   and (gate is None or gate <= GATE_P99_TARGET_MS) and "error" not in row)
+    return row
+
+
+def peers_main(ns: Any) -> int:
+    """``--peers``: the same workload with each client in turn, ramping N; ratios at PEER_COMPARE_AT."""
+    clients = list(PEER_CLIENTS) if ns.peers == "all" else [c.strip() for c in ns.peers.split(",") if c.strip()]
+    unknown = [c for c in clients if c not in PEER_CLIENTS]
+    if unknown:
+        raise SystemExit(f"unknown clients {unknown}; choose from {PEER_CLIENTS}")
+    skipped = {c: why for c in clients if (why := _peer_available(c)) is not None}
+    clients = [c for c in clients if c not in skipped]
+    ramp = [int(x) for x in (ns.ramp or ("8,16" if ns.quick else "100,200,400,800")).split(",")]
+    seconds = ns.seconds or (5.0 if ns.quick else 45.0)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    alive = set(clients)
+    t_start = time.monotonic()
+    with C.SimProcess(latency_ms=ns.latency_ms, speed=1.0, seed=ns.seed, record=False) as sim:
+        for step, n in enumerate(ramp):
+            k = step % max(1, len(clients))
+            for client in clients[k:] + clients[:k]:  # rotated: no client always runs first after a ramp-up
+                if client not in alive:
+                    continue
+                if time.monotonic() - t_start > ns.budget_min * 60.0:
+                    C.progress(f"  budget of {ns.budget_min:g} min spent: no more steps")
+                    alive.clear()
+                    break
+                C.progress(f"{client}: {n} sessions, {seconds:g} s steady ...")
+                row = _run_peer(sim, client, n, seconds, ns.seed)
+                rows.append(row)
+                C.progress(f"  {client} x{n}: CPU {row.get('cpu_s_per_session_min')} s/session-min, "
+                           f"{row.get('mb_per_session')} MB/session, jitter p99 {C.fmt(row.get('jitter_p99_ms'))} ms, "
+                           f"gate p99 {C.fmt(row.get('gate_p99_ms'))} ms, lost {row.get('lost_intents')}"
+                           f"{'' if row['held'] else '  -> not held, leaves the ramp'}"
+                           f"{' ERROR ' + row['error'][-300:] if 'error' in row else ''}")
+                if not row["held"]:
+                    alive.discard(client)
+    largest = {c: max((r["sessions"] for r in rows if r["client"] == c and r["held"]), default=None) for c in clients}
+    top = {c: max((r["sessions"] for r in rows if r["client"] == c), default=None) for c in clients}
+
+    def at(client: str, n: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["client"] == client and r["sessions"] == n and "error" not in r), None)
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+    cmp_n = PEER_COMPARE_AT if PEER_COMPARE_AT in ramp else ramp[min(1, len(ramp) - 1)]
+    mine, peer = at("rtqueue", cmp_n), at("openai-agents", cmp_n)
+    summary = {
+        "compare_at_sessions": cmp_n,
+        "largest_n_held": largest,
+        "cpu_ratio_rtqueue_vs_agents": ratio(mine and mine["cpu_s_per_session_min"],
+                                             peer and peer["cpu_s_per_session_min"]),
+        "mem_ratio_rtqueue_vs_agents": ratio(mine and mine["mb_per_session"], peer and peer["mb_per_session"]),
+        "largest_n_ratio_rtqueue_vs_agents": ratio(largest.get("rtqueue"), largest.get("openai-agents")),
+        # Both held the last count tried: the ratio is a lower bound of what each could hold.
+        "ramp_capped": {c: largest.get(c) is not None and largest.get(c) == top.get(c) for c in clients},
+        "skipped": skipped,
+    }
+    checks: list[tuple[str, bool, str]] = []
+    mine_rows = [r for r in rows if r["client"] == "rtqueue" and "error" not in r]
+    if mine_rows:
+        lost = sum(r["lost_intents"] for r in mine_rows)
+        checks.append(("rtqueue: 0 lost intents at every step", lost == 0, f"lost={lost}"))
+    if mine is not None and peer is not None:
+        cr, mr = summary["cpu_ratio_rtqueue_vs_agents"], summary["mem_ratio_rtqueue_vs_agents"]
+        checks.append((f"rtqueue CPU per session-minute <= 0.8x openai-agents' at {cmp_n} sessions",
+                       cr is not None and cr <= 0.8, f"{mine['cpu_s_per_session_min']} vs "
+                       f"{peer['cpu_s_per_session_min']} CPU-s per session-minute = {cr}x"))
+        checks.append((f"rtqueue memory per session <= 1.5x openai-agents' at {cmp_n} sessions",
+                       mr is not None and mr <= 1.5,
+                       f"{mine['mb_per_session']} vs {peer['mb_per_session']} MB = {mr}x"))
+    if "rtqueue" in largest and "openai-agents" in largest:
+        lr = summary["largest_n_ratio_rtqueue_vs_agents"]
+        capped = summary["ramp_capped"].get("rtqueue") and summary["ramp_capped"].get("openai-agents")
+        checks.append(("rtqueue's largest N >= 1.25x openai-agents'", lr is not None and lr >= 1.25,
+                       f"{largest['rtqueue']} vs {largest['openai-agents']} = {lr}x"
+                       + (" (both held the ramp's last count: not decided)" if capped else "")))
+    doc = {
+        "benchmark": "scale_peers",
+        "machine": C.machine(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "quick": ns.quick,
+        "workload": {"seconds_steady": seconds, "ramp": ramp, "jitter_p99_target_ms": PEER_JITTER_P99_MS,
+                     "gate_p99_target_ms": GATE_P99_TARGET_MS, "seed": ns.seed},
+        "targets": [{"target": name, "pass": ok, "detail": d} for name, ok, d in checks],
+        "summary": summary,
+        "results": rows,
+    }
+    name = "bench_scale_peers_quick.json" if ns.quick else "bench_scale_peers.json"
+    written = C.write_json(doc, out / name, ns.json)
+    print()
+    print(C.table(rows, PEER_COLUMNS, nd=3))
+    print(f"\nlargest N held (jitter p99 <= {PEER_JITTER_P99_MS:g} ms, gate p99 <= {GATE_P99_TARGET_MS:g} ms): "
+          + ", ".join(f"{c} {largest[c]}" for c in clients))
+    for c, why in skipped.items():
+        print(f"skipped {c}: {why}")
+    print()
+    for cname, ok, detail in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {cname}  [{detail}]")
+    print("\nwrote " + ", ".join(written))
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+PEER_COLUMNS = [("client", "client"), ("sessions", "sessions"), ("cpu_s_per_session_min", "CPU s/session-min"),
+                ("cpu_pct", "client CPU %"), ("mb_per_session", "MB/session"),
+                ("threads_per_session", "threads/session"), ("jitter_p50_ms", "jitter p50 ms"),
+                ("jitter_p99_ms", "jitter p99 ms"), ("gate_p99_ms", "gate p99 ms"), ("app_creates", "app creates"),
+                ("lost_intents", "lost"), ("server_conflicts", "server conflicts"), ("sim_cpu_pct", "sim CPU %"),
+                ("held", "held")]
 
 
 if __name__ == "__main__":

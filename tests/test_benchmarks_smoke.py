@@ -156,3 +156,17 @@ def test_bench_phone_quick(tmp_path: Path) -> None:
     assert sip["attached"] == sip["calls"] == sip["calls_ended"] and sip["gate_samples"] > 0
     assert (tmp_path / "out" / "bench_phone_quick.json").exists()
     assert not (tmp_path / "out" / "bench_phone.json").exists()  # --quick never replaces the published run
+
+
+def test_bench_scale_peers_quick(tmp_path: Path) -> None:
+    """bench_scale --peers --quick: rtqueue and the two official clients run the same workload; no full JSON."""
+    data = run_bench("bench_scale.py", tmp_path, "--peers", "all", "--ramp", "6")
+    rows = {r["client"]: r for r in data["results"]}
+    skipped = data["summary"]["skipped"]
+    assert set(rows) | set(skipped) == {"rtqueue", "openai-agents", "openai"}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["audio_deltas"] > 0 and r["mic_chunks_sent"] > 0 and r["cpu_s_per_session_min"] > 0, r
+    assert rows["rtqueue"]["lost_intents"] == 0 and rows["rtqueue"]["gate_samples"] >= 0
+    out = tmp_path / "out"
+    assert (out / "bench_scale_peers_quick.json").exists() and not (out / "bench_scale_peers.json").exists()
