@@ -47,7 +47,8 @@ class TimerHandle:
             self._fn = None
             _lock.notify_all()
 
-    def _take(self) -> Callable[[], object] | None:
+    def take(self) -> Callable[[], object] | None:
+        """Claim the callback to run it (None if cancelled or already taken); for the timer thread."""
         fn, self._fn = self._fn, None
         return fn
 
@@ -77,7 +78,7 @@ def _run() -> None:
                     return
                 wait = _heap[0][0] - time.monotonic()
                 if wait <= 0:
-                    fn = heapq.heappop(_heap)[2]._take()
+                    fn = heapq.heappop(_heap)[2].take()
                     break
                 _lock.wait(wait)
         if fn is not None:
