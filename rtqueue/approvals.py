@@ -14,12 +14,18 @@ item). Both take the same path:
   :meth:`~rtqueue.Session.reject` from any thread.
 
 Either way the wait is on the tool worker thread, never on the socket reader,
-and is bounded by ``approval_timeout``, after which ``approval_default``
+and is bounded by ``approval_timeout`` (a handler runs on a thread of its own,
+so a hung one cannot hold the session), after which ``approval_default``
 ("reject" unless said otherwise) decides. A rejected function call is not run:
 the model gets ``{"error": "rejected: <reason>"}``; a rejected MCP call is
 answered with ``mcp_approval_response`` ``approve: false``. A handler that
 raises rejects (and ``tool.approval_error`` says why): a broken check must not
 approve.
+
+While a call waits for its answer, its response's tool chain holds the gate
+(the model must hear the result before anything else is said), so other
+turns' creates wait too: ``Session.connect`` therefore refuses an
+``approval_timeout`` that is not shorter than ``create_timeout``.
 """
 
 from __future__ import annotations
@@ -139,15 +145,48 @@ class ApprovalBroker:
         return out
 
     def _by_handler(self, requests: Sequence[ApprovalRequest]) -> dict[str, ApprovalDecision]:
+        """Ask the handler about each request, on a thread of its own, for at most the timeout in all.
+
+        The handler is user code that may hang (a person on the other end):
+        it runs on ``rtqueue-approval`` threads and the tool worker waits for
+        it only until the deadline; after it, ``approval_default`` decides and
+        the handler's late answer is discarded (threads cannot be killed).
+        """
         assert self._handler is not None
+        handler = self._handler
+        deadline = time.monotonic() + self._timeout
         out: dict[str, ApprovalDecision] = {}
         for req in requests:
-            try:  # user code, on the tool worker thread
-                out[req.call_id] = _normalise(self._handler(req))
-            except BaseException as exc:  # a broken check must not approve, nor end the worker
-                self._publish(Event("tool.approval_error", {"call_id": req.call_id, "name": req.name,
-                                                            "error": exc, "message": f"{type(exc).__name__}: {exc}"}))
-                out[req.call_id] = ApprovalDecision(False, f"the approval check failed ({type(exc).__name__})")
+            box: list[ApprovalDecision] = []
+            done = threading.Event()
+
+            def ask(req: ApprovalRequest = req, box: list[ApprovalDecision] = box, done: threading.Event = done
+                    ) -> None:
+                try:
+                    box.append(_normalise(handler(req)))
+                except BaseException as exc:  # a broken check must not approve, nor end anything of ours
+                    self._publish(Event("tool.approval_error", {
+                        "call_id": req.call_id, "name": req.name, "error": exc,
+                        "message": f"{type(exc).__name__}: {exc}"}))
+                    box.append(ApprovalDecision(False, f"the approval check failed ({type(exc).__name__})"))
+                finally:
+                    done.set()
+
+            threading.Thread(target=ask, name=f"rtqueue-approval-{req.call_id}", daemon=True).start()
+            answered = False
+            while not answered:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    break
+                answered = done.wait(min(left, 0.25))  # short waits: close() must not wait out a slow handler
+            if box:
+                out[req.call_id] = box[0]
+            elif self._closed:
+                out[req.call_id] = ApprovalDecision(False, "the session closed before an answer came")
+            else:
+                self.timed_out += 1
+                out[req.call_id] = ApprovalDecision(self._default == "approve",
+                                                    f"no answer within {self._timeout:g}s")
         return out
 
     def _by_app(self, requests: Sequence[ApprovalRequest]) -> dict[str, ApprovalDecision]:

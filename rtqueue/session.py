@@ -285,6 +285,10 @@ class Session:
                 raise InvalidArgument(f"record must be a path or an rtqueue.recording.Recorder, not {record!r}")
         self._shell.approvals = ApprovalBroker(handler=approval_handler, timeout=approval_timeout,
                                                default=approval_default, publish=self._shell.publish)
+        if approval_timeout >= create_timeout:
+            # A chain waiting for an approval holds the gate: other turns' creates would time out first.
+            raise InvalidArgument(f"approval_timeout ({approval_timeout}) must be shorter than create_timeout "
+                                  f"({create_timeout}): a tool chain holds the gate while it waits for an answer")
         if shared_mcp and graph is None:  # no agents: the servers join the session's own tools
             config["tools"] = [*config.get("tools", ()), *(m.definition() for m in shared_mcp)]
         self._shell.output_guards = check_list(output_guardrails, OutputGuardrail, "output_guardrails")

@@ -184,7 +184,7 @@ def test_a_raising_handler_rejects(sim: Simulator):
 def test_close_while_an_approval_waits_returns_promptly(sim: Simulator):
     """close() wakes a tool job waiting for an answer; no thread is left."""
     desk = Agent("desk", instructions="You are the desk.", tools=[refund])
-    s = Session.connect(url=sim.url, agent=desk, approval_timeout=600, reconnect=False)
+    s = Session.connect(url=sim.url, agent=desk, approval_timeout=100, reconnect=False)
     with s.events("tool.approval_requested") as requests:
         s.send_text("[tools: refund] refund order 4 amount 5")
         s.create_response()
@@ -257,3 +257,28 @@ def test_session_wide_mcp_survives_handoffs(sim: Simulator):
     assert all(any(t.get("type") == "mcp" and t["server_label"] == "docs" for t in u.get("tools", []))
                for u in updates if "tools" in u)
     assert any(t.get("type") == "mcp" for t in tools)
+
+
+def test_a_hung_handler_is_bounded_by_the_timeout(sim: Simulator):
+    """A handler slower than approval_timeout is overruled by approval_default; the call never runs."""
+    release = threading.Event()
+
+    def slow(req: ApprovalRequest) -> bool:
+        release.wait(UNIT)
+        return True
+
+    desk = Agent("desk", instructions="You are the desk.", tools=[refund])
+    try:
+        with Session.connect(url=sim.url, agent=desk, approval_handler=slow, approval_timeout=0.3,
+                             reconnect=False) as s:
+            s.ask("[tools: refund] refund order 5 amount 5", timeout=UNIT)
+            assert s.stats()["approvals"]["timed_out"] == 1
+    finally:
+        release.set()
+    assert RAN == [] and "no answer within 0.3s" in _outputs(sim)[0]
+
+
+def test_approval_timeout_must_be_shorter_than_create_timeout(sim: Simulator):
+    """An approval wait longer than a create may wait in the gate is refused at connect."""
+    with pytest.raises(InvalidArgument, match="create_timeout"):
+        Session.connect(url=sim.url, approval_timeout=120, create_timeout=60, reconnect=False)
