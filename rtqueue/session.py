@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from . import protocol
 from .agents import Agent, resolve_agents, session_config_for
 from .approvals import ApprovalBroker, ApprovalRequest
@@ -318,6 +320,10 @@ class Session:
             from .reconnect import Reconnector
 
             policy = reconnect if isinstance(reconnect, ReconnectPolicy) else ReconnectPolicy()
+            if call_id is not None:
+                # A call's conversation lives on at the server while its socket is re-attached: re-seeding
+                # it would duplicate every item (invalid_value), and a new socket is no new 60-minute session.
+                policy = attrs.evolve(policy, reseed=False, recycle_after=None)
             self._shell.reconnector = Reconnector(self._shell, policy)
             if policy.recycle_after is not None:
                 from .recycler import Recycler

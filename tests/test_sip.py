@@ -333,3 +333,27 @@ def test_call_url_adds_call_id():
     assert url == "ws://127.0.0.1:9/v1/realtime?model=m&call_id=rtc_2"
     with pytest.raises(rtqueue.InvalidArgument):
         protocol.endpoint(None, model="m", api_key="sk-abc123456", call_id="")
+
+
+def test_a_dropped_call_socket_reattaches_without_reseeding(phone: rtqueue.Simulator, app: WebhookApp,
+                                                            control: sip.CallControl):
+    """A call session's reconnect re-attaches to the live conversation: nothing re-created, no errors."""
+    from rtqueue.sim.faults import FaultPlan
+    from rtqueue.sim.phone import pause
+
+    call_id = phone.place_call(app.url, secret=SECRET, caller=CallerScript([pause(600)]))
+    incoming = app.next()
+    assert isinstance(incoming, sip.IncomingCall)
+    control.accept(call_id, instructions="You are the desk.")
+    with rtqueue.Session.connect(call_id=call_id, url=phone.url,
+                                 reconnect=rtqueue.ReconnectPolicy(initial_backoff=0.01)) as s:
+        s.ask("[say: first answer] My name is Ada.", timeout=UNIT)
+        with s.events("session.reconnected") as reconnected:
+            phone.inject(FaultPlan(drop_after_events=0), session=0)
+            ev = reconnected.get(timeout=UNIT)
+        assert ev is not None and ev["reseeded"] == 0
+        assert s.ask("[say: third] what is my name?", timeout=UNIT).text == "third"
+    errors = [e for i in range(2) for e in phone.server_events(i) if e["type"] == "error"]
+    assert errors == []
+    assert phone.stats()["conflicts"] == 0
+    control.hangup(call_id)
