@@ -128,7 +128,7 @@ class _StdioTransport:
 @attrs.frozen
 class _HttpTransport:
     url: str
-    headers: Mapping[str, str] | None
+    headers: Mapping[str, str] | None = attrs.field(repr=False)  # may carry a bearer token
     http_timeout: float
 
     def describe(self) -> str:

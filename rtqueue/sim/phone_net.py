@@ -164,7 +164,7 @@ def _check_loopback_url(url: object) -> str:
 class _Delivery:
     call_id: str
     url: str
-    secret: str
+    secret: str = attrs.field(repr=False)  # signs the webhook: never in a repr or log
     webhook_id: str
     body: str
     skew_s: float
