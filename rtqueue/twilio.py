@@ -19,10 +19,15 @@ What the caller heard is what Twilio says it played: each assistant delta is
 sent as media frames of at most ``frame_ms`` (10 ms), each followed by a mark;
 an item's played position is the audio whose marks came back, never audio
 merely sent. On a barge-in (server VAD's ``speech_started`` or
-``Session.interrupt``) the output device writes ``clear`` to Twilio *before*
-it returns the cut to the session, which only then cancels and truncates the
-item at that position; marks Twilio hands back because of the clear are not
-counted as heard.
+``Session.interrupt``) the output device drops the unsent audio, freezes the
+played position at the last echoed mark and writes ``clear`` to Twilio
+*before* it returns the cut to the session, which only then cancels and
+truncates the item at that position; marks Twilio hands back because of the
+clear are not counted as heard. The session's reader never waits for the
+Twilio socket: if a frame write is under way or the socket is full, the
+``clear`` jumps the queue instead and is the next message written (after at
+most the one frame under way), and the truncation is still at what the
+caller heard.
 
 Threads, per call: the websockets connection thread ("rtqueue-twilio-call-N",
 the only reader of the socket: it feeds inbound audio to the session's writer
@@ -44,6 +49,7 @@ import http
 import itertools
 import json
 import logging
+import select
 import threading
 import time
 import urllib.parse
@@ -90,6 +96,9 @@ _MULAW_SILENCE = 0xFF  # mu-law code of a zero sample
 _MAX_ITEMS = 256  # per-item accounting kept for this many recent items
 _MAX_CLEARED = 4096  # names of marks handed back by a clear, remembered to ignore their echo
 _JOIN_TIMEOUT = 5.0
+# How long interrupt() waits for a frame write under way before it leaves the clear to the worker:
+# one small write to a socket with room takes microseconds; a socket that is full could take forever.
+_CLEAR_WAIT = 0.005
 
 SessionFactory = Callable[["TwilioCall"], "Session"]
 
@@ -308,6 +317,7 @@ class _Item:
     heard: int = 0  # up to the last echoed mark
     ended: bool = False
     cut: bool = False
+    overflow: bool = False  # the unsent backlog was full: the rest of the item is not sent
 
 
 @attrs.frozen
@@ -321,26 +331,58 @@ class TwilioOutput(AudioOutput):
     """The assistant's voice to the caller: media frames and marks on the call's socket.
 
     ``play`` (the session's reader calls it) only queues frames of at most
-    ``frame_ms``; the call's worker thread writes each as a ``media`` message
-    followed by a ``mark``. :meth:`played_ms` counts the audio whose marks
-    Twilio echoed. :meth:`interrupt` drops what is unsent, writes ``clear`` to
-    Twilio (before returning, so before the session's ``response.cancel``) when
-    any audio may still be playing, and reports the cut at the echoed position.
+    ``frame_ms``; the call's worker thread writes them one at a time, each a
+    ``media`` message followed by a ``mark``. :meth:`played_ms` counts the
+    audio whose marks Twilio echoed.
+
+    :meth:`interrupt` never waits for the socket. Under a short lock it drops
+    the unsent audio, stops counting the pending marks (so the played position
+    is frozen at the last echoed one) and reports the cut. The ``clear`` is
+    written by the caller of ``interrupt`` itself when no frame is being
+    written and the socket has room (so it is on the socket before the
+    session's ``response.cancel``); otherwise it goes to the head of the
+    worker's queue and is the very next message written, after at most the
+    one frame already under way.
+
+    At most ``max_backlog_ms`` of unsent audio is queued: when a slow line
+    backs up past that, the rest of the item being queued is dropped (counted
+    as ``overflow_ms``), so memory stays bounded and what is played stays a
+    gapless prefix of the item (its played position is still exact).
     """
 
     format: AudioFormat = PCMU
 
-    def __init__(self, send: Callable[[str], None], *, frame_ms: int = 10) -> None:
+    def __init__(
+        self,
+        send: Callable[[str], None],
+        *,
+        frame_ms: int = 10,
+        max_backlog_ms: int = 30_000,
+        writable: Callable[[], bool] | None = None,
+        send_frame: Callable[[str, str], None] | None = None,
+    ) -> None:
         if isinstance(frame_ms, bool) or not isinstance(frame_ms, int) or not 10 <= frame_ms <= 1000:
             raise InvalidArgument(f"frame_ms must be an int within 10..1000, not {frame_ms!r}")
-        self._send = send  # writes one text message on the call's socket (thread-safe)
+        if isinstance(max_backlog_ms, bool) or not isinstance(max_backlog_ms, int) or max_backlog_ms < frame_ms:
+            raise InvalidArgument(f"max_backlog_ms must be an int >= frame_ms, not {max_backlog_ms!r}")
+        # send(text) writes one text message on the call's socket (it may block while the socket is full);
+        # send_frame(media, mark) writes both in one go if the transport can; writable() says whether a
+        # short message would be taken by the socket now (None: assume it would).
+        self._send = send
+        self._send_frame = send_frame
+        self._writable = writable
         self._frame_bytes = PCMU.nbytes(frame_ms)
+        self._backlog_max = PCMU.nbytes(max_backlog_ms)
+        # _lock (with _cond) guards all state and is never held across a socket write.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        # Held while frames taken from the queue are written, and while a clear is:
-        # so no frame taken before a clear can reach Twilio after it.
-        self._write_lock = threading.Lock()
+        # Held across exactly one write (a frame's media and mark, or a clear), never while waiting for work:
+        # a frame is taken from the queue and written under it, so no frame taken before a clear can reach
+        # Twilio after that clear. Lock order: _send_lock, then _lock.
+        self._send_lock = threading.Lock()
         self._queue: collections.deque[_Frame] = collections.deque()
+        self._queued = 0  # bytes in _queue
+        self._clear_pending = False  # a clear the worker must write before anything else
         self._items: collections.OrderedDict[str, _Item] = collections.OrderedDict()
         self._marks: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()  # name -> item, end
         self._cleared: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -352,15 +394,18 @@ class TwilioOutput(AudioOutput):
         self._frames_sent = 0
         self._sent = 0
         self._heard = 0
+        self._received = 0
         self._marks_sent = 0
         self._marks_echoed = 0
         self._marks_cleared = 0
         self._unknown_marks = 0
         self._clears = 0
+        self._clears_deferred = 0
         self._barge_ins = 0
         self._interrupts = 0
         self._ignored = 0
         self._dropped = 0
+        self._overflow = 0
         self.last_clear_at: float | None = None
         self._clear_times: collections.deque[float] = collections.deque(maxlen=256)
 
@@ -382,10 +427,15 @@ class TwilioOutput(AudioOutput):
         with self._cond:
             self._closed = True
             self._queue.clear()
+            self._queued = 0
+            self._clear_pending = False
             self._cond.notify_all()
 
     def play(self, item_id: str, pcm: bytes) -> None:
-        """Queue mu-law audio of ``item_id`` in frames; audio of an item already cut is ignored."""
+        """Queue mu-law audio of ``item_id`` in frames (never blocks); audio of an item already cut is ignored.
+
+        Audio past ``max_backlog_ms`` of unsent audio drops the rest of the item (see the class doc).
+        """
         if not isinstance(item_id, str) or not item_id:
             raise InvalidArgument(f"item_id must be a non-empty str, got {item_id!r}")
         if not isinstance(pcm, (bytes, bytearray, memoryview)):
@@ -398,11 +448,22 @@ class TwilioOutput(AudioOutput):
             if item.cut:
                 self._ignored += len(data)
                 return
+            self._last_id = item_id
+            if item.overflow or self._queued + len(data) > self._backlog_max:
+                # Counted as received (the model said it) but never sent: the item stays current
+                # until it is cut, so a barge-in still truncates it at what was heard.
+                item.overflow = True
+                item.received += len(data)
+                self._received += len(data)
+                self._overflow += len(data)
+                return
             step = self._frame_bytes
             for i in range(0, len(data), step):
-                item.received += len(data[i : i + step])
-                self._queue.append(_Frame(item_id, data[i : i + step], item.received))
-            self._last_id = item_id
+                chunk = data[i : i + step]
+                item.received += len(chunk)
+                self._queue.append(_Frame(item_id, chunk, item.received))
+            self._received += len(data)
+            self._queued += len(data)
             self._cond.notify_all()
 
     def end_item(self, item_id: str) -> None:
@@ -439,12 +500,18 @@ class TwilioOutput(AudioOutput):
             return self._cond.wait_for(lambda: not (self._queue or self._marks) or self._closed, timeout)
 
     def interrupt(self) -> PlaybackCut | None:
-        """Drop unsent audio, write ``clear`` if anything may still play, and return the cut.
+        """Drop unsent audio, have ``clear`` written if anything may still play, and return the cut.
 
-        The cut's ``played_ms`` is the echoed position of the current item. The
-        ``clear`` is on the socket when this returns.
+        Never waits for the socket (see the class doc): the cut's ``played_ms``
+        is the echoed position of the current item when this was called; the
+        ``clear`` is on the socket when this returns unless a frame write was
+        under way or the socket was full, in which case it is the next message
+        the worker writes.
         """
-        with self._write_lock:
+        # A frame write in progress holds _send_lock for one short send; wait that long at most, so a
+        # socket that stopped draining never holds up the caller (the session's reader).
+        owned = self._send_lock.acquire(timeout=_CLEAR_WAIT)
+        try:
             with self._cond:
                 self._interrupts += 1
                 current = self._current_locked()
@@ -464,6 +531,7 @@ class TwilioOutput(AudioOutput):
                     self._cleared.popitem(last=False)
                 self._marks.clear()
                 self._queue.clear()
+                self._queued = 0
                 self._last_id = None
                 cut = None
                 if current is not None:
@@ -474,14 +542,29 @@ class TwilioOutput(AudioOutput):
                         received_ms=PCMU.ms(item.received),
                         dropped_ms=PCMU.ms(item.received - item.heard),
                     )
+                inline = False
                 if playing:
                     self._barge_ins += 1
+                    inline = owned and not self._clear_pending and not self._closed
+                    if not inline:
+                        self._clear_pending = True  # the worker writes it before any other frame
+                        self._clears_deferred += 1
                 self._cond.notify_all()
-            if playing:
-                self._write_clear()
+            if inline:
+                if self._writable is None or self._writable():
+                    self._write_clear()
+                else:
+                    with self._cond:  # full socket: the worker waits for room, not us
+                        self._clear_pending = True
+                        self._clears_deferred += 1
+                        self._cond.notify_all()
+        finally:
+            if owned:
+                self._send_lock.release()
         return cut
 
     def _write_clear(self) -> None:
+        """Write ``clear`` (under _send_lock) and note when it was on the socket."""
         try:
             self._send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
         except Exception as exc:  # the call is ending: nothing left to clear
@@ -494,16 +577,18 @@ class TwilioOutput(AudioOutput):
             self._clear_times.append(now)
 
     def stats(self) -> dict[str, Any]:
-        """sent/heard/received/dropped/ignored ms, marks sent/echoed/pending/cleared, clears, barge-ins."""
+        """sent/heard/received/dropped/ignored/overflow/buffered ms, marks sent/echoed/pending/cleared,
+        clears (and how many the worker wrote because the socket was busy), barge-ins, interrupts."""
         with self._lock:
             return {
                 "played_ms": PCMU.ms(self._heard),
                 "heard_ms": PCMU.ms(self._heard),
                 "sent_ms": PCMU.ms(self._sent),
-                "received_ms": PCMU.ms(sum(i.received for i in self._items.values())),
+                "received_ms": PCMU.ms(self._received),
                 "dropped_ms": PCMU.ms(self._dropped),
                 "ignored_ms": PCMU.ms(self._ignored),
-                "buffered_ms": PCMU.ms(sum(len(f.payload) for f in self._queue)),
+                "overflow_ms": PCMU.ms(self._overflow),
+                "buffered_ms": PCMU.ms(self._queued),
                 "frames_sent": self._frames_sent,
                 "marks_sent": self._marks_sent,
                 "marks_echoed": self._marks_echoed,
@@ -511,6 +596,7 @@ class TwilioOutput(AudioOutput):
                 "marks_cleared": self._marks_cleared,
                 "unknown_marks": self._unknown_marks,
                 "clears": self._clears,
+                "clears_deferred": self._clears_deferred,
                 "barge_ins": self._barge_ins,
                 "interrupts": self._interrupts,
                 "last_clear_at": self.last_clear_at,
@@ -543,38 +629,48 @@ class TwilioOutput(AudioOutput):
             self._cond.notify_all()
 
     def write_pending(self, stop: threading.Event) -> bool:
-        """Write queued frames, each a ``media`` then a ``mark`` (the worker calls this).
+        """Write what is queued, a pending ``clear`` first, then frames one at a time (the worker calls this).
 
         Blocks until there is something to write; returns False instead once
         ``stop`` is set or the device is closed. Raises what the socket raises.
         """
         with self._cond:
-            while not self._queue and not stop.is_set() and not self._closed:
+            while not (self._queue or self._clear_pending) and not stop.is_set() and not self._closed:
                 self._cond.wait()
             if stop.is_set() or self._closed:
                 return False
-        with self._write_lock:
-            with self._cond:
-                frames = list(self._queue)
-                self._queue.clear()
-                names = []
-                for f in frames:
-                    name = f"{f.item_id}/{next(self._seq)}"
-                    names.append(name)
-                    self._marks[name] = (f.item_id, f.end)
-                    item = self._items.get(f.item_id)
-                    if item is not None:
-                        item.sent = f.end
-                sid = self.stream_sid
-            for f, name in zip(frames, names, strict=True):
-                payload = base64.b64encode(f.payload).decode("ascii")
-                self._send(json.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}}))
-                self._send(json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": name}}))
-                with self._lock:
-                    self._frames_sent += 1
-                    self._marks_sent += 1
-                    self._sent += len(f.payload)
-        return True
+        while True:
+            with self._send_lock:
+                with self._cond:
+                    if self._clear_pending:
+                        self._clear_pending = False
+                        frame = None
+                    elif self._queue and not stop.is_set():
+                        frame = self._queue.popleft()
+                        self._queued -= len(frame.payload)
+                        name = f"{frame.item_id}/{next(self._seq)}"
+                        self._marks[name] = (frame.item_id, frame.end)
+                        item = self._items.get(frame.item_id)
+                        if item is not None:
+                            item.sent = frame.end
+                        sid = self.stream_sid
+                    else:
+                        return True
+                if frame is None:
+                    self._write_clear()
+                    continue
+                payload = base64.b64encode(frame.payload).decode("ascii")
+                media = json.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}})
+                mark = json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": name}})
+                if self._send_frame is not None:
+                    self._send_frame(media, mark)
+                else:
+                    self._send(media)
+                    self._send(mark)
+            with self._lock:
+                self._frames_sent += 1
+                self._marks_sent += 1
+                self._sent += len(frame.payload)
 
     def wake(self) -> None:
         """Wake a worker blocked in :meth:`write_pending` (to see its ``stop``)."""
@@ -618,13 +714,15 @@ class TwilioCall:
     factory's session once made; ``digits`` every DTMF key pressed so far.
     """
 
-    def __init__(self, index: int, conn: ServerConnection, *, frame_ms: int, backlog_ms: int) -> None:
+    def __init__(self, index: int, conn: ServerConnection, *, frame_ms: int, backlog_ms: int,
+                 max_backlog_ms: int = 30_000) -> None:
         from .audio.devices import AudioIO
 
         self.index = index
         self._conn = conn
         self.start: TwilioStart | None = None
-        self.output = TwilioOutput(self._write, frame_ms=frame_ms)
+        self.output = TwilioOutput(self._write, frame_ms=frame_ms, max_backlog_ms=max_backlog_ms,
+                                   writable=self._writable, send_frame=self._write_frame)
         self.input = TwilioInput(backlog_ms=backlog_ms)
         self.audio: AudioIO = AudioIO(output=self.output, input=self.input)
         self.session: Session | None = None
@@ -706,6 +804,28 @@ class TwilioCall:
 
     def _write(self, text: str) -> None:
         self._conn.send(text)
+
+    def _write_frame(self, media: str, mark: str) -> None:
+        # Both messages in one socket write when websockets lets us queue them under its send lock
+        # (half the system calls of two send()s, and no other write can come between them).
+        conn = self._conn
+        context = getattr(conn, "send_context", None)
+        protocol = getattr(conn, "protocol", None)
+        if context is None or protocol is None:
+            conn.send(media)
+            conn.send(mark)
+            return
+        with context():
+            protocol.send_text(media.encode())
+            protocol.send_text(mark.encode())
+
+    def _writable(self) -> bool:
+        # Whether the socket takes a short message now: interrupt() writes a clear itself only then.
+        try:
+            _, ready, _ = select.select([], [self._conn.socket], [], 0)
+        except (OSError, ValueError):  # closed: the write fails at once rather than block
+            return True
+        return bool(ready)
 
     def _end(self) -> None:
         self._stop.set()
@@ -910,7 +1030,11 @@ class TwilioBridge:
     ``wss://``. At most ``max_calls`` calls at once (more get HTTP 503).
     ``on_call_end(call)`` runs on the call's worker after its session closed.
     ``frame_ms`` is the size of outbound media frames, one mark each (the
-    precision of what-was-heard). ``close_timeout`` bounds each closing
+    precision of what-was-heard). ``backlog_ms`` is the caller audio kept
+    while the session connects; ``outbound_backlog_ms`` bounds the assistant
+    audio queued for a call and not yet taken by its socket (a line that backs
+    up past it loses the rest of that answer, see :class:`TwilioOutput`).
+    ``close_timeout`` bounds each closing
     handshake. With ``auth_token`` (the Twilio account's; a ``str`` or
     :class:`~rtqueue.secrets.Secret`, never logged) a handshake whose
     ``X-Twilio-Signature`` does not sign ``public_url`` (the ``wss://`` URL in
@@ -929,6 +1053,7 @@ class TwilioBridge:
         on_call_end: Callable[[TwilioCall], Any] | None = None,
         frame_ms: int = 10,
         backlog_ms: int = 2000,
+        outbound_backlog_ms: int = 30_000,
         ping_interval: float | None = 20.0,
         close_timeout: float = 2.0,
         open_timeout: float = 5.0,
@@ -948,6 +1073,9 @@ class TwilioBridge:
             raise InvalidArgument(f"max_calls must be an int >= 1 or None, not {max_calls!r}")
         if isinstance(frame_ms, bool) or not isinstance(frame_ms, int) or not 10 <= frame_ms <= 1000:
             raise InvalidArgument(f"frame_ms must be an int within 10..1000, not {frame_ms!r}")
+        if (isinstance(outbound_backlog_ms, bool) or not isinstance(outbound_backlog_ms, int)
+                or outbound_backlog_ms < frame_ms):
+            raise InvalidArgument(f"outbound_backlog_ms must be an int >= frame_ms, not {outbound_backlog_ms!r}")
         for key, val in (("close_timeout", close_timeout), ("open_timeout", open_timeout)):
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
                 raise InvalidArgument(f"{key} must be > 0, not {val!r}")
@@ -959,6 +1087,7 @@ class TwilioBridge:
         self._on_end = on_call_end
         self._frame_ms = frame_ms
         self._backlog_ms = backlog_ms
+        self._outbound_backlog_ms = outbound_backlog_ms
         self._ping_interval = ping_interval
         self._close_timeout = float(close_timeout)
         self._open_timeout = float(open_timeout)
@@ -1148,7 +1277,8 @@ class TwilioBridge:
             me = self._conns.pop(conn, threading.current_thread())
             name = me.name.rsplit("-", 1)[-1]
             index = int(name) if name.isdigit() else next(self._index)
-            call = TwilioCall(index, conn, frame_ms=self._frame_ms, backlog_ms=self._backlog_ms)
+            call = TwilioCall(index, conn, frame_ms=self._frame_ms, backlog_ms=self._backlog_ms,
+                              max_backlog_ms=self._outbound_backlog_ms)
             call.reader = me
             if conn.keepalive_thread is not None:
                 conn.keepalive_thread.name = f"rtqueue-twilio-ping-{index}"

@@ -9,6 +9,7 @@ and records what the caller heard. The simulator speaks ``audio/pcmu``.
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import urllib.error
 import urllib.parse
@@ -22,7 +23,15 @@ import pytest
 from rtqueue import Session, Simulator
 from rtqueue.recording import Recorder, read_recording
 from rtqueue.testing_twilio import FakeTwilio
-from rtqueue.twilio import DTMF_EVENT, TwilioBridge, TwilioCall, VoiceWebhook, session_factory, stream_twiml
+from rtqueue.twilio import (
+    DTMF_EVENT,
+    TwilioBridge,
+    TwilioCall,
+    TwilioOutput,
+    VoiceWebhook,
+    session_factory,
+    stream_twiml,
+)
 from tests.utils import UNIT
 
 #: Server VAD as a phone line uses it; the client (not the server) cancels on speech start.
@@ -275,3 +284,113 @@ def test_twiml_and_voice_webhook():
         assert param is not None and param.get("value") == "+15550100"
         assert post("bad")[0] == 403
         assert post(signature, hook.url.replace("/voice", "/other"))[0] == 404
+
+
+class StuckLine:
+    """A Twilio socket that stops reading: a ``media`` write blocks until :meth:`resume`; writes are recorded in
+    the order they reach the line."""
+
+    def __init__(self) -> None:
+        self.written: list[dict[str, Any]] = []
+        self.blocked = threading.Event()  # a media write is stuck
+        self.open = threading.Event()  # the far end reads again
+        self.cleared = threading.Event()
+        self.lock = threading.Condition()
+
+    def send(self, text: str) -> None:
+        msg = json.loads(text)
+        if msg["event"] == "media" and not self.open.is_set():
+            self.blocked.set()
+            self.open.wait(UNIT)
+        with self.lock:
+            self.written.append(msg)
+            self.lock.notify_all()
+        if msg["event"] == "clear":
+            self.cleared.set()
+
+    def writable(self) -> bool:
+        return self.open.is_set()
+
+    def resume(self) -> None:
+        self.open.set()
+
+    def wait_written(self, n: int) -> bool:
+        with self.lock:
+            return self.lock.wait_for(lambda: len(self.written) >= n, UNIT)
+
+    def events(self) -> list[str]:
+        with self.lock:
+            return [m["event"] + ":" + (m.get("mark", {}).get("name", "")) for m in self.written]
+
+
+def run_writer(out: TwilioOutput, stop: threading.Event) -> threading.Thread:
+    """The call worker's loop, on a named thread."""
+    def loop() -> None:
+        while out.write_pending(stop):
+            pass
+
+    thread = threading.Thread(target=loop, name="test-twilio-writer", daemon=True)
+    thread.start()
+    return thread
+
+
+def test_clear_jumps_a_blocked_media_send_and_interrupt_never_waits_for_the_socket():
+    """A media write stuck on a full socket: interrupt() returns at once, and the clear is the next message."""
+    line = StuckLine()
+    out = TwilioOutput(line.send, frame_ms=10, writable=line.writable)
+    out.stream_sid = "MZ1"
+    stop = threading.Event()
+    writer = run_writer(out, stop)
+    try:
+        out.play("item_a", b"\x01" * 800)  # 100 ms: ten frames
+        assert line.blocked.wait(UNIT)  # the first frame's media is stuck in the socket
+        cut = out.interrupt()
+        # interrupt() came back while the write is still stuck: it did not wait for the socket.
+        assert line.written == [] and not line.open.is_set()
+        assert cut is not None and cut.item_id == "item_a" and cut.played_ms == 0.0 and cut.received_ms == 100.0
+        assert out.stats()["clears"] == 0 and out.stats()["clears_deferred"] == 1 and not out.is_playing()
+        out.play("item_b", b"\x02" * 160)  # the next answer queues behind the clear
+        line.resume()
+        assert line.cleared.wait(UNIT) and line.wait_written(7)
+        # The frame under way finishes (its media and mark), then the clear, then only the new item's frames.
+        assert line.events() == ["media:", "mark:item_a/1", "clear:", "media:", "mark:item_b/2", "media:",
+                                 "mark:item_b/3"]
+        # Twilio hands the cut frame's mark back after the clear: it does not count as heard.
+        out.on_mark("item_a/1")
+        assert out.played_ms("item_a") == 0.0 and out.stats()["clears"] == 1
+    finally:
+        stop.set()
+        out.wake()
+        line.resume()
+        writer.join(UNIT)
+    assert not writer.is_alive()
+
+
+def test_outbound_backlog_is_bounded_and_what_is_played_stays_a_prefix():
+    """A line that stops draining: audio past max_backlog_ms is dropped for the rest of that item, never queued,
+    and the played position only ever counts frames that were sent."""
+    line = StuckLine()
+    out = TwilioOutput(line.send, frame_ms=10, max_backlog_ms=200, writable=line.writable)
+    out.stream_sid = "MZ1"
+    stop = threading.Event()
+    writer = run_writer(out, stop)
+    try:
+        out.play("item_a", b"\x01" * 80)
+        assert line.blocked.wait(UNIT)
+        for _ in range(10):
+            out.play("item_a", b"\x01" * 800)  # 1 s of audio against a 200 ms bound
+        stats = out.stats()
+        assert stats["buffered_ms"] == 200.0 and stats["overflow_ms"] == 800.0
+        assert out.received_ms("item_a") == 1010.0  # the model's position still counts all it said
+        line.resume()
+        assert line.wait_written(2 * 21)  # the frame under way and the 20 queued, each media + mark
+        for msg in list(line.written):
+            if msg["event"] == "mark":
+                out.on_mark(msg["mark"]["name"])
+        assert out.played_ms("item_a") == out.stats()["sent_ms"] < out.received_ms("item_a")
+        assert out.current_item() == "item_a"  # unfinished: a barge-in still truncates it at what was heard
+    finally:
+        stop.set()
+        out.wake()
+        line.resume()
+        writer.join(UNIT)
