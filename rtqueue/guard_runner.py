@@ -51,6 +51,9 @@ class GuardHost(Protocol):
     def input_tripped(self, item_id: str, guard: InputGuardrail, result: GuardrailResult, text: str) -> None:
         """An input guardrail tripped on a transcript."""
 
+    def input_passed(self, item_id: str) -> None:
+        """Every input guardrail passed a transcript."""
+
     def publish(self, event: Event) -> None:
         """Deliver an event to the app."""
 
@@ -192,6 +195,7 @@ class GuardrailMonitor:
             if result is not None and result.tripped:
                 self._host.input_tripped(item_id, guard, result, text)
                 return
+        self._host.input_passed(item_id)
 
     # -- closing --------------------------------------------------------------------------------
 

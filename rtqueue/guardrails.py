@@ -23,9 +23,14 @@ An **input guardrail** checks the user's text (:meth:`~rtqueue.Session.ask`,
 transcript when it arrives. A trip blocks the response: ``ask`` raises
 :class:`InputGuardrailTripped` (nothing is sent), or, when the guardrail has a
 ``refusal``, the user's words stay out of the conversation and the assistant
-says the refusal instead. For speech (whose response server VAD may already
-have started) the running response is cancelled and cut, the user's item is
-deleted, and the refusal, if any, is spoken.
+says the refusal instead. For speech, when server or semantic VAD would
+create the responses and input audio is transcribed, the session turns VAD's
+``create_response`` off and makes each turn's response itself once the
+transcript passed, so nothing is said before the check (it costs the
+transcription's latency); a trip deletes the user's item and speaks the
+refusal, if any. Without a transcription model (or with a VAD config that
+rtqueue cannot see), the response VAD started is cancelled and cut as soon as
+the transcript trips.
 
 A guardrail is a function of one :class:`GuardrailContext` returning a
 :class:`GuardrailResult`, a bool (True: tripped) or None (passed). One that

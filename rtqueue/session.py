@@ -304,6 +304,11 @@ class Session:
                 why = f"{type(exc).__name__}: {exc}"
                 raise RtqueueError(f"agent {start.name!r}: its instructions raised {why}") from exc
         self._shell.refresh_guards()
+        speech_guarded = bool(self._shell.input_guards) or (
+            graph is not None and any(a.input_guardrails for a in graph.values()))
+        held = _hold_vad_responses(config) if speech_guarded else None
+        if held is not None:
+            config, self._shell.guard_speech = held, True
         try:
             if audio is not None and audio is not False:
                 from .audio_session import AudioLink
@@ -990,6 +995,26 @@ def _update_fields(config: object, fields: Mapping[str, Any]) -> dict[str, Any]:
     for layer in (conveniences, raw, raw_last):
         out = merge_session(out, layer)
     return out
+
+
+def _hold_vad_responses(config: dict[str, Any]) -> dict[str, Any] | None:
+    """``config`` with VAD's own ``create_response`` off, so input guardrails judge speech before any answer.
+
+    Only when server or semantic VAD would create responses and input audio
+    is transcribed (the guardrails need the transcript); then rtqueue creates
+    each turn's response itself once the transcript passed. Else None: the
+    fallback is to cut off the response VAD made as soon as a transcript trips.
+    """
+    audio = config.get("audio")
+    inp = audio.get("input") if isinstance(audio, Mapping) else None
+    if not isinstance(inp, Mapping):
+        return None
+    td, transcription = inp.get("turn_detection"), inp.get("transcription")
+    if not isinstance(td, Mapping) or td.get("type") not in ("server_vad", "semantic_vad") or not transcription:
+        return None
+    if td.get("create_response", True) is False:
+        return None  # the app makes responses itself
+    return deep_merge(config, {"audio": {"input": {"turn_detection": {**td, "create_response": False}}}})
 
 
 def _format_config(value: Any) -> dict[str, Any]:

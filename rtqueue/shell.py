@@ -188,6 +188,9 @@ class SessionShell:
         self.approvals = ApprovalBroker(handler=None, timeout=60.0, default="reject", publish=self.publish)
         self.output_guards: tuple[OutputGuardrail, ...] = ()  # session-wide (agents add their own)
         self.input_guards: tuple[InputGuardrail, ...] = ()
+        # Input guardrails on speech, before any response: VAD's create_response is off and rtqueue
+        # creates each turn's response once its transcript passed (see Session.connect).
+        self.guard_speech = False
         self.guards: GuardrailMonitor | None = None  # made by refresh_guards when any guardrail exists
         self.audio: AudioLink | None = None
         self.reconnector: Reconnector | None = None
@@ -477,7 +480,8 @@ class SessionShell:
                     self.guards.offer_output(rid, 0, final=True)
         elif typ == "conversation.item.input_audio_transcription.completed":
             iid, text = event.get("item_id"), event.get("transcript")
-            if isinstance(iid, str) and isinstance(text, str) and text.strip():
+            # Holding VAD's responses, every transcript needs a verdict (an empty one passes).
+            if isinstance(iid, str) and isinstance(text, str) and (text.strip() or self.guard_speech):
                 self.guards.offer_input(iid, text)
 
     # -- guardrails (GuardHost) -------------------------------------------------------------------
@@ -537,9 +541,19 @@ class SessionShell:
         """GuardHost: the finished response passed every check."""
         self.run(lambda core: core.guardrail_passed(response_id))
 
+    def input_passed(self, item_id: str) -> None:
+        """GuardHost: a transcript passed; holding VAD's responses, rtqueue makes the turn's response now."""
+        if not self.guard_speech:
+            return
+        handle = self.new_response_handle()
+        now = time.monotonic()
+        with contextlib.suppress(RtqueueError):  # closed meanwhile: nothing to answer
+            self.run(lambda core: core.create_response({}, handle, now=now))
+
     def input_tripped(self, item_id: str, guard: InputGuardrail, result: GuardrailResult, text: str) -> None:
-        """GuardHost: a transcript tripped: block the response server VAD made for it."""
-        active = self.gate.active_response_id()
+        """GuardHost: a transcript tripped: block the response server VAD made for it (or would make)."""
+        # Holding VAD's responses, none was made for this speech: whatever runs now is not its answer.
+        active = None if self.guard_speech else self.gate.active_response_id()
         cut = self.audio.cut_response(active) if self.audio is not None and active is not None else None
         refusal = result.message or guard.refusal
         now = time.monotonic()

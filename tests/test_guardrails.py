@@ -254,3 +254,29 @@ def test_a_correction_tripping_after_it_finished_is_still_capped(sim: Simulator)
     assert answer.text == "That costs $40."  # the last correction, cut off and not corrected again
     assert _count(sim, "response.create") == 3
     assert [t["corrected"] for t in trips] == [True, True, False]
+
+
+def test_speech_is_judged_before_any_response_is_made():
+    """With input guardrails on transcribed speech, VAD makes no response: rtqueue does, once the words pass."""
+    seen: list[str] = []
+
+    @input_guardrail
+    def record(ctx: GuardrailContext) -> bool:
+        seen.append(ctx.text)
+        return "password" in ctx.text.lower()
+
+    speech = synthesize("What time do you open tomorrow?").pcm
+    with Simulator(speed=1.0) as sim:
+        mic = PcmMicrophone(speech, realtime=True, trailing_silence_ms=1200)
+        with Session.connect(url=sim.url, input_guardrails=[record], turn_detection="server_vad",
+                             session={"audio": {"input": {"transcription": {"model": "whisper-1"}}}},
+                             audio=AudioIO(input=mic, output=NullSpeaker()), reconnect=False) as s:
+            td = s.session_config["audio"]["input"]["turn_detection"]
+            assert td["create_response"] is False and td["interrupt_response"] is True
+            assert sim.wait_until(lambda sm: any(e.get("type") == "response.done" for e in sm.server_events()),
+                                  3 * UNIT)
+            mic.close()
+        types = [e["type"] for e in sim.client_events() if e["type"] != "input_audio_buffer.append"]
+    assert seen and "open" in seen[0].lower()
+    assert "response.create" in types  # made by rtqueue after the transcript passed
+    assert sim.stats()["conflicts"] == 0
