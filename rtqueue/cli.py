@@ -1,4 +1,4 @@
-"""The ``rtqueue`` command: ``demo``, ``sim``, ``timeline`` and ``bench``."""
+"""The ``rtqueue`` command: ``demo``, ``sim``, ``serve``, ``timeline`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,18 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "rtqueue") -> int:
 
     sub.add_parser("sim", help="run the Realtime simulator standalone (see `rtqueue sim --help`)")
 
+    srv = sub.add_parser("serve", help="host SIP calls: a call worker with capacity, health and drain "
+                                       "(see rtqueue.serve)")
+    srv.add_argument("app", help="the agents factory, module:function (gets a CallInfo, returns an Agent or "
+                                 "CallApp)")
+    srv.add_argument("--port", type=int, default=8080, help="loopback HTTP port for /webhook, /healthz, /load")
+    srv.add_argument("--capacity", type=int, default=50, help="calls hosted at once (more: rejected 486)")
+    srv.add_argument("--name", default="worker", help="the worker's name (threads, checkpoints, figures)")
+    srv.add_argument("--realtime-url", default=None, help="Realtime WebSocket URL (default OpenAI's)")
+    srv.add_argument("--control-base-url", default=None, help="call-control REST base (default OpenAI's)")
+    srv.add_argument("--secret-env", default="OPENAI_WEBHOOK_SECRET",
+                     help="environment variable holding the webhook secret (whsec_...)")
+
     timeline = sub.add_parser("timeline", help="draw a recording as a self-contained HTML timeline")
     timeline.add_argument("recording", help="a recording (JSONL) from Session.connect(record=...) or sim --trace")
     timeline.add_argument("-o", "--output", default=None, help="the HTML file (default: RECORDING with .html)")
@@ -72,9 +84,45 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "rtqueue") -> int:
         )
     if ns.command == "timeline":
         return _timeline(ns.recording, ns.output)
+    if ns.command == "serve":
+        return _serve(ns)
     if ns.command == "bench":
         return _bench(quick=ns.quick, out=ns.out)
     return 2  # pragma: no cover
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    """Run a call worker until SIGTERM/SIGINT, then drain (finish the calls it has) and exit."""
+    import signal
+    import threading
+
+    from .errors import RtqueueError
+    from .serve import CallWorker, load_app
+
+    secret = os.environ.get(ns.secret_env)
+    if not secret:
+        print(f"rtqueue serve: set ${ns.secret_env} to the webhook secret (whsec_...)", file=sys.stderr)
+        return 2
+    try:
+        worker = CallWorker(load_app(ns.app), realtime_url=ns.realtime_url, control_base_url=ns.control_base_url,
+                            webhook_secret=secret, capacity=ns.capacity, name=ns.name)
+    except RtqueueError as exc:
+        print(f"rtqueue serve: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        http = worker.serve_http(port=ns.port)
+        print(f"rtqueue serve: {ns.name} ({ns.capacity} calls) webhook {http.webhook_url}, health {http.url}/healthz",
+              flush=True)
+        stop.wait()
+        print("rtqueue serve: draining", flush=True)
+        worker.drain()
+    finally:
+        worker.close()
+    print(json.dumps(worker.load().to_dict()))
+    return 0
 
 
 def _timeline(recording: str, output: str | None) -> int:

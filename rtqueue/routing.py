@@ -19,6 +19,7 @@ the core's property tests, so the three cannot drift apart. Per event:
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["GateRouter", "Routed"]
 
 _VERDICTS = {Verdict.RETRY: "retry", Verdict.REJECT: "reject"}
+_RESPONSE_ID = re.compile(r"\bresp_[A-Za-z0-9]+")
 
 
 @attrs.frozen
@@ -71,9 +73,28 @@ class GateRouter:
             err = ServerError.from_event(event)
             if self._candidate is not None and err.event_id == self._candidate[1]:
                 self._candidate = None  # our create was refused: the candidate was the server's own
-            verdict = _VERDICTS.get(self.gate.on_error(err.event_id, err.code))  # type: ignore[arg-type]
+            raw = self.gate.on_error(err.event_id, err.code)
+            if raw is Verdict.RETRY:
+                self._hold_named_response(err)
+            verdict = _VERDICTS.get(raw)  # type: ignore[arg-type]
             return Routed(verdict=verdict, error=err)
         return _NOTHING
+
+    def _hold_named_response(self, err: ServerError) -> None:
+        """A conflict names the response in the way ("...in progress: resp_X."); take its slot if unknown.
+
+        A socket attached mid-response (a SIP call re-attached with
+        ``?call_id=``) never saw that response's ``response.created``: without
+        this the retried create would go out at once and conflict again, up
+        to the retry bound. With it, the retry waits for that ``response.done``.
+        """
+        found = _RESPONSE_ID.search(err.message or "")
+        if found is None:
+            return
+        rid = found.group(0)
+        if any(e.response_id == rid for e in self.gate.entries()):
+            return
+        self.gate.on_created(rid, None, in_band=True)
 
     def _created(self, event: dict[str, Any]) -> Routed:
         resp, rid, eid = response_ids(event)
