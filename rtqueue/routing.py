@@ -75,12 +75,13 @@ class GateRouter:
                 self._candidate = None  # our create was refused: the candidate was the server's own
             raw = self.gate.on_error(err.event_id, err.code)
             if raw is Verdict.RETRY:
-                self._hold_named_response(err)
+                with guard or contextlib.nullcontext():  # the session mutex, then the gate: the lock order
+                    self._hold_named_response(err, core)
             verdict = _VERDICTS.get(raw)  # type: ignore[arg-type]
             return Routed(verdict=verdict, error=err)
         return _NOTHING
 
-    def _hold_named_response(self, err: ServerError) -> None:
+    def _hold_named_response(self, err: ServerError, core: ConversationCore) -> None:
         """A conflict names the response in the way ("...in progress: resp_X."); take its slot if unknown.
 
         A socket attached mid-response (a SIP call re-attached with
@@ -92,8 +93,8 @@ class GateRouter:
         if found is None:
             return
         rid = found.group(0)
-        if any(e.response_id == rid for e in self.gate.entries()):
-            return
+        if any(e.response_id == rid for e in self.gate.entries()) or core.is_finished(rid):
+            return  # known, or its response.done was read already: a slot now would never be freed
         self.gate.on_created(rid, None, in_band=True)
 
     def _created(self, event: dict[str, Any]) -> Routed:

@@ -699,3 +699,27 @@ def test_rtqueues_own_responses_are_not_guarded():
     assert not core.is_guarded("resp_sum") and core.is_guarded("resp_user")
     core.guard_outputs = False
     assert not core.is_guarded("resp_user")
+
+
+def _conflict(eid: str, rid: str) -> dict[str, Any]:
+    return {"type": "error", "error": {
+        "type": "invalid_request_error", "code": "conversation_already_has_active_response", "event_id": eid,
+        "message": f"Conversation already has an active response in progress: {rid}. Wait until the response "
+                   "is finished before creating a new one."}}
+
+
+def test_a_conflict_naming_an_unseen_response_takes_its_slot():
+    """A socket attached mid-response learns the active response from the conflict, unless it already ended."""
+    core = make_core(agents=False)
+    gate = ResponseGate(max_retries=5)
+    router = GateRouter(gate)
+    assert gate.acquire("evt_1", 0)
+    routed = router.route(_conflict("evt_1", "resp_unseen1"), core)
+    assert routed.verdict == "retry"
+    assert [e.response_id for e in gate.entries() if e.state == "active"] == ["resp_unseen1"]
+    router.route(done("resp_unseen1"), core)  # its done frees the slot as usual
+    assert not [e for e in gate.entries() if e.state == "active"]
+    core.note_finished("resp_gone")
+    assert gate.acquire("evt_2", 0)
+    router.route(_conflict("evt_2", "resp_gone"), core)
+    assert not [e for e in gate.entries() if e.response_id == "resp_gone"]
