@@ -268,6 +268,7 @@ class GateMachine(RuleBasedStateMachine):
         self.finished |= ours
         self.pending.clear()
         self.active.clear()
+        self.retry_count.clear()  # a new socket: each create's conflict-retry budget starts over
 
     @invariant()
     def at_most_one_of_ours_in_flight(self) -> None:
