@@ -67,6 +67,8 @@ class AudioFormat:
 
     type: str
     rate: int
+    #: Bytes per millisecond: 48 for PCM16 24 kHz, 8 for G.711 (computed once: it is on the audio hot path).
+    bytes_per_ms: float = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.type == "audio/pcm":
@@ -77,16 +79,13 @@ class AudioFormat:
                 raise InvalidArgument(f"{self.type} is 8000 Hz, not {self.rate!r}")
         else:
             raise InvalidArgument(f"unknown audio format type {self.type!r} (audio/pcm, audio/pcmu, audio/pcma)")
+        object.__setattr__(self, "bytes_per_ms", self.rate * self.sample_width / 1000.0)
 
     @property
     def sample_width(self) -> int:
         """Bytes per sample: 2 for PCM16, 1 for G.711."""
         return 2 if self.type == "audio/pcm" else 1
 
-    @property
-    def bytes_per_ms(self) -> float:
-        """Bytes per millisecond: 48 for PCM16 24 kHz, 8 for G.711."""
-        return self.rate * self.sample_width / 1000.0
 
     @property
     def is_g711(self) -> bool:

@@ -48,6 +48,11 @@ _WAIT_SLICE = 0.05  # wait_idle re-checks time-based conditions at least this of
 _WARMUP_TIMEOUT = 2.0  # longest Speaker.start() waits for the stream's start-up silence
 
 
+# Checked once in __init__; after that the hot path (a play() per audio delta) assigns counters
+# and would otherwise run every validator and converter again on each assignment.
+_NO_HOOKS = attrs.setters.NO_OP
+
+
 @attrs.frozen
 class PlaybackCut:
     """Where playback of one item stopped at an ``interrupt()``.
@@ -127,7 +132,7 @@ class AudioOutput(abc.ABC):
         return 0.0
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=_NO_HOOKS)
 class _ItemState:
     """Accounting of one item, in 24 kHz samples."""
 
@@ -137,7 +142,7 @@ class _ItemState:
     cut: bool = False
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=_NO_HOOKS)
 class _Chunk:
     """A run of 24 kHz samples of one item waiting in the FIFO."""
 
@@ -167,7 +172,7 @@ def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None
         raise InvalidArgument(f"{attr.name} must be > 0, got {value!r}")
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=_NO_HOOKS)
 class _BufferedOutput(AudioOutput):
     """FIFO + per-item accounting shared by every output; subclasses consume it.
 
@@ -428,7 +433,7 @@ class _BufferedOutput(AudioOutput):
 # Clock-paced outputs (no device)
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=_NO_HOOKS)
 class _ClockOutput(_BufferedOutput):
     """Consumes the FIFO at 24 kHz of wall time (``speed`` times faster), or at once.
 
@@ -541,7 +546,7 @@ class _ClockOutput(_BufferedOutput):
         self._close_sink()
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=_NO_HOOKS)
 class NullSpeaker(_ClockOutput):
     """An output with no device: a real-time clock consumes the audio.
 
@@ -550,7 +555,7 @@ class NullSpeaker(_ClockOutput):
     """
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=_NO_HOOKS)
 class WavSpeaker(_ClockOutput):
     """Writes what is played to a 24 kHz mono PCM16 WAV file, paced like :class:`NullSpeaker`.
 
@@ -587,7 +592,7 @@ class WavSpeaker(_ClockOutput):
 # The real speaker
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=_NO_HOOKS)
 class _Block:
     """Device-rate audio of one item, ready for the PortAudio callback."""
 
@@ -600,7 +605,7 @@ class _Block:
     credited: float = 0.0
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=_NO_HOOKS)
 class Speaker(_BufferedOutput):
     """Plays through a sounddevice ``OutputStream`` (``device=None``: the default output).
 
