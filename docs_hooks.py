@@ -32,7 +32,7 @@ def cli_help() -> str:
     from rtqueue.cli import main
 
     parts = []
-    for args in ([], ["demo"], ["sim"], ["timeline"], ["bench"]):
+    for args in ([], ["demo"], ["sim"], ["serve"], ["timeline"], ["bench"]):
         out = io.StringIO()
         old = os.environ.get("COLUMNS")
         os.environ["COLUMNS"] = "100"

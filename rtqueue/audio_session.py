@@ -63,6 +63,12 @@ class Interruption:
     path does not wait and leaves it None). ``cancel_sent`` says whether this
     interrupt sent a ``response.cancel`` (False when nothing was active or the
     server cancels on its own). ``source`` is ``"app"`` or ``"server_vad"``.
+    ``response_id`` is the response active at the moment of the interrupt.
+    ``trigger_at`` is when the barge-in was triggered, on the
+    :func:`time.monotonic` clock: when the reader read ``speech_started``
+    (server VAD) or when :meth:`~rtqueue.Session.interrupt` was called; a
+    phone bridge's ``clear`` time minus it is the barge-in latency. It is
+    not compared by ``==``.
     """
 
     item_id: str | None

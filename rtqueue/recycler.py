@@ -5,8 +5,11 @@ pure decisions of :mod:`rtqueue.recycle`; the switch itself is
 :meth:`rtqueue.reconnect.Reconnector.recycle`, the same path a reconnect takes.
 For each session (each ``session.created``) it:
 
-1. sleeps until the window opens (``ReconnectPolicy.recycle_after`` seconds
-   after ``session.created``; a reconnect meanwhile starts the count again);
+1. waits for the window to open (``ReconnectPolicy.recycle_after`` seconds
+   after ``session.created``; a reconnect meanwhile starts the count again).
+   Until ``LEAD_S`` (5 s) before the first window the session has no thread
+   for this: the process-wide ``rtqueue-timers`` thread (:mod:`rtqueue.timers`)
+   starts this one then, and it sleeps the rest;
 2. looks for a quiet moment every ``poll_s``; at the first one, if the
    history is long, it asks the old socket for a summary (one out-of-band
    response, text only, ``response.metadata["rtqueue_purpose"] ==

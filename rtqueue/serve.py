@@ -1,6 +1,6 @@
 """A call worker: one process hosting many OpenAI SIP calls, each in its own thread, with its agents.
 
-``rtqueue serve --app myapp:make_agents`` (or :class:`CallWorker` from Python)::
+``rtqueue serve myapp:make_agents`` (or :class:`CallWorker` from Python)::
 
     OpenAI --POST realtime.call.incoming--> worker /webhook  (loopback HTTP, or a router)
         verify (rtqueue.sip.verify_webhook) -> admit (capacity, drain) -> a call thread:
