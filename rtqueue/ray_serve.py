@@ -57,6 +57,7 @@ __all__ = [
     "WorkerActor",
     "deploy",
     "ray_module",
+    "shutdown",
 ]
 
 log = logging.getLogger("rtqueue.ray")

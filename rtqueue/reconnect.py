@@ -68,7 +68,7 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -148,6 +148,10 @@ def _optional_count(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         raise InvalidArgument(f"{attr.name} must be an int >= 0 or None, not {value!r}")
 
 
+def _codes(value: Iterable[int]) -> frozenset[int]:
+    return frozenset(value)
+
+
 @attrs.frozen
 class ReconnectPolicy:
     """How a session reconnects (pass to ``Session.connect(reconnect=...)``).
@@ -176,6 +180,8 @@ class ReconnectPolicy:
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
     reseed: bool = True
     max_reseed_items: int | None = attrs.field(default=500, validator=_optional_count)
+    #: Close codes from the server that end the session for good (a call socket closed 1000: the call ended).
+    final_close_codes: frozenset[int] = attrs.field(default=frozenset(), converter=_codes)
     recycle_after: float | None = attrs.field(default=55 * 60.0, validator=_optional_positive)
     recycle_margin: float = attrs.field(default=30.0, validator=_non_negative)
     session_cap: float = attrs.field(default=60 * 60.0, validator=_positive)
@@ -362,6 +368,9 @@ class Reconnector:
         refusing = close_code in AUTH_CLOSE_CODES or close_code in REQUEST_CLOSE_CODES
         fatal = fatal_loss(close_code, self._fatal or (self._last if refusing else None), self._host.secret,
                            close_reason)
+        if fatal is None and close_code in self.policy.final_close_codes:
+            fatal = ConnectionLost(f"the server ended it (close {close_code}: {close_reason or 'normal'}); "
+                                   "not reconnecting")
         with self._cond:
             if self._stop.is_set():
                 return False

@@ -189,15 +189,15 @@ def load_app(spec: str) -> AppFactory:
     attribute, or something not callable.
     """
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise InvalidArgument(f"--app must be 'module:function', not {spec!r}")
+        raise InvalidArgument(f"the app must be 'module:function', not {spec!r}")
     module_name, attr = spec.split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise InvalidArgument(f"--app {spec}: cannot import {module_name!r}: {exc}") from exc
+        raise InvalidArgument(f"app {spec}: cannot import {module_name!r}: {exc}") from exc
     func = getattr(module, attr, None)
     if not callable(func):
-        raise InvalidArgument(f"--app {spec}: {module_name} has no callable {attr!r}")
+        raise InvalidArgument(f"app {spec}: {module_name} has no callable {attr!r}")
     return func  # type: ignore[no-any-return]
 
 

@@ -273,18 +273,6 @@ class Session:
             name=name,
         )
         self._call_id = call_id
-        if record is not None:
-            from .recording import Recorder
-
-            if record_audio not in ("kept", "duration"):
-                raise InvalidArgument(f'record_audio must be "kept" or "duration", not {record_audio!r}')
-            if isinstance(record, Recorder):
-                self._shell.recorder = record
-            elif isinstance(record, (str, os.PathLike)):
-                self._shell.recorder = Recorder(record, audio=record_audio)  # type: ignore[arg-type]
-                self._shell.own_recorder = True
-            else:
-                raise InvalidArgument(f"record must be a path or an rtqueue.recording.Recorder, not {record!r}")
         self._shell.approvals = ApprovalBroker(handler=approval_handler, timeout=approval_timeout,
                                                default=approval_default, publish=self._shell.publish)
         if approval_timeout >= create_timeout:
@@ -309,6 +297,19 @@ class Session:
         held = _hold_vad_responses(config) if speech_guarded else None
         if held is not None:
             config, self._shell.guard_speech = held, True
+        # Last of the checks: the recording's file is opened only once nothing else can refuse.
+        if record is not None:
+            from .recording import Recorder
+
+            if record_audio not in ("kept", "duration"):
+                raise InvalidArgument(f'record_audio must be "kept" or "duration", not {record_audio!r}')
+            if isinstance(record, Recorder):
+                self._shell.recorder = record
+            elif isinstance(record, (str, os.PathLike)):
+                self._shell.recorder = Recorder(record, audio=record_audio)  # type: ignore[arg-type]
+                self._shell.own_recorder = True
+            else:
+                raise InvalidArgument(f"record must be a path or an rtqueue.recording.Recorder, not {record!r}")
         try:
             if audio is not None and audio is not False:
                 from .audio_session import AudioLink
@@ -328,7 +329,9 @@ class Session:
             if call_id is not None:
                 # A call's conversation lives on at the server while its socket is re-attached: re-seeding
                 # it would duplicate every item (invalid_value), and a new socket is no new 60-minute session.
-                policy = attrs.evolve(policy, reseed=False, recycle_after=None)
+                # A normal close (1000) of a call's socket means the call ended: re-attaching would be refused.
+                policy = attrs.evolve(policy, reseed=False, recycle_after=None,
+                                      final_close_codes=policy.final_close_codes | {1000})
             self._shell.reconnector = Reconnector(self._shell, policy)
             if policy.recycle_after is not None:
                 from .recycler import Recycler

@@ -15,7 +15,8 @@ wins; a system message after the last user message, such as a guardrail's
 correction note, wins over both; hooks are removed before anything is echoed):
 
 - ``[say: some text]``: the reply is exactly ``some text``; so is
-  ``Say exactly ...: some text`` in the instructions (a refusal).
+  ``Say exactly ...: some text`` in the instructions (a refusal), which wins
+  over every hook.
 - ``[len: N]``: the reply has exactly N words (1 <= N <= 1000).
 - ``[items: N]``: the words are spread over N assistant message items in one
   response (1 <= N <= 8), as the real service sometimes does.
@@ -224,13 +225,13 @@ class ScriptedModel:
         # Hooks in the last user text win; hooks in the instructions (a
         # response.create's own) apply otherwise.
         hooks = {k.lower(): v.strip() for k, v in _HOOK.findall(instructions or "")}
-        exact = _SAY_EXACTLY.search(_HOOK.sub(" ", instructions or ""))
-        if exact and "say" not in hooks:
-            hooks["say"] = " ".join(exact.group(1).split())
         hooks.update({k.lower(): v.strip() for k, v in _HOOK.findall(user_text)})
-        for t in after:  # a system note after the user's words (a guardrail's correction) has the last word
+        for t in after:  # a system note after the user's words (a guardrail's correction) wins over them
             if t.kind == "system":
                 hooks.update({k.lower(): v.strip() for k, v in _HOOK.findall(t.text)})
+        exact = _SAY_EXACTLY.search(_HOOK.sub(" ", instructions or ""))
+        if exact:  # "Say exactly ...:" is an order for this very response (a refusal): nothing older beats it
+            hooks["say"] = " ".join(exact.group(1).split())
         clean_text = " ".join(_HOOK.sub(" ", user_text).split())
         rng = random.Random(f"{self.seed}|{len(turns)}|{user_text}|{instructions}")
         role = _role_sentence(_HOOK.sub(" ", instructions or ""))
