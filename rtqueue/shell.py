@@ -183,6 +183,9 @@ class SessionShell:
             send_gated=self._send_create,
             slice_s=gate_slice_s,
             name=f"rtqueue-writer-{self.n}",
+            # A stale response is one past response_timeout (300 s by default): looking for one every
+            # tenth of that, at most every 5 s, is precise enough, and idle writers stay asleep.
+            idle_check_s=min(5.0, max(0.05, response_timeout / 10.0)),
         )
         self.tools: ToolWorker | None = None
         self.approvals = ApprovalBroker(handler=None, timeout=60.0, default="reject", publish=self.publish)

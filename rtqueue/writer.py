@@ -16,7 +16,8 @@ a few ms; with pokes nothing needs them that short, and 5 ms slices cost 15%
 of a core at 200 sessions (benchmarks/bench_scale.py).
 
 ``on_evict`` (the session's stale-response check) runs between those slices
-and, when the writer is idle, every ``_IDLE_CHECK_S``: a response whose
+and, when the writer is idle, every ``idle_check_s`` (the session passes a tenth of
+its response timeout, 0.05-5 s): a response whose
 ``response.done`` never comes is released even when nothing is queued behind it.
 """
 
@@ -40,7 +41,7 @@ __all__ = ["Outbound", "Writer"]
 
 log = logging.getLogger("rtqueue")
 
-_IDLE_CHECK_S = 0.25  # while idle, look for stale responses this often
+_IDLE_CHECK_S = 0.25  # while idle, look for stale responses this often (unless told otherwise)
 
 
 @attrs.define(eq=False)
@@ -88,8 +89,11 @@ class Writer:
         slice_s: float = 0.05,
         max_audio_chunks: int = 250,
         name: str = "rtqueue-writer",
+        idle_check_s: float = _IDLE_CHECK_S,
     ) -> None:
         self._gate = gate
+        # Each idle check is a wake-up; hundreds of idle sessions in one process pay for every one of them.
+        self._idle_check = idle_check_s
         self._send = send
         self._on_send_error = on_send_error
         self._on_sent = on_sent
@@ -277,7 +281,7 @@ class Writer:
                 if self._paused:
                     self._parked.set()
                     self._cond.wait()
-                elif not self._cond.wait(_IDLE_CHECK_S) and self._on_evict is not None:
+                elif not self._cond.wait(self._idle_check) and self._on_evict is not None:
                     break
             # The replay for a new socket goes first, paused or not (resume() may come before it is out).
             primed = self._prime[0] if self._prime and self._stopping is None else None
