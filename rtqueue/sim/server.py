@@ -703,20 +703,7 @@ class Simulator:
         if closed:
             await ws.close(1001, "simulator shutting down")
             return
-        core: SimSession | ReplaySession = SimSession(
-            now=now,
-            index=index,
-            seed=self._seed,
-            speed=self._speed,
-            audio_chunk_ms=self._audio_chunk_ms,
-            words_per_second=self._wps,
-            max_duration_s=self._max_duration,
-            epoch=time.time(),
-            first_output_ms=self._first_output_ms,
-            min_response_ms=self._min_response_ms,
-            transcription_failures=self._transcription_failures,
-            vad_create_delay_s=self._vad_create_delay_s,
-        )
+        core: SimSession | ReplaySession = self._sim_session(now, index)
         if self._replay is not None:  # serve a recording instead of the scripted model
             core = ReplaySession(self._replay, now=now, index=index, speed=self._speed,
                                  mismatches=self._replay_mismatches)
@@ -886,11 +873,14 @@ class Simulator:
         with self._lock:
             self._calls_made += 1
             index = 1_000_000 + self._calls_made  # apart from connection indexes: ids stay distinct
+        return self._sim_session(now, index, model=model)
+
+    def _sim_session(self, now: float, index: int, **extra: Any) -> SimSession:
+        """A scripted-model session with this simulator's settings (a connection's, or a call's)."""
         return SimSession(
             now=now,
             index=index,
             seed=self._seed,
-            model=model,
             speed=self._speed,
             audio_chunk_ms=self._audio_chunk_ms,
             words_per_second=self._wps,
@@ -900,6 +890,7 @@ class Simulator:
             min_response_ms=self._min_response_ms,
             transcription_failures=self._transcription_failures,
             vad_create_delay_s=self._vad_create_delay_s,
+            **extra,
         )
 
     def _wake_call(self, call_id: str) -> None:
