@@ -696,6 +696,7 @@ class Session:
         out: dict[str, Any] = shell.gate.stats().as_dict()
         out.update(
             audio_sent=shell.writer.audio_sent,
+            audio_direct=shell.writer.audio_direct,
             audio_dropped=shell.writer.audio_dropped,
             audio_sent_while_held=shell.writer.audio_sent_while_held,
             events_dropped=shell.dispatcher.dropped_audio,

@@ -11,8 +11,9 @@ Threads (all named ``rtqueue-*``, all ended by :meth:`SessionShell.close`):
   socket. Per frame: parse, tell the gate *first* (so a waiting writer wakes
   at once), then the core (under the mutex), then audio and subscribers. It
   never runs app code.
-- ``rtqueue-writer-N``: the only sender, the reconnect's replay included
-  (see :mod:`rtqueue.writer`).
+- ``rtqueue-writer-N``: the only sender of control events, the reconnect's
+  replay included; mic audio with nothing queued ahead of it is written by
+  the appending thread itself (see :mod:`rtqueue.writer`).
 - ``rtqueue-dispatch-N``: runs app callbacks (see :mod:`rtqueue.dispatch`).
 - ``rtqueue-turns-N`` and the ``rtqueue-tool`` pool: tools and handoff
   rendering (see :mod:`rtqueue.turns`), started on first use.
@@ -350,6 +351,8 @@ class SessionShell:
         self._started = True
         self.telemetry.session_started(self.label)
         if self.recorder is not None:
+            # One sender while recording: a recording's client lines then keep the wire's order.
+            self.writer.direct_audio = False
             agent = self.core.agent
             self.recorder.start({**config, "agent": agent.name} if agent is not None else config)
         self._transport = self._factory()

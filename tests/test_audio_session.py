@@ -632,3 +632,17 @@ def test_voice_chat_runs_on_the_null_sink_and_quits_on_ctrl_c(pulse: PulseServer
     assert seen[0].startswith("connected to the simulator")
     assert proc.returncode == 0 and seen[-1].strip() == "bye", err
     assert "Traceback" not in err
+
+
+def test_idle_session_writes_mic_audio_on_the_mic_thread():
+    """With nothing queued, mic chunks go out on the appending thread (no writer wake-up), in order."""
+    chunks = [i.to_bytes(2, "little") * 480 for i in range(40)]
+    with Simulator(speed=4.0, seed=3) as sim, Session.connect(url=sim.url, turn_detection=None) as session:
+        assert all(session.append_audio(c) for c in chunks)
+        assert sim.wait_until(lambda s: sum(e["type"] == "input_audio_buffer.append"
+                                            for e in s.client_events(0)) == 40, UNIT)
+        stats = session.stats()
+        assert stats["audio_sent"] == 40 and stats["audio_dropped"] == 0
+        assert stats["audio_direct"] >= 30  # a few may queue behind a control event in flight
+    got = [base64.b64decode(e["audio"]) for e in sim.client_events(0) if e["type"] == "input_audio_buffer.append"]
+    assert got == chunks

@@ -1,0 +1,180 @@
+"""The writer's lanes: mic audio written by the appending thread when nothing is ahead of it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from rtqueue.errors import ConnectionLost
+from rtqueue.gate import ResponseGate
+from rtqueue.handles import SendHandle
+from rtqueue.writer import Outbound, Writer
+
+UNIT = 5.0
+
+
+class Wire:
+    """A fake socket: records (thread name, event type, tag) per send; can hold one event type."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, Any]] = []
+        self.cond = threading.Condition()
+        self.hold_type: str | None = None
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.fail = False
+
+    def send(self, text: str) -> None:
+        event = json.loads(text)
+        if self.fail:
+            raise ConnectionLost("wire cut")
+        if event["type"] == self.hold_type:
+            self.holding.set()
+            assert self.release.wait(UNIT)
+        with self.cond:
+            self.sent.append((threading.current_thread().name, event["type"], event.get("tag")))
+            self.cond.notify_all()
+
+    def wait_count(self, n: int) -> list[tuple[str, str, Any]]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.sent) >= n, UNIT), self.sent
+            return list(self.sent)
+
+
+def _audio(tag: int) -> str:
+    return json.dumps({"type": "input_audio_buffer.append", "event_id": f"a{tag}", "audio": "AAAA", "tag": tag})
+
+
+def _control(kind: str, tag: str, **extra: Any) -> Outbound:
+    event = {"type": kind, "event_id": f"evt_{tag}", "tag": tag}
+    return Outbound(event=event, handle=SendHandle(event["event_id"]), **extra)
+
+
+Rig = tuple[Writer, Wire, list[BaseException]]
+_GATES: dict[int, ResponseGate] = {}
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    wire = Wire()
+    errors: list[BaseException] = []
+    gate = ResponseGate()
+    writer = Writer(gate, wire.send, on_send_error=errors.append, name="rtqueue-writer-test")
+    writer.start()
+    _GATES[id(writer)] = gate
+    yield writer, wire, errors
+    del _GATES[id(writer)]
+    wire.release.set()
+    writer.stop(timeout=UNIT)
+    assert not writer.thread.is_alive()
+
+
+def test_idle_writer_lets_the_appending_thread_send(rig: Rig) -> None:
+    writer, wire, _ = rig
+    assert writer.append_audio(_audio(1))
+    # Sent before append_audio returned, on this thread: no writer wake-up.
+    assert wire.sent == [(threading.current_thread().name, "input_audio_buffer.append", 1)]
+    assert writer.audio_sent == 1 and writer.audio_direct == 1
+
+
+def test_audio_never_passes_a_control_event_in_flight(rig: Rig) -> None:
+    writer, wire, _ = rig
+    wire.hold_type = "input_audio_buffer.commit"
+    writer.enqueue(_control("input_audio_buffer.commit", "c"))
+    assert wire.holding.wait(UNIT)  # the writer is inside send() with the commit
+    for tag in range(3):
+        assert writer.append_audio(_audio(tag))  # must queue behind it
+    assert wire.sent == []
+    wire.release.set()
+    sent = wire.wait_count(4)
+    assert [(t, tag) for _, t, tag in sent] == [
+        ("input_audio_buffer.commit", "c"),
+        ("input_audio_buffer.append", 0), ("input_audio_buffer.append", 1), ("input_audio_buffer.append", 2),
+    ]
+    assert all(name == "rtqueue-writer-test" for name, _, _ in sent)
+    # Once the lane is empty again, audio goes direct once more.
+    assert writer.append_audio(_audio(9))
+    assert wire.wait_count(5)[-1] == (threading.current_thread().name, "input_audio_buffer.append", 9)
+    assert writer.audio_sent == 4 and writer.audio_direct == 1
+
+
+def test_audio_appended_after_a_queued_event_follows_it(rig: Rig) -> None:
+    writer, wire, _ = rig
+    writer.pause(UNIT)  # nothing leaves: the commit stays queued
+    writer.enqueue(_control("input_audio_buffer.commit", "c"))
+    writer.resume(drop_audio=False)
+    assert writer.append_audio(_audio(1))
+    sent = wire.wait_count(2)
+    assert [tag for _, _, tag in sent] == ["c", 1]
+
+
+def test_audio_goes_direct_while_a_create_waits_on_the_gate(
+    rig: Rig,
+) -> None:
+    writer, wire, _ = rig
+    gate = _GATES[id(writer)]
+    gate.on_created("resp_other", None)  # another response is active: the create waits on the gate
+    create = _control("response.create", "r", gated=True)
+    writer.enqueue(create)
+    deadline = threading.Event()
+    while create.first_wait is None and not deadline.wait(0.001):
+        pass
+    assert writer.append_audio(_audio(1))
+    assert wire.sent[-1] == (threading.current_thread().name, "input_audio_buffer.append", 1)
+    assert writer.audio_sent_while_held == 1
+    gate.on_done("resp_other")
+    assert [tag for _, _, tag in wire.wait_count(2)] == [1, "r"]
+
+
+def test_a_failed_direct_write_is_counted_and_reported(rig: Rig) -> None:
+    writer, wire, errors = rig
+    wire.fail = True
+    assert writer.append_audio(_audio(1))
+    assert writer.audio_sent == 0 and writer.audio_dropped == 1
+    assert len(errors) == 1 and isinstance(errors[0], ConnectionLost)
+    # The writer is paused until the session resumes it: later audio waits on the lane.
+    wire.fail = False
+    assert writer.append_audio(_audio(2))
+    assert wire.sent == [] and writer.audio_queued() == 1
+    writer.resume(drop_audio=False)
+    assert [tag for _, _, tag in wire.wait_count(1)] == [2]
+
+
+def test_direct_audio_can_be_turned_off(rig: Rig) -> None:
+    writer, wire, _ = rig
+    writer.direct_audio = False
+    assert writer.append_audio(_audio(1))
+    assert wire.wait_count(1) == [("rtqueue-writer-test", "input_audio_buffer.append", 1)]
+    assert writer.audio_direct == 0
+
+
+def test_many_appending_threads_lose_and_duplicate_nothing(
+    rig: Rig,
+) -> None:
+    """Four threads append while control events flow: every chunk sent once, each thread's in order."""
+    writer, wire, _ = rig
+    per_thread = 200
+
+    def feed(k: int) -> None:
+        for i in range(per_thread):
+            assert writer.append_audio(_audio(k * 1000 + i))
+
+    threads = [threading.Thread(target=feed, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(50):
+        writer.enqueue(_control("session.update", f"u{i}"))
+    for t in threads:
+        t.join(UNIT)
+    sent = wire.wait_count(4 * per_thread + 50)
+    audio = [tag for _, kind, tag in sent if kind == "input_audio_buffer.append"]
+    assert sorted(audio) == sorted(k * 1000 + i for k in range(4) for i in range(per_thread))
+    for k in range(4):
+        mine = [tag for tag in audio if tag // 1000 == k]
+        assert mine == sorted(mine)
+    assert [tag for _, kind, tag in sent if kind == "session.update"] == [f"u{i}" for i in range(50)]
+    assert writer.audio_sent == 4 * per_thread and writer.audio_dropped == 0
