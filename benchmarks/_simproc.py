@@ -3,7 +3,8 @@
 ``python benchmarks/_simproc.py '{"latency_ms": 20, "speed": 30, "seed": 1}'``
 prints ``{"url": ..., "pid": ...}``, then answers each line:
 ``{"op": "stats"}``, ``{"op": "tally", "session": 0}``,
-``{"op": "quiet", "wait": seconds}`` (no active response), ``{"op": "quit"}``;
+``{"op": "quiet", "wait": seconds}`` (no active response),
+``{"op": "audio_late", "reset": bool}`` (how late audio deltas left, ms), ``{"op": "quit"}``;
 phone calls (bench_phone): ``{"op": "phone"}`` (the REST base URL),
 ``{"op": "place_calls", "url": webhook, "secret": whsec, "n": N, "script": [[step, arg], ...]}``
 (N calls, each with that caller script: ``say``/``interrupt`` text, ``pause``
@@ -82,6 +83,8 @@ def main() -> int:
                 break
             if op == "stats":
                 out: dict[str, Any] = sim.stats()
+            elif op == "audio_late":
+                out = sim.audio_lateness(reset=bool(cmd.get("reset")))
             elif op == "tally":
                 session = cmd.get("session")
                 out = tally(sim.client_events(session), sim.server_events(session))

@@ -372,3 +372,18 @@ def test_unpaced_burst_still_conflicts() -> None:
         events = recv_until(ws, "response.done")
         errs = [e["error"] for e in events if e["type"] == "error"]
         assert [(e["code"], e["event_id"]) for e in errs] == [("conversation_already_has_active_response", "two")]
+
+
+def test_audio_lateness_reports_how_late_deltas_left() -> None:
+    """audio_lateness(): one sample per audio delta sent, against its schedule; reset starts a new window."""
+    with Simulator(speed=4.0, seed=2) as sim, connect(sim.url) as ws:
+        assert sim.audio_lateness() == {"n": 0, "p50": None, "p99": None, "max": None}
+        recv_json(ws)  # session.created
+        ws.send(user_text("hello [len: 12]"))
+        ws.send(json.dumps({"type": "response.create"}))
+        events = recv_until(ws, "response.done")
+        deltas = sum(1 for e in events if e["type"] == "response.output_audio.delta")
+        late = sim.audio_lateness(reset=True)
+        assert deltas > 1 and late["n"] == deltas
+        assert 0.0 <= late["p50"] <= late["p99"] <= late["max"] < 1000.0  # type: ignore[operator]
+        assert sim.audio_lateness()["n"] == 0

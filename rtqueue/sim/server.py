@@ -299,6 +299,9 @@ class Simulator:
         self._extra: Counter[str] = Counter()
         self._refused: Counter[str] = Counter()  # connections refused, by error code
         self._faults_fired: Counter[str] = Counter()
+        # How late each audio delta left against its due time, ms (loop thread appends; a bounded
+        # window): a client's measured audio jitter is only its own when these stay small.
+        self._audio_late_ms: deque[float] = deque(maxlen=100_000)
         self._client_log: dict[int, list[tuple[float, dict[str, Any]]]] = {}
         self._server_log: dict[int, list[tuple[float, dict[str, Any]]]] = {}
 
@@ -591,6 +594,22 @@ class Simulator:
             with self._lock:
                 total["replay_mismatches"] = list(self._replay_mismatches)
         return total
+
+    def audio_lateness(self, *, reset: bool = False) -> dict[str, float | int | None]:
+        """How late audio deltas left against their schedule: ``n``, ``p50``, ``p99``, ``max`` (ms).
+
+        Covers the last 100,000 deltas, or those since the last ``reset=True``
+        call. A late delta reaches every client late; a benchmark subtracts
+        nothing, it reports this next to the client's jitter.
+        """
+        samples = list(self._audio_late_ms)  # deque copy: safe against the loop thread's appends
+        if reset:
+            self._audio_late_ms.clear()
+        if not samples:
+            return {"n": 0, "p50": None, "p99": None, "max": None}
+        samples.sort()
+        n = len(samples)
+        return {"n": n, "p50": samples[n // 2], "p99": samples[min(n - 1, int(n * 0.99))], "max": samples[-1]}
 
     @staticmethod
     def _add_totals(acc: dict[str, Counter[str]], stats: dict[str, Any]) -> None:
@@ -1108,11 +1127,14 @@ class Simulator:
         # Recorded just before the write, so a client that has received a frame
         # always finds it in server_events() (a write that then fails is rare
         # and means the connection is gone anyway).
-        self._record_out(conn, frame.event, time.monotonic())
+        now = time.monotonic()
+        self._record_out(conn, frame.event, now)
         try:
             await conn.ws.send(frame.data)
         except ConnectionClosed:
             return False
+        if frame.event.get("type") in _AUDIO_TYPES:
+            self._audio_late_ms.append((now - frame.due) * 1000.0)
         conn.sent += 1
         st = conn.fault
         if (
