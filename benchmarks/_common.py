@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -80,6 +81,46 @@ def deep_size(obj: Any, seen: set[int] | None = None) -> int:
     elif hasattr(type(obj), "__slots__"):
         size += sum(deep_size(getattr(obj, k), seen) for k in type(obj).__slots__ if hasattr(obj, k))
     return size
+
+
+class GcPauses:
+    """Times the cyclic garbage collector's runs while ``on`` (``gc.callbacks``).
+
+    A collection runs with the GIL held, on whichever thread triggered it:
+    every thread of the process waits it out, so a long full collection shows
+    up as a latency tail in any client. ``summary()`` gives counts, total and
+    longest pause.
+    """
+
+    def __init__(self) -> None:
+        self.on = False
+        self.pauses: list[tuple[int, float]] = []  # (generation, ms)
+        self._t0: float | None = None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if not self.on:
+            self._t0 = None
+        elif phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.pauses.append((int(info["generation"]), (time.perf_counter() - self._t0) * 1000.0))
+            self._t0 = None
+
+    def close(self) -> None:
+        """Stop listening (idempotent)."""
+        self.on = False
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, float | int]:
+        """``gc_collections``, ``gc_full_collections``, ``gc_ms_total``, ``gc_max_ms`` over the time ``on``."""
+        return {
+            "gc_collections": len(self.pauses),
+            "gc_full_collections": sum(1 for g, _ in self.pauses if g == 2),
+            "gc_ms_total": round(sum(ms for _, ms in self.pauses), 1),
+            "gc_max_ms": round(max((ms for _, ms in self.pauses), default=0.0), 2),
+        }
 
 
 def rss_mb() -> float:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import heapq
 import itertools
 import json
@@ -521,30 +520,19 @@ def run(client: str, url: str, n: int, seconds: float, seed: int) -> dict[str, A
     window: dict[str, float] = {}
     stop_at = time.monotonic() + WARMUP_S + seconds
 
-    gc_pauses: list[tuple[int, float]] = []  # (generation, ms) of each collection in the steady window
-    gc_started: dict[str, float] = {}
-
-    def on_gc(phase: str, info: dict[str, Any]) -> None:
-        # Runs on whichever thread triggered the collection, with the GIL: every thread waits it out.
-        if not meter.on:
-            return
-        if phase == "start":
-            gc_started["t"] = time.perf_counter()
-        elif "t" in gc_started:
-            gc_pauses.append((int(info["generation"]), (time.perf_counter() - gc_started.pop("t")) * 1000.0))
+    gc_pauses = C.GcPauses()
 
     def measure() -> None:
         # The steady window: from the end of the warm-up to the end of the workload.
         time.sleep(WARMUP_S)
-        gc.callbacks.append(on_gc)
-        meter.on = True
+        gc_pauses.on = meter.on = True
         window["cpu0"], window["t0"] = time.process_time(), time.monotonic()
         while time.monotonic() < stop_at:
             time.sleep(0.5)
             rss.append(C.rss_mb())
         window["cpu1"], window["t1"] = time.process_time(), time.monotonic()
         meter.on = False
-        gc.callbacks.remove(on_gc)
+        gc_pauses.close()
 
     sampler = threading.Thread(target=measure, name="bench-measure", daemon=True)
     sampler.start()
@@ -588,10 +576,7 @@ def run(client: str, url: str, n: int, seconds: float, seed: int) -> dict[str, A
         "gate_p99_ms": gl["p99"],
         "gate_samples": gl["n"],
         # The cyclic GC stops every thread of the process while it runs (a source of jitter for any client).
-        "gc_collections": len(gc_pauses),
-        "gc_full_collections": sum(1 for g, _ in gc_pauses if g == 2),
-        "gc_ms_total": round(sum(ms for _, ms in gc_pauses), 1),
-        "gc_max_ms": round(max((ms for _, ms in gc_pauses), default=0.0), 2),
+        **gc_pauses.summary(),
     }
     peer.close()
     return out

@@ -291,6 +291,8 @@ def bench_sip(m: int, seed: int) -> dict[str, Any]:
         C.progress(f"  {len(sessions)} calls attached in {setup_s:.1f} s; RSS {rss_before:.0f} -> {rss_live:.0f} MB, "
                    f"threads +{threads_live - threads_before}")
         cpu0, sim0, t0 = time.process_time(), proc_cpu_s(sim.pid), time.monotonic()
+        gc_pauses = C.GcPauses()
+        gc_pauses.on = True
         # The app greets every caller (spread over 5 s, as calls would come in), the scripts take it from there.
         gap = 5.0 / max(1, len(sessions))
         for s in sessions:
@@ -308,6 +310,7 @@ def bench_sip(m: int, seed: int) -> dict[str, Any]:
             time.sleep(1.0)
         wall = time.monotonic() - t0
         cpu, sim_cpu = time.process_time() - cpu0, proc_cpu_s(sim.pid) - sim0
+        gc_pauses.close()
         stats = sim.stats()
         lat = [x for s in sessions for x in s.gate.latencies_ms()]
         retried = sum(s.gate.counts()["retried"] for s in sessions)
@@ -343,6 +346,8 @@ def bench_sip(m: int, seed: int) -> dict[str, Any]:
         "gate_p99_ms": gl["p99"],
         "gate_max_ms": gl["max"],
         "gate_samples": gl["n"],
+        "gate_top_ms": [round(x, 2) for x in sorted(lat)[-10:]],
+        **gc_pauses.summary(),  # a full collection stops every thread: compare its longest pause with the gate's
         "app_cpu_pct": round(100.0 * cpu / wall, 1),
         "app_cpu_ms_per_call_min": round(1000.0 * cpu / m / minutes, 1),
         "sim_cpu_pct": round(100.0 * sim_cpu / wall, 1),

@@ -1,7 +1,8 @@
 """Glue between a :class:`~rtqueue.Session` and its audio devices, and barge-in.
 
 The reader feeds assistant audio deltas to the output (``play`` never
-blocks); the input's audio thread feeds the writer's audio lane. Barge-in, on
+blocks); the input's audio thread hands mic chunks to the writer (written on
+that thread when nothing is queued ahead, see :mod:`rtqueue.writer`). Barge-in, on
 server VAD's ``input_audio_buffer.speech_started`` or :meth:`Session.interrupt`:
 
 1. stop local playback at once and drop the buffered rest; audio still

@@ -749,7 +749,11 @@ class Session:
     # -- public API: audio -----------------------------------------------------------
 
     def append_audio(self, pcm: bytes, format: Any = None) -> bool:
-        """Queue audio for ``input_audio_buffer.append`` (audio lane), in the session's input format.
+        """Send audio as ``input_audio_buffer.append``, in the session's input format.
+
+        With nothing queued ahead of it the chunk is written on the calling
+        thread before this returns; otherwise it waits on the writer's audio
+        lane, in order.
 
         The bytes must be in the negotiated input format (PCM16 24 kHz unless
         ``audio_format`` said otherwise; see :attr:`input_format`). ``format``

@@ -785,7 +785,7 @@ class SessionShell:
     # -- AudioHost -------------------------------------------------------------------------------
 
     def append_audio(self, pcm: bytes) -> bool:
-        """Queue mic audio (already checked) on the writer's audio lane."""
+        """Send mic audio (already checked) through the writer: direct when nothing is ahead, else its lane."""
         # The JSON text by hand: base64 and our ids need no escaping, and json.dumps scanning the
         # 6.4 KB string of a 100 ms chunk was ~17 us of held GIL, two thirds of this call.
         text = ('{"type":"input_audio_buffer.append","event_id":"' + protocol.new_event_id()

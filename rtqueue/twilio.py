@@ -30,8 +30,9 @@ most the one frame under way), and the truncation is still at what the
 caller heard.
 
 Threads, per call: the websockets connection thread ("rtqueue-twilio-call-N",
-the only reader of the socket: it feeds inbound audio to the session's writer
-lane and never runs app code), websockets' own receive thread
+the only reader of the socket: it hands inbound audio to the session, which
+usually writes it to the OpenAI socket on this very thread (see
+:mod:`rtqueue.writer`), and never runs app code), websockets' own receive thread
 ("rtqueue-twilio-recv-N") and keepalive thread ("rtqueue-twilio-ping-N"), and
 one worker ("rtqueue-twilio-worker-N") that runs the app's session factory,
 sends outbound media and marks, then closes the session when the call ends.
