@@ -39,6 +39,7 @@ asserted timings; a loaded machine shows in the load average recorded.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import select
 import subprocess
@@ -250,7 +251,7 @@ def bench_twilio(n: int, seed: int) -> dict[str, Any]:
 # -- SIP --------------------------------------------------------------------------------------------------
 
 
-def bench_sip(m: int, seed: int) -> dict[str, Any]:
+def bench_sip(m: int, seed: int, gc_freeze: bool = False) -> dict[str, Any]:
     from rtqueue import Session, demo_phone, sip
 
     rss_before = C.rss_mb()
@@ -290,6 +291,11 @@ def bench_sip(m: int, seed: int) -> dict[str, Any]:
         threads_live = threading.active_count()
         C.progress(f"  {len(sessions)} calls attached in {setup_s:.1f} s; RSS {rss_before:.0f} -> {rss_live:.0f} MB, "
                    f"threads +{threads_live - threads_before}")
+        if gc_freeze:
+            # Diagnosis: move every object alive now (the calls' sessions) out of the collector's
+            # reach; a full collection then scans only what is new (CPython's gc.freeze).
+            gc.collect()
+            gc.freeze()
         cpu0, sim0, t0 = time.process_time(), proc_cpu_s(sim.pid), time.monotonic()
         gc_pauses = C.GcPauses()
         gc_pauses.on = True
@@ -347,6 +353,7 @@ def bench_sip(m: int, seed: int) -> dict[str, Any]:
         "gate_max_ms": gl["max"],
         "gate_samples": gl["n"],
         "gate_top_ms": [round(x, 2) for x in sorted(lat)[-10:]],
+        "gc_frozen": gc_freeze,
         **gc_pauses.summary(),  # a full collection stops every thread: compare its longest pause with the gate's
         "app_cpu_pct": round(100.0 * cpu / wall, 1),
         "app_cpu_ms_per_call_min": round(1000.0 * cpu / m / minutes, 1),
@@ -366,13 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls-sip", type=int, default=None, help="concurrent SIP calls (default 500)")
     p.add_argument("--only", choices=["twilio", "sip"], default=None)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="diagnosis: gc.freeze() once the SIP calls are attached (are the gate's tails GC pauses?)")
     ns = p.parse_args(argv)
     n = ns.calls or (4 if ns.smoke else 20 if ns.quick else 200)
     m = ns.calls_sip or (8 if ns.smoke else 50 if ns.quick else 500)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     twilio = bench_twilio(n, ns.seed) if ns.only in (None, "twilio") else None
-    sipr = bench_sip(m, ns.seed) if ns.only in (None, "sip") else None
+    sipr = bench_sip(m, ns.seed, ns.gc_freeze) if ns.only in (None, "sip") else None
     checks: list[tuple[str, bool, str]] = []
     if twilio is not None:
         t = twilio
@@ -404,9 +413,10 @@ def main(argv: list[str] | None = None) -> int:
              "creates"),
         ]
     kind = "smoke" if ns.smoke else "quick" if ns.quick else None
-    if kind is None and (ns.only or ns.calls or ns.calls_sip):
+    if kind is None and (ns.only or ns.calls or ns.calls_sip or ns.gc_freeze):
         # A partial or resized run: its own file, never the published default run's.
         kind = "-".join(([f"twilio{n}"] if twilio else []) + ([f"sip{m}"] if sipr else []))
+        kind += "_gcfreeze" if ns.gc_freeze else ""
     doc = {
         "benchmark": "phone",
         "machine": C.machine(),
