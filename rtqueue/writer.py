@@ -127,6 +127,7 @@ class Writer:
         self._queued_total = 0  # control events ever queued (the next one's ordinal)
         self._paused = False
         self._busy = False  # the thread is sending something it took off a lane (under _cond)
+        self._direct_inflight = 0  # appending threads inside a direct write (under _cond)
         #: Let the appending thread write mic audio itself when nothing is ahead of it (see the module doc).
         self.direct_audio = direct_audio
         self._parked = threading.Event()  # set while the thread waits because it is paused
@@ -198,10 +199,8 @@ class Writer:
                 and (not control or (control[0].first_wait is not None and len(control) == 1))
             ):
                 send = self._send
-                self.audio_sent += 1
-                self.audio_direct += 1
-                if control:
-                    self.audio_sent_while_held += 1
+                self._direct_inflight += 1  # pause() waits for it: the socket is then the caller's alone
+                held = bool(control)
             else:
                 send = None
                 if len(self._audio) >= self._max_audio:
@@ -211,15 +210,24 @@ class Writer:
                 self._cond.notify()
                 holding = bool(control) and control[0].first_wait is not None
         if send is not None:
+            error: ConnectionLost | None = None
             try:
                 send(text)
             except ConnectionLost as exc:
-                with self._cond:
-                    self.audio_sent -= 1
-                    self.audio_direct -= 1
+                error = exc
+            with self._cond:
+                self._direct_inflight -= 1
+                if error is None:
+                    self.audio_sent += 1
+                    self.audio_direct += 1
+                    self.audio_sent_while_held += held
+                else:
                     self.audio_dropped += 1
                     self._paused = True
-                self._on_send_error(exc)
+                if not self._direct_inflight:
+                    self._cond.notify_all()  # a pause() may be waiting for the socket
+            if error is not None:
+                self._on_send_error(error)
             return True
         if holding:
             self._gate.poke()  # the writer is waiting on the gate: let it send this now
@@ -268,15 +276,19 @@ class Writer:
     def pause(self, timeout: float = 5.0) -> bool:
         """Hold everything (the connection is being replaced).
 
-        Returns once the thread is parked (no send in progress), so the caller
-        may use the socket alone; ``False`` if it did not park within ``timeout``.
+        Returns once the thread is parked and no appending thread is inside a
+        direct write (no send in progress), so the caller may use the socket
+        alone; ``False`` if that did not happen within ``timeout``.
         """
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._paused = True
             self._cond.notify_all()
-            if threading.current_thread() is self._thread or not self._thread.is_alive():
-                return True
-        return self._parked.wait(timeout)
+            parked = threading.current_thread() is self._thread or not self._thread.is_alive()
+        if not parked and not self._parked.wait(timeout):
+            return False
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._direct_inflight, max(0.0, deadline - time.monotonic()))
 
     def resume(self, send: Callable[[str], None] | None = None, *, drop_audio: bool = True) -> None:
         """Continue, optionally on a new ``send`` function (a new socket)."""

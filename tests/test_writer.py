@@ -178,3 +178,19 @@ def test_many_appending_threads_lose_and_duplicate_nothing(
         assert mine == sorted(mine)
     assert [tag for _, kind, tag in sent if kind == "session.update"] == [f"u{i}" for i in range(50)]
     assert writer.audio_sent == 4 * per_thread and writer.audio_dropped == 0
+
+
+def test_pause_waits_for_a_direct_write_in_flight(rig: Rig) -> None:
+    """pause() promises the socket to its caller alone: an appending thread inside send() must finish first."""
+    writer, wire, _ = rig
+    wire.hold_type = "input_audio_buffer.append"
+    feeder = threading.Thread(target=writer.append_audio, args=(_audio(1),), name="feeder")
+    feeder.start()
+    assert wire.holding.wait(UNIT)  # the feeder is inside send()
+    assert writer.pause(0.05) is False  # parked writer, but the socket is not free yet
+    wire.release.set()
+    feeder.join(UNIT)
+    assert writer.pause(UNIT) is True
+    assert wire.sent == [("feeder", "input_audio_buffer.append", 1)] and writer.audio_direct == 1
+    assert writer.append_audio(_audio(2))  # paused: it queues
+    assert writer.audio_queued() == 1 and len(wire.sent) == 1
