@@ -14,6 +14,7 @@ works without PortAudio.
 """
 
 import logging as _logging
+from typing import TYPE_CHECKING, Any
 
 from .agents import Agent, Handoff, handoff
 from .approvals import ApprovalDecision, ApprovalRequest
@@ -53,12 +54,26 @@ from .handles import ResponseHandle, SendHandle
 from .hosted_mcp import HostedMCP
 from .reconnect import ReconnectPolicy
 from .session import Session
-from .sim import FaultPlan, Simulator
 from .tools import Tool, ToolContext, tool
 from .usage import Usage
 from .values import Event, Response
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .sim import FaultPlan, Simulator
+
+
+def __getattr__(name: str) -> Any:
+    # The simulator (websockets, numpy, jsonschema, its models) is imported on first use: an app
+    # that talks to OpenAI never pays its import time, nor its objects in every garbage collection.
+    if name in ("Simulator", "FaultPlan"):
+        from . import sim
+
+        value = getattr(sim, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rtqueue' has no attribute {name!r}")
 
 # A library never configures logging; this keeps "No handlers could be found" away.
 _logging.getLogger("rtqueue").addHandler(_logging.NullHandler())

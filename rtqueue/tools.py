@@ -38,6 +38,7 @@ import json
 import logging
 import pathlib
 import re
+import sys
 import types
 import typing
 import uuid
@@ -46,7 +47,6 @@ from typing import Any, Literal, overload
 
 import attrs
 import jsonschema
-import numpy as np
 from jsonschema.exceptions import best_match
 
 from .errors import InvalidArgument, ToolError
@@ -321,7 +321,9 @@ def _json_default(value: Any) -> Any:
         return str(value)
     if isinstance(value, (uuid.UUID, pathlib.PurePath)):
         return str(value)
-    if isinstance(value, (np.generic, np.ndarray)):
+    # numpy is not imported for this: a numpy value can only exist once the app imported numpy.
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()  # a Python scalar for numpy scalars
     kind = type(value).__qualname__
     if type(value).__module__ != "builtins":

@@ -52,3 +52,22 @@ def test_import_contracts_are_kept():
     result = run(tool("lint-imports"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 kept, 0 broken" in result.stdout
+
+
+def test_import_rtqueue_leaves_the_simulator_unloaded() -> None:
+    """An app that talks to OpenAI never imports the simulator (its import time and its objects in every GC)."""
+    code = (
+        "import sys, rtqueue\n"
+        "assert 'rtqueue.sim' not in sys.modules and 'websockets' not in sys.modules, sorted(sys.modules)\n"
+        "from rtqueue import Simulator, FaultPlan\n"
+        "assert rtqueue.Simulator is Simulator and Simulator.__module__ == 'rtqueue.sim.server'\n"
+        "assert rtqueue.FaultPlan is FaultPlan\n"
+        "try:\n"
+        "    rtqueue.NoSuchThing\n"
+        "except AttributeError as exc:\n"
+        "    assert 'NoSuchThing' in str(exc)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
