@@ -41,6 +41,9 @@ class ResponseGate:
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
         self._pokes = 0  # bumped by poke(): cuts a waiting acquire short without a state change
+        self._waiting = 0  # writers inside acquire()'s wait (handoff() waits only for one of them)
+        self._reserved = 0  # reservations made by acquire() (handoff() waits for this to move)
+        self._handing_off = 0  # readers inside handoff() (acquire() notifies them when it reserves)
 
     # -- writer side ---------------------------------------------------------
 
@@ -61,11 +64,54 @@ class ResponseGate:
             while True:
                 if self._state.can_reserve(holder):
                     # Reserves (empty or our hold) or raises the close error; the clock is read only then.
-                    return self._state.try_reserve(event_id, self._clock(), untagged, holder)
+                    reserved = self._state.try_reserve(event_id, self._clock(), untagged, holder)
+                    if reserved:
+                        self._reserved += 1
+                        if self._handing_off:
+                            self._cond.notify_all()  # the reader in handoff() may go on
+                    return reserved
                 remaining = deadline - self._clock()
                 if remaining <= 0 or self._pokes != pokes:
                     return False
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
+
+    def handoff(self, timeout: float) -> bool:
+        """After a release: let a writer waiting in :meth:`acquire` reserve before the caller goes on.
+
+        The reader calls this right after a ``response.done`` freed the slot.
+        If a writer is waiting, the reader blocks (releasing the GIL) until
+        that writer has reserved the slot, or ``timeout`` seconds pass;
+        otherwise it returns at once. Without it the woken writer queues for
+        the GIL behind the rest of the reader's work on that frame and the
+        threads it wakes (the app waiting on the response, the dispatcher).
+        Returns whether a reservation was made meanwhile.
+        """
+        with self._cond:
+            # Only an empty queue is sure to let the waiting writer through (a hold lets only its own
+            # follow-up in); otherwise waiting could only time out.
+            if not self._waiting or self._state.depth() != 0 or self._state.closed_error() is not None:
+                return False
+            before = self._reserved
+            deadline = self._clock() + timeout
+            self._handing_off += 1
+            try:
+                while self._reserved == before and self._waiting:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            finally:
+                self._handing_off -= 1
+            return self._reserved != before
+
+    def waiting_writers(self) -> int:
+        """Writers inside :meth:`acquire` waiting for the slot now (diagnostics)."""
+        with self._cond:
+            return self._waiting
 
     def poke(self) -> None:
         """Make a waiting :meth:`acquire` return ``False`` now (the writer has audio to send)."""

@@ -9,8 +9,9 @@ Threads (all named ``rtqueue-*``, all ended by :meth:`SessionShell.close`):
 
 - ``rtqueue-reader-N``: the only thread that reads (and finally closes) the
   socket. Per frame: parse, tell the gate *first* (so a waiting writer wakes
-  at once), then the core (under the mutex), then audio and subscribers. It
-  never runs app code.
+  at once; after a release it waits, at most 2 ms, for that writer to
+  reserve: ``ResponseGate.handoff``), then the core (under the mutex), then
+  audio and subscribers. It never runs app code.
 - ``rtqueue-writer-N``: the only sender of control events, the reconnect's
   replay included; mic audio with nothing queued ahead of it is written by
   the appending thread itself (see :mod:`rtqueue.writer`).
@@ -118,6 +119,10 @@ if TYPE_CHECKING:
 __all__ = ["SessionShell"]
 
 log = logging.getLogger("rtqueue")
+
+# After a release, the reader waits at most this long for a writer waiting in the gate to reserve
+# (ResponseGate.handoff): the writer's create goes out before the reader wakes anyone else.
+_HANDOFF_S = 0.002
 
 _ids = itertools.count(1)
 
@@ -454,10 +459,9 @@ class SessionShell:
 
     def _route_control(self, typ: str, event: dict[str, Any]) -> None:
         routed = self._router.route(event, self.core, self._mutex)
-        if routed.released:
-            # Hand the GIL to a writer woken by this release: without it, the
-            # writer waits for the rest of this handler and the next frames (up
-            # to the 5 ms switch interval) before its create can go out.
+        if routed.released and not self.gate.handoff(_HANDOFF_S):
+            # No writer was waiting in the gate (or it did not reserve in time): still let a
+            # thread woken by this release have the GIL before the rest of this frame's work.
             time.sleep(0)
         if routed.error is not None:
             self._note_error(routed.error)

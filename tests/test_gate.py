@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from hypothesis import settings
@@ -314,3 +315,23 @@ def test_poke_cuts_a_wait_short_without_acquiring():
         returned.wait(0.01)
     t.join(5)
     assert result == [False] and g.depth() == 1
+
+
+def test_handoff_waits_until_the_waiting_writer_has_reserved():
+    """handoff(): after a release, the reader goes on only once the waiting writer holds the slot."""
+    gate = ResponseGate()
+    assert gate.handoff(1.0) is False  # nobody waiting: returns at once
+    gate.on_created("resp_1", None)
+    got: list[bool] = []
+    writer = threading.Thread(target=lambda: got.append(gate.acquire("evt_w", 5.0)))
+    writer.start()
+    tick, deadline = threading.Event(), time.monotonic() + 5.0
+    while gate.waiting_writers() == 0 and time.monotonic() < deadline:
+        tick.wait(0.001)  # polls a condition, with a deadline
+    assert gate.waiting_writers() == 1
+    assert gate.handoff(0.5) is False  # a writer waits, but the slot is taken: nothing to hand off
+    assert gate.on_done("resp_1")
+    assert gate.handoff(5.0) is True
+    assert [e.event_id for e in gate.entries()] == ["evt_w"]  # reserved before handoff returned
+    writer.join(5.0)
+    assert got == [True] and gate.waiting_writers() == 0
