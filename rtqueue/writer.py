@@ -224,8 +224,10 @@ class Writer:
                 else:
                     self.audio_dropped += 1
                     self._paused = True
-                if not self._direct_inflight:
-                    self._cond.notify_all()  # a pause() may be waiting for the socket
+                if self._paused and not self._direct_inflight:
+                    # A pause() waits for the socket. Only then: a notify per chunk would wake the
+                    # idle writer for every mic chunk, the very wake-up direct writes remove.
+                    self._cond.notify_all()
             if error is not None:
                 self._on_send_error(error)
             return True
