@@ -138,6 +138,7 @@ class Writer:
         self.audio_dropped = 0
         self.audio_sent_while_held = 0  # audio chunks sent while a create waited on the gate
         self.skipped = 0  # control events dropped as moot by ``skip``
+        self.wakeups = 0  # times the thread's wait on its condition returned (direct mic writes add none)
 
     # -- producers ---------------------------------------------------------------
 
@@ -350,7 +351,11 @@ class Writer:
                 if self._paused:
                     self._parked.set()
                     self._cond.wait()
-                elif not self._cond.wait(self._idle_check) and self._on_evict is not None:
+                    self.wakeups += 1
+                    continue
+                woke = self._cond.wait(self._idle_check)
+                self.wakeups += 1
+                if not woke and self._on_evict is not None:
                     break
             # The replay for a new socket goes first, paused or not (resume() may come before it is out).
             primed = self._prime[0] if self._prime and self._stopping is None else None

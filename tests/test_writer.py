@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,8 +28,11 @@ class Wire:
         self.holding = threading.Event()
         self.release = threading.Event()
         self.fail = False
+        self.syscall = False  # release the GIL in send(), as a real socket write does
 
     def send(self, text: str) -> None:
+        if self.syscall:
+            time.sleep(0.0002)
         event = json.loads(text)
         if self.fail:
             raise ConnectionLost("wire cut")
@@ -194,3 +198,16 @@ def test_pause_waits_for_a_direct_write_in_flight(rig: Rig) -> None:
     assert wire.sent == [("feeder", "input_audio_buffer.append", 1)] and writer.audio_direct == 1
     assert writer.append_audio(_audio(2))  # paused: it queues
     assert writer.audio_queued() == 1 and len(wire.sent) == 1
+
+
+def test_direct_writes_do_not_wake_the_idle_writer(rig: Rig) -> None:
+    """The point of direct writes: 200 chunks from an idle session wake the writer thread not once."""
+    writer, wire, _ = rig
+    wire.syscall = True  # other threads get the GIL during each write, as with a socket
+    before = writer.wakeups
+    for tag in range(200):
+        assert writer.append_audio(_audio(tag))
+    assert writer.audio_direct == 200 and len(wire.sent) == 200
+    writer.enqueue(_control("session.update", "u"))  # one control event: one wake-up
+    wire.wait_count(201)
+    assert writer.wakeups - before <= 3
