@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,19 @@ from tests.utils import UNIT
 def rtqueue_threads() -> list[threading.Thread]:
     """Live threads started by rtqueue (the SDK, its simulator, its audio)."""
     return [t for t in threading.enumerate() if t.name.startswith("rtqueue-") and t.is_alive()]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_reaches_children() -> None:
+    """Tests that stop a child process with SIGINT need it not to be ignored.
+
+    A shell that starts the suite in the background (``cmd &`` without job
+    control, or ``nohup``) hands it SIGINT ignored, and a child inherits an
+    ignored signal across exec. A handled one is reset to the default there,
+    so with Python's own handler installed here, children see Ctrl-C again.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -46,6 +46,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ..errors import InvalidArgument
+from ..gate_state import percentile
 from ..recording import Recorder, Recording
 from ..secrets import redact
 from ._checks import check_int, check_number
@@ -607,9 +608,8 @@ class Simulator:
             self._audio_late_ms.clear()
         if not samples:
             return {"n": 0, "p50": None, "p99": None, "max": None}
-        samples.sort()
-        n = len(samples)
-        return {"n": n, "p50": samples[n // 2], "p99": samples[min(n - 1, int(n * 0.99))], "max": samples[-1]}
+        return {"n": len(samples), "p50": percentile(samples, 50), "p99": percentile(samples, 99),
+                "max": max(samples)}
 
     @staticmethod
     def _add_totals(acc: dict[str, Counter[str]], stats: dict[str, Any]) -> None:
