@@ -528,7 +528,8 @@ def run_twilio_desk(
                 "Greet the caller. Say that they can press 2 on the keypad for billing.")))
             return session
 
-        bridge = stack.enter_context(TwilioBridge(factory))
+        # The fake line plays at ``speed`` times real time: the bridge's playout model must know.
+        bridge = stack.enter_context(TwilioBridge(factory, playout_speed=speed))
         twilio = stack.enter_context(FakeTwilio(bridge.url, speed=speed))
         say(f"rtqueue phone desk (Twilio Media Streams, audio/pcmu) on the embedded simulator (speed {speed:g}x)")
         caller = twilio.call(parameters={"from": "+14155550123"})

@@ -8,36 +8,36 @@ answers with ``media``, ``mark`` (Twilio echoes a mark once the audio queued
 before it has been played to the caller) and ``clear`` (drop the buffered
 audio now).
 
-:class:`TwilioBridge` serves that WebSocket (the ``websockets`` threaded
-server, on loopback unless told otherwise) and joins each call to its own
-session, made by the app's factory with the call's devices
-(:attr:`TwilioCall.audio`): ``audio/pcmu`` both ways, so mu-law bytes pass
-from Twilio to ``input_audio_buffer.append`` and from the assistant's audio
-deltas to Twilio untouched.
+:class:`TwilioBridge` serves that WebSocket (websockets' sans-I/O protocol on
+a few I/O threads, see :mod:`rtqueue.twilio_io`; on loopback unless told
+otherwise) and joins each call to its own session, made by the app's factory
+with the call's devices (:attr:`TwilioCall.audio`): ``audio/pcmu`` both ways,
+so mu-law bytes pass from Twilio to ``input_audio_buffer.append`` and from the
+assistant's audio deltas to Twilio untouched.
 
-What the caller heard is what Twilio says it played: each assistant delta is
-sent as media frames of at most ``frame_ms`` (10 ms), each followed by a mark;
-an item's played position is the audio whose marks came back, never audio
-merely sent. On a barge-in (server VAD's ``speech_started`` or
-``Session.interrupt``) the output device drops the unsent audio, freezes the
-played position at the last echoed mark and writes ``clear`` to Twilio
-*before* it returns the cut to the session, which only then cancels and
-truncates the item at that position; marks Twilio hands back because of the
-clear are not counted as heard. The session's reader never waits for the
-Twilio socket: if a frame write is under way or the socket is full, the
-``clear`` jumps the queue instead and is the next message written (after at
-most the one frame under way), and the truncation is still at what the
-caller heard.
+What the caller heard: each assistant delta is sent as media frames of at
+most ``frame_ms`` (100 ms), each followed by a mark, and the played position
+follows Twilio's playout (it plays in real time, each frame once the one
+before it is done), corrected by the marks Twilio echoes; never audio merely
+queued (see :class:`TwilioOutput`). On a barge-in (server VAD's
+``speech_started`` or ``Session.interrupt``) the output device drops the
+unsent audio, freezes the played position at that instant and writes
+``clear`` to Twilio *before* it returns the cut to the session, which only
+then cancels and truncates the item at that position; marks Twilio hands back
+because of the clear are not counted as heard. The session's reader never
+waits for the Twilio socket: if a frame write is under way or the socket is
+full, the ``clear`` jumps the queue instead and is the next message written
+(after at most the one frame under way), and the truncation is still at what
+the caller heard.
 
-Threads, per call: the websockets connection thread ("rtqueue-twilio-call-N",
-the only reader of the socket: it hands inbound audio to the session, which
-usually writes it to the OpenAI socket on this very thread (see
-:mod:`rtqueue.writer`), and never runs app code), websockets' own receive thread
-("rtqueue-twilio-recv-N") and keepalive thread ("rtqueue-twilio-ping-N"), and
-one worker ("rtqueue-twilio-worker-N") that runs the app's session factory,
-sends outbound media and marks, then closes the session when the call ends.
-One "rtqueue-twilio-server" thread accepts connections. :meth:`TwilioBridge.close`
-ends them all, from any thread.
+Threads: ``io_threads`` (4) threads, "rtqueue-twilio-io-K", accept and read
+every call's socket (the only readers; each call's socket is read by one of
+them). They hand inbound audio to the session, which usually writes it to the
+OpenAI socket on that very thread (see :mod:`rtqueue.writer`), and never run
+app code. Per call, one worker ("rtqueue-twilio-worker-N") runs the app's
+session factory, writes the outbound media the session's reader could not
+write at once (a socket without room), then closes the session when the call
+ends. :meth:`TwilioBridge.close` ends them all, from any thread.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ import http
 import itertools
 import json
 import logging
-import select
 import threading
 import time
 import urllib.parse
@@ -67,11 +66,10 @@ from .secrets import Secret
 
 if TYPE_CHECKING:
     from websockets.http11 import Request
-    from websockets.http11 import Response as HttpResponse
-    from websockets.sync.server import Server, ServerConnection
 
     from .audio.devices import AudioIO
     from .session import Session
+    from .twilio_io import Link, MediaLoop
 
 __all__ = [
     "DTMF_EVENT",
@@ -96,6 +94,7 @@ DTMF_EVENT = "input_audio_buffer.dtmf_event_received"
 _MULAW_SILENCE = 0xFF  # mu-law code of a zero sample
 _MAX_ITEMS = 256  # per-item accounting kept for this many recent items
 _MAX_CLEARED = 4096  # names of marks handed back by a clear, remembered to ignore their echo
+_ECHO_LAGS = 32  # recent mark echo lags kept: their minimum is the round trip to Twilio
 _JOIN_TIMEOUT = 5.0
 # How long interrupt() waits for a frame write under way before it leaves the clear to the worker:
 # one small write to a socket with room takes microseconds; a socket that is full could take forever.
@@ -106,6 +105,11 @@ SessionFactory = Callable[["TwilioCall"], "Session"]
 
 # ---------------------------------------------------------------------------------------------
 # Values
+
+
+def _check_speed(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+        raise InvalidArgument(f"playout_speed must be a number > 0, not {value!r}")
 
 
 def _str_map(value: Mapping[str, str]) -> dict[str, str]:
@@ -207,6 +211,8 @@ class BridgeStats:
     rejected: int
     barge_ins: int
     calls: tuple[CallStats, ...]
+    #: The I/O loop that reads every call's socket: ``rounds``, ``busy_s``, ``longest_round_ms``, ``links``.
+    io: Mapping[str, float] = attrs.field(factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,17 +222,25 @@ class BridgeStats:
 class TwilioInput(AudioInput):
     """The caller's voice: mu-law frames from Twilio's ``media`` messages, passed on untouched.
 
-    :meth:`feed` is called by the call's socket reader. Before the session has
-    started the device (while the app's factory connects), up to
-    ``backlog_ms`` of audio is kept and delivered first; older audio is dropped.
-    While ``muted``, mu-law silence of the same length is delivered instead.
+    :meth:`feed` is called by the call's socket reader. Twilio's 20 ms frames
+    are joined into chunks of ``chunk_ms`` (40 ms, as the microphone's) before
+    they go to the session: each chunk is one ``input_audio_buffer.append``,
+    so the OpenAI socket carries half as many messages as Twilio's, at the
+    cost of at most one frame of delay. Before the session has started the
+    device (while the app's factory connects), up to ``backlog_ms`` of audio
+    is kept and delivered first; older audio is dropped. While ``muted``,
+    mu-law silence of the same length is delivered instead.
     """
 
     format: AudioFormat = PCMU
 
-    def __init__(self, *, backlog_ms: int = 2000) -> None:
+    def __init__(self, *, backlog_ms: int = 2000, chunk_ms: int = 40) -> None:
+        if isinstance(chunk_ms, bool) or not isinstance(chunk_ms, int) or not 10 <= chunk_ms <= 1000:
+            raise InvalidArgument(f"chunk_ms must be an int within 10..1000, not {chunk_ms!r}")
         self.muted = False
-        self.chunk_ms = 20
+        self.chunk_ms = chunk_ms
+        self._chunk_bytes = PCMU.nbytes(chunk_ms)
+        self._pending = bytearray()  # frames fed and not yet a whole chunk (only the socket reader feeds)
         self._backlog_max = PCMU.nbytes(backlog_ms)
         self._lock = threading.Lock()
         self._on_chunk: ChunkCallback | None = None
@@ -278,7 +292,13 @@ class TwilioInput(AudioInput):
                     self._backlog_bytes -= len(old)
                     self._dropped += len(old)
                 return
-        self._deliver(cb, frame)
+            pending = self._pending
+            pending += frame
+            if len(pending) < self._chunk_bytes:
+                return
+            chunk = bytes(pending)
+            pending.clear()
+        self._deliver(cb, chunk)
 
     def _deliver(self, cb: ChunkCallback, frame: bytes) -> None:
         if self.muted:
@@ -298,6 +318,7 @@ class TwilioInput(AudioInput):
             self._on_chunk = None
             self._backlog.clear()
             self._backlog_bytes = 0
+            self._pending.clear()
 
     def stats(self) -> dict[str, Any]:
         """delivered_ms, muted_ms, dropped_ms (backlog overflow), callback_errors."""
@@ -328,17 +349,46 @@ class _Frame:
     end: int  # the item's byte position after this frame
 
 
+@attrs.define(eq=False)
+class _Mark:
+    """A mark on the line: the frame before it is the item's bytes ``start..end``."""
+
+    item_id: str
+    start: int
+    end: int
+    # Twilio's playout of the frame as modelled (see TwilioOutput): None while the frame is being written.
+    plays_at: float | None = None
+    ends_at: float | None = None
+    landed: bool = False  # the write returned (until then the frame is not counted as playing)
+
+
 class TwilioOutput(AudioOutput):
     """The assistant's voice to the caller: media frames and marks on the call's socket.
 
-    ``play`` (the session's reader calls it) only queues frames of at most
-    ``frame_ms``; the call's worker thread writes them one at a time, each a
-    ``media`` message followed by a ``mark``. :meth:`played_ms` counts the
-    audio whose marks Twilio echoed.
+    ``play`` (the session's reader calls it) cuts the audio into frames of at
+    most ``frame_ms``, each written as a ``media`` message followed by a
+    ``mark``. While the socket has room (``writable``) and no write is under
+    way, ``play`` writes them itself, which never waits (the bridge's sockets
+    are non-blocking); the rest goes to the call's worker thread, which writes
+    one frame at a time as the socket drains. Without ``writable`` every frame
+    goes through the worker.
+
+    :meth:`played_ms` is what the caller heard, from a model of Twilio's
+    playout: a frame starts playing when it was written or when the frame
+    before it ends, whichever is later, and lasts its length (divided by
+    ``playout_speed``, 1 for Twilio). The model's instants are taken before
+    each write, because a thread can wait long for the GIL after a system
+    call; a frame whose write has not returned does not count yet. Twilio
+    plays a frame one network delay after we write it and echoes its mark one
+    more delay after it played, so the model runs late by half the smallest
+    lag of the last 32 echoes behind it. An echoed mark counts its audio
+    heard in any case. So the position is exact to a few milliseconds with
+    frames of any size, however late the echoes are read, and the line carries
+    one mark per frame rather than one per 10 ms.
 
     :meth:`interrupt` never waits for the socket. Under a short lock it drops
-    the unsent audio, stops counting the pending marks (so the played position
-    is frozen at the last echoed one) and reports the cut. The ``clear`` is
+    the unsent audio, freezes the played position at the model's position of
+    that instant (pending marks no longer count) and reports the cut. The ``clear`` is
     written by the caller of ``interrupt`` itself when no frame is being
     written and the socket has room (so it is on the socket before the
     session's ``response.cancel``); otherwise it goes to the head of the
@@ -357,10 +407,12 @@ class TwilioOutput(AudioOutput):
         self,
         send: Callable[[str], None],
         *,
-        frame_ms: int = 10,
+        frame_ms: int = 100,
         max_backlog_ms: int = 30_000,
         writable: Callable[[], bool] | None = None,
         send_frame: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        playout_speed: float = 1.0,
     ) -> None:
         if isinstance(frame_ms, bool) or not isinstance(frame_ms, int) or not 10 <= frame_ms <= 1000:
             raise InvalidArgument(f"frame_ms must be an int within 10..1000, not {frame_ms!r}")
@@ -371,6 +423,9 @@ class TwilioOutput(AudioOutput):
         # short message would be taken by the socket now (None: assume it would).
         self._send = send
         self._send_frame = send_frame
+        self._clock = clock
+        _check_speed(playout_speed)
+        self._speed = float(playout_speed)
         self._writable = writable
         self._frame_bytes = PCMU.nbytes(frame_ms)
         self._backlog_max = PCMU.nbytes(max_backlog_ms)
@@ -385,7 +440,11 @@ class TwilioOutput(AudioOutput):
         self._queued = 0  # bytes in _queue
         self._clear_pending = False  # a clear the worker must write before anything else
         self._items: collections.OrderedDict[str, _Item] = collections.OrderedDict()
-        self._marks: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()  # name -> item, end
+        self._marks: collections.OrderedDict[str, _Mark] = collections.OrderedDict()  # pending, oldest first
+        # The playout model (class doc): when the audio written so far ends playing, and the recent
+        # lags of mark echoes behind the model (their minimum is the round trip to Twilio).
+        self._play_end = 0.0
+        self._echo_lags: collections.deque[float] = collections.deque(maxlen=_ECHO_LAGS)
         self._cleared: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._seq = itertools.count(1)
         self._last_id: str | None = None
@@ -393,6 +452,7 @@ class TwilioOutput(AudioOutput):
         self.stream_sid = ""
         # counters
         self._frames_sent = 0
+        self._frames_direct = 0
         self._sent = 0
         self._heard = 0
         self._received = 0
@@ -465,7 +525,19 @@ class TwilioOutput(AudioOutput):
                 self._queue.append(_Frame(item_id, chunk, item.received))
             self._received += len(data)
             self._queued += len(data)
-            self._cond.notify_all()
+            if self._writable is None:
+                self._cond.notify_all()
+                return
+        # Written here, on the caller's thread, while the socket has room (it never waits): the worker
+        # is woken only for what is left, so a line that keeps up costs no thread switch per delta.
+        try:
+            while self._write_one(None, direct=True):
+                pass
+        except Exception as exc:  # the call is ending; the worker sees it on its next write
+            log.debug("twilio: direct write failed: %r", exc)
+        with self._cond:
+            if self._queue or self._clear_pending:
+                self._cond.notify_all()
 
     def end_item(self, item_id: str) -> None:
         """No more audio will come for ``item_id``."""
@@ -474,7 +546,12 @@ class TwilioOutput(AudioOutput):
             self._cond.notify_all()
 
     def played_ms(self, item_id: str) -> float:
-        """Milliseconds of ``item_id`` whose marks Twilio echoed."""
+        """Milliseconds of ``item_id`` the caller heard: the playout model, never behind the echoed marks."""
+        with self._lock:
+            return PCMU.ms(self._heard_locked(item_id, self._clock()))
+
+    def echoed_ms(self, item_id: str) -> float:
+        """Milliseconds of ``item_id`` whose marks Twilio echoed (a lower bound of :meth:`played_ms`)."""
         with self._lock:
             item = self._items.get(item_id)
             return PCMU.ms(item.heard) if item is not None else 0.0
@@ -504,7 +581,7 @@ class TwilioOutput(AudioOutput):
         """Drop unsent audio, have ``clear`` written if anything may still play, and return the cut.
 
         Never waits for the socket (see the class doc): the cut's ``played_ms``
-        is the echoed position of the current item when this was called; the
+        is the played position of the current item when this was called; the
         ``clear`` is on the socket when this returns unless a frame write was
         under way or the socket was full, in which case it is the next message
         the worker writes.
@@ -517,9 +594,16 @@ class TwilioOutput(AudioOutput):
                 self._interrupts += 1
                 current = self._current_locked()
                 playing = bool(self._queue or self._marks)
-                victims = {f.item_id for f in self._queue} | {i for i, _ in self._marks.values()}
+                victims = {f.item_id for f in self._queue} | {m.item_id for m in self._marks.values()}
                 if current is not None:
                     victims.add(current)
+                    # Freeze what was heard at this instant: the clock's share of the frame playing now
+                    # counts, the rest of it (and everything after) is dropped by the clear.
+                    item = self._item_locked(current)
+                    heard = self._heard_locked(current, self._clock())
+                    if heard > item.heard:
+                        self._heard += heard - item.heard
+                        item.heard = heard
                 for item_id in victims:
                     item = self._item_locked(item_id)
                     if not item.cut:
@@ -534,6 +618,7 @@ class TwilioOutput(AudioOutput):
                 self._queue.clear()
                 self._queued = 0
                 self._last_id = None
+                self._play_end = 0.0  # the clear empties Twilio's buffer: what comes next plays at once
                 cut = None
                 if current is not None:
                     item = self._items[current]
@@ -591,6 +676,7 @@ class TwilioOutput(AudioOutput):
                 "overflow_ms": PCMU.ms(self._overflow),
                 "buffered_ms": PCMU.ms(self._queued),
                 "frames_sent": self._frames_sent,
+                "frames_direct": self._frames_direct,
                 "marks_sent": self._marks_sent,
                 "marks_echoed": self._marks_echoed,
                 "marks_pending": len(self._marks),
@@ -619,14 +705,16 @@ class TwilioOutput(AudioOutput):
                 self._unknown_marks += 1
                 return
             while self._marks:
-                mark, (item_id, end) = self._marks.popitem(last=False)
+                mark, pending = self._marks.popitem(last=False)
                 self._marks_echoed += 1
-                item = self._items.get(item_id)
-                if item is not None and end > item.heard:
-                    self._heard += end - item.heard
-                    item.heard = end
+                item = self._items.get(pending.item_id)
+                if item is not None and pending.end > item.heard:
+                    self._heard += pending.end - item.heard
+                    item.heard = pending.end
                 if mark == name:
                     break
+            if pending.ends_at is not None:
+                self._echo_lags.append(self._clock() - pending.ends_at)
             self._cond.notify_all()
 
     def write_pending(self, stop: threading.Event) -> bool:
@@ -640,38 +728,65 @@ class TwilioOutput(AudioOutput):
                 self._cond.wait()
             if stop.is_set() or self._closed:
                 return False
-        while True:
-            with self._send_lock:
-                with self._cond:
-                    if self._clear_pending:
-                        self._clear_pending = False
-                        frame = None
-                    elif self._queue and not stop.is_set():
-                        frame = self._queue.popleft()
-                        self._queued -= len(frame.payload)
-                        name = f"{frame.item_id}/{next(self._seq)}"
-                        self._marks[name] = (frame.item_id, frame.end)
-                        item = self._items.get(frame.item_id)
-                        if item is not None:
-                            item.sent = frame.end
-                        sid = self.stream_sid
-                    else:
-                        return True
-                if frame is None:
-                    self._write_clear()
-                    continue
-                payload = base64.b64encode(frame.payload).decode("ascii")
-                media = json.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}})
-                mark = json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": name}})
-                if self._send_frame is not None:
-                    self._send_frame(media, mark)
+        while self._write_one(stop, direct=False):
+            pass
+        return True
+
+    def _write_one(self, stop: threading.Event | None, *, direct: bool) -> bool:
+        """Write a pending ``clear``, else the next frame and its mark; False if there was nothing to write.
+
+        ``direct`` (the thread that queued the audio, see :meth:`play`): only if the send lock is free
+        and the socket has room, so it never waits.
+        """
+        if direct:
+            if not self._send_lock.acquire(blocking=False):
+                return False
+        else:
+            self._send_lock.acquire()
+        try:
+            with self._cond:
+                if self._clear_pending:
+                    self._clear_pending = False
+                    frame = None
+                elif (self._queue and not (stop is not None and stop.is_set()) and not self._closed
+                      and not (direct and not (self._writable is not None and self._writable()))):
+                    frame = self._queue.popleft()
+                    self._queued -= len(frame.payload)
+                    name = f"{frame.item_id}/{next(self._seq)}"
+                    written = _Mark(frame.item_id, frame.end - len(frame.payload), frame.end)
+                    # Twilio plays it from the moment it is written (just below, under the send lock,
+                    # and timed before the write: a thread may wait long for the GIL after a system
+                    # call), or once the audio before it is done.
+                    written.plays_at = max(self._clock(), self._play_end)
+                    duration = PCMU.ms(len(frame.payload)) / 1000.0 / self._speed
+                    written.ends_at = self._play_end = written.plays_at + duration
+                    self._marks[name] = written
+                    item = self._items.get(frame.item_id)
+                    if item is not None:
+                        item.sent = frame.end
+                    sid = self.stream_sid
                 else:
-                    self._send(media)
-                    self._send(mark)
-            with self._lock:
-                self._frames_sent += 1
-                self._marks_sent += 1
-                self._sent += len(frame.payload)
+                    return False
+            if frame is None:
+                self._write_clear()
+                return True
+            payload = base64.b64encode(frame.payload).decode("ascii")
+            media = json.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}})
+            mark = json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": name}})
+            if self._send_frame is not None:
+                self._send_frame(media, mark)
+            else:
+                self._send(media)
+                self._send(mark)
+        finally:
+            self._send_lock.release()
+        with self._lock:
+            written.landed = True
+            self._frames_sent += 1
+            self._marks_sent += 1
+            self._sent += len(frame.payload)
+            self._frames_direct += direct
+        return True
 
     def wake(self) -> None:
         """Wake a worker blocked in :meth:`write_pending` (to see its ``stop``)."""
@@ -688,9 +803,30 @@ class TwilioOutput(AudioOutput):
                 self._items.popitem(last=False)
         return item
 
+    def _heard_locked(self, item_id: str, now: float) -> int:
+        """Bytes of ``item_id`` heard at ``now``: the playout model's position, never behind the echoes."""
+        item = self._items.get(item_id)
+        if item is None:
+            return 0
+        heard = item.heard
+        if item.cut or not self._marks:
+            return heard
+        # The model runs on our clock; Twilio plays what we wrote one network delay later: half the
+        # smallest recent echo lag (an echo comes back one more delay after its audio played).
+        t = now - (max(0.0, min(self._echo_lags)) / 2.0 if self._echo_lags else 0.0)
+        for mark in self._marks.values():
+            if (mark.item_id != item_id or not mark.landed or mark.plays_at is None or mark.ends_at is None
+                    or t <= mark.plays_at):
+                break
+            if t >= mark.ends_at:
+                heard = max(heard, mark.end)
+                continue
+            return max(heard, mark.start + int((t - mark.plays_at) * self._speed * 1000.0 * PCMU.nbytes(1)))
+        return heard
+
     def _current_locked(self) -> str | None:
         if self._marks:
-            return next(iter(self._marks.values()))[0]
+            return next(iter(self._marks.values())).item_id
         if self._queue:
             return self._queue[0].item_id
         last = self._last_id
@@ -715,16 +851,18 @@ class TwilioCall:
     factory's session once made; ``digits`` every DTMF key pressed so far.
     """
 
-    def __init__(self, index: int, conn: ServerConnection, *, frame_ms: int, backlog_ms: int,
-                 max_backlog_ms: int = 30_000) -> None:
+    def __init__(self, index: int, link: Link, *, frame_ms: int, backlog_ms: int,
+                 max_backlog_ms: int = 30_000, input_chunk_ms: int = 40, close_timeout: float = 2.0,
+                 playout_speed: float = 1.0) -> None:
         from .audio.devices import AudioIO
 
         self.index = index
-        self._conn = conn
+        self._link = link
+        self._close_timeout = close_timeout
         self.start: TwilioStart | None = None
         self.output = TwilioOutput(self._write, frame_ms=frame_ms, max_backlog_ms=max_backlog_ms,
-                                   writable=self._writable, send_frame=self._write_frame)
-        self.input = TwilioInput(backlog_ms=backlog_ms)
+                                   writable=self._writable, send_frame=self._write_frame, playout_speed=playout_speed)
+        self.input = TwilioInput(backlog_ms=backlog_ms, chunk_ms=input_chunk_ms)
         self.audio: AudioIO = AudioIO(output=self.output, input=self.input)
         self.session: Session | None = None
         self.digits: list[str] = []
@@ -738,7 +876,6 @@ class TwilioCall:
         self._hangup_code: int | None = None
         self._media_frames = 0
         self._media_bytes = 0
-        self.reader: threading.Thread | None = None
         self.worker: threading.Thread | None = None
 
     # -- public -------------------------------------------------------------------------------
@@ -804,50 +941,38 @@ class TwilioCall:
     # -- the bridge's side ----------------------------------------------------------------------
 
     def _write(self, text: str) -> None:
-        self._conn.send(text)
+        self._link.send_text(text)
 
     def _write_frame(self, media: str, mark: str) -> None:
-        # Both messages in one socket write when websockets lets us queue them under its send lock
-        # (half the system calls of two send()s, and no other write can come between them).
-        conn = self._conn
-        context = getattr(conn, "send_context", None)
-        protocol = getattr(conn, "protocol", None)
-        if context is None or protocol is None:
-            conn.send(media)
-            conn.send(mark)
-            return
-        with context():
-            protocol.send_text(media.encode())
-            protocol.send_text(mark.encode())
+        # Both messages in one socket write: half the system calls, and nothing comes between them.
+        self._link.send_text(media, mark)
 
     def _writable(self) -> bool:
         # Whether the socket takes a short message now: interrupt() writes a clear itself only then.
-        try:
-            _, ready, _ = select.select([], [self._conn.socket], [], 0)
-        except (OSError, ValueError):  # closed: the write fails at once rather than block
-            return True
-        return bool(ready)
+        return self._link.writable()
 
     def _end(self) -> None:
         self._stop.set()
         self._started.set()
         self.output.wake()
 
-    def read(self) -> None:
-        """The reader: handle Twilio's messages until ``stop`` or the socket closes (connection thread)."""
-        from websockets.exceptions import ConnectionClosed
+    # -- the bridge's I/O loop calls these (LinkHandler) ---------------------------------------------
 
+    def on_text(self, text: str) -> bool:
+        """One message from Twilio (the I/O loop's thread): handled without blocking; False ends the call."""
         try:
-            for raw in self._conn:
-                if not self._on_message(raw):
-                    break
-        except ConnectionClosed:
-            pass
+            keep = self._on_message(text)
         except Exception as exc:  # a bug here must end the call, not hang it
             self.error = exc
-            log.exception("twilio call #%d: reader failed", self.index)
-        finally:
+            log.exception("twilio call #%d: handling a message failed", self.index)
+            keep = False
+        if not keep:
             self._end()
+        return keep
+
+    def on_closed(self) -> None:
+        """The socket closed (Twilio hung up, or we did)."""
+        self._end()
 
     def _on_message(self, raw: str | bytes) -> bool:
         try:
@@ -955,11 +1080,11 @@ class TwilioCall:
         self._stop.set()
         with self._lock:
             code = self._hangup_code
-        if code is not None:
-            try:
-                self._conn.close(code)  # waits for Twilio's close (bounded by close_timeout)
-            except Exception:
-                log.debug("twilio call #%d: close failed", self.index, exc_info=True)
+        try:
+            # Waits for Twilio's close (bounded by close_timeout); a socket already closed returns at once.
+            self._link.close(1000 if code is None else code, self._close_timeout)
+        except Exception:
+            log.debug("twilio call #%d: close failed", self.index, exc_info=True)
         session = self.session
         if session is not None:
             try:
@@ -984,12 +1109,8 @@ class TwilioCall:
         self._end()
 
     def threads(self) -> list[threading.Thread]:
-        """This call's threads (connection, receive, keepalive, worker)."""
-        out = [t for t in (self.reader, self.worker) if t is not None]
-        out.append(self._conn.recv_events_thread)
-        if self._conn.keepalive_thread is not None:
-            out.append(self._conn.keepalive_thread)
-        return out
+        """This call's threads (its worker; its socket is read by the bridge's I/O loop)."""
+        return [t for t in (self.worker,) if t is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1030,8 +1151,14 @@ class TwilioBridge:
     (any path when None); put a TLS-terminating proxy in front for Twilio's
     ``wss://``. At most ``max_calls`` calls at once (more get HTTP 503).
     ``on_call_end(call)`` runs on the call's worker after its session closed.
-    ``frame_ms`` is the size of outbound media frames, one mark each (the
-    precision of what-was-heard). ``backlog_ms`` is the caller audio kept
+    ``frame_ms`` bounds outbound media frames, one mark each (marks bound the
+    played position, the clock fills in between, see :class:`TwilioOutput`);
+    ``input_chunk_ms`` is the caller audio per ``input_audio_buffer.append``
+    (Twilio's 20 ms frames joined, see :class:`TwilioInput`). ``io_threads``
+    threads accept and read every call's socket, the calls spread over them
+    (see :mod:`rtqueue.twilio_io`). ``playout_speed`` is how fast the far end
+    plays audio: 1 for Twilio, which plays in real time; a simulated line run
+    faster than real time (``FakeTwilio(speed=...)``) says so here. ``backlog_ms`` is the caller audio kept
     while the session connects; ``outbound_backlog_ms`` bounds the assistant
     audio queued for a call and not yet taken by its socket (a line that backs
     up past it loses the rest of that answer, see :class:`TwilioOutput`).
@@ -1052,7 +1179,10 @@ class TwilioBridge:
         path: str | None = "/media",
         max_calls: int | None = None,
         on_call_end: Callable[[TwilioCall], Any] | None = None,
-        frame_ms: int = 10,
+        frame_ms: int = 100,
+        input_chunk_ms: int = 40,
+        io_threads: int = 4,
+        playout_speed: float = 1.0,
         backlog_ms: int = 2000,
         outbound_backlog_ms: int = 30_000,
         ping_interval: float | None = 20.0,
@@ -1074,6 +1204,10 @@ class TwilioBridge:
             raise InvalidArgument(f"max_calls must be an int >= 1 or None, not {max_calls!r}")
         if isinstance(frame_ms, bool) or not isinstance(frame_ms, int) or not 10 <= frame_ms <= 1000:
             raise InvalidArgument(f"frame_ms must be an int within 10..1000, not {frame_ms!r}")
+        if isinstance(input_chunk_ms, bool) or not isinstance(input_chunk_ms, int) or not 10 <= input_chunk_ms <= 1000:
+            raise InvalidArgument(f"input_chunk_ms must be an int within 10..1000, not {input_chunk_ms!r}")
+        if isinstance(io_threads, bool) or not isinstance(io_threads, int) or not 1 <= io_threads <= 64:
+            raise InvalidArgument(f"io_threads must be an int within 1..64, not {io_threads!r}")
         if (isinstance(outbound_backlog_ms, bool) or not isinstance(outbound_backlog_ms, int)
                 or outbound_backlog_ms < frame_ms):
             raise InvalidArgument(f"outbound_backlog_ms must be an int >= frame_ms, not {outbound_backlog_ms!r}")
@@ -1087,6 +1221,10 @@ class TwilioBridge:
         self._max_calls = max_calls
         self._on_end = on_call_end
         self._frame_ms = frame_ms
+        self._input_chunk_ms = input_chunk_ms
+        self._io_threads = io_threads
+        _check_speed(playout_speed)
+        self._playout_speed = float(playout_speed)
         self._backlog_ms = backlog_ms
         self._outbound_backlog_ms = outbound_backlog_ms
         self._ping_interval = ping_interval
@@ -1103,12 +1241,10 @@ class TwilioBridge:
         self._public_url = public_url
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._server: Server | None = None
-        self._thread: threading.Thread | None = None
+        self._loop: MediaLoop | None = None
         self._port = 0
         self._closing = False
         self._index = itertools.count(1)
-        self._conns: dict[ServerConnection, threading.Thread] = {}  # accepted, not yet a call
         self._calls: dict[int, TwilioCall] = {}
         self._ended: list[TwilioCall] = []  # ended, threads not yet joined
         self._total = 0
@@ -1120,37 +1256,17 @@ class TwilioBridge:
 
     def start(self) -> TwilioBridge:
         """Bind and start accepting; returns self. Raises ``OSError`` if the address is taken."""
-        from websockets.sync.server import ServerConnection, serve
+        from .twilio_io import MediaLoop
 
         with self._lock:
-            if self._server is not None or self._closing:
+            if self._loop is not None or self._closing:
                 raise RtqueueError("TwilioBridge.start() may be called once, before close()")
-        adopt = self._adopt
-
-        class _Connection(ServerConnection):
-            # Every accepted socket registers at once, so close() can end it
-            # even while its opening handshake is under way.
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                adopt(self)
-
-        server = serve(
-            self._handle,
-            self._host,
-            self._requested_port,
-            process_request=self._process_request,
-            create_connection=_Connection,
-            ping_interval=self._ping_interval,
-            close_timeout=self._close_timeout,
-            open_timeout=self._open_timeout,
-            compression=None,  # Twilio does not negotiate it; saves CPU per frame
-            max_size=2**20,
-            logger=logging.getLogger("rtqueue.twilio.websockets"),
-        )
-        self._server = server
-        self._port = server.socket.getsockname()[1]
-        self._thread = threading.Thread(target=server.serve_forever, name="rtqueue-twilio-server", daemon=True)
-        self._thread.start()
+            loop = MediaLoop(self._host, self._requested_port, acceptor=self._accept, opener=self._open,
+                             max_size=2**20, open_timeout=self._open_timeout, close_timeout=self._close_timeout,
+                             ping_interval=self._ping_interval, threads=self._io_threads)
+            self._loop = loop
+            self._port = loop.port
+        loop.start()
         return self
 
     def __enter__(self) -> TwilioBridge:
@@ -1177,25 +1293,26 @@ class TwilioBridge:
         """
         with self._lock:
             self._closing = True
-            server, self._server = self._server, None
-            conns = list(self._conns)
+            loop = self._loop
             calls = list(self._calls.values())
-        if server is not None:
-            server.shutdown()
-        for conn in conns:  # still in the opening handshake: make it fail now
-            conn.close_socket()
+        if loop is None:
+            return
+        loop.stop_accepting()
+        for link in loop.links():
+            if link.handler is None:  # still in the opening handshake: drop it now
+                link.abort()
         for call in calls:
             call.shut(1001)
         deadline = time.monotonic() + timeout
         me = threading.current_thread()
-        threads = [t for t in (self._thread,) if t is not None]
+        threads: list[threading.Thread] = []
         with self._lock:
-            threads += list(self._conns.values())
             for call in list(self._calls.values()) + self._ended:
                 threads += call.threads()
         for t in threads:
             if t is not me and t.is_alive():
                 t.join(max(0.0, deadline - time.monotonic()))
+        loop.stop(max(0.1, deadline - time.monotonic()))
 
     # -- state --------------------------------------------------------------------------------------
 
@@ -1231,22 +1348,12 @@ class TwilioBridge:
             rejected=rejected,
             barge_ins=done + sum(s.barge_ins for s in per),
             calls=per,
+            io=self._loop.stats() if self._loop is not None else {},
         )
 
-    # -- connection threads ------------------------------------------------------------------------
+    # -- the I/O loop's callbacks (its thread; never block) ------------------------------------------
 
-    def _adopt(self, conn: ServerConnection) -> None:
-        n = next(self._index)
-        me = threading.current_thread()
-        me.name = f"rtqueue-twilio-call-{n}"
-        conn.recv_events_thread.name = f"rtqueue-twilio-recv-{n}"
-        with self._lock:
-            closing = self._closing
-            self._conns[conn] = me
-        if closing:
-            conn.close_socket()
-
-    def _process_request(self, conn: ServerConnection, request: Request) -> HttpResponse | None:
+    def _accept(self, link: Link, request: Request) -> tuple[int, str] | None:
         path = urllib.parse.urlsplit(request.path).path
         with self._lock:
             live = sum(1 for c in self._calls.values() if not c.ended.is_set())
@@ -1262,9 +1369,7 @@ class TwilioBridge:
                 refusal = None
             if refusal is not None:
                 self._rejected += 1
-        if refusal is None:
-            return None
-        return conn.respond(*refusal)
+        return None if refusal is None else (int(refusal[0]), refusal[1])
 
     def _signed(self, request: Request) -> bool:
         # Twilio signs the handshake with the account's auth token over the URL it
@@ -1273,16 +1378,12 @@ class TwilioBridge:
         signature = request.headers.get("X-Twilio-Signature", "")
         return bool(self._validator.validate(url, {}, signature))
 
-    def _handle(self, conn: ServerConnection) -> None:
+    def _open(self, link: Link) -> TwilioCall:
         with self._lock:
-            me = self._conns.pop(conn, threading.current_thread())
-            name = me.name.rsplit("-", 1)[-1]
-            index = int(name) if name.isdigit() else next(self._index)
-            call = TwilioCall(index, conn, frame_ms=self._frame_ms, backlog_ms=self._backlog_ms,
-                              max_backlog_ms=self._outbound_backlog_ms)
-            call.reader = me
-            if conn.keepalive_thread is not None:
-                conn.keepalive_thread.name = f"rtqueue-twilio-ping-{index}"
+            index = next(self._index)
+            call = TwilioCall(index, link, frame_ms=self._frame_ms, backlog_ms=self._backlog_ms,
+                              max_backlog_ms=self._outbound_backlog_ms, input_chunk_ms=self._input_chunk_ms,
+                              close_timeout=self._close_timeout, playout_speed=self._playout_speed)
             worker = threading.Thread(target=self._work, args=(call,), name=f"rtqueue-twilio-worker-{index}",
                                       daemon=True)
             call.worker = worker
@@ -1293,10 +1394,7 @@ class TwilioBridge:
         worker.start()
         if closing:
             call.shut(1001)
-        call.read()
-        # The worker closes the socket (with a code when the call was refused or
-        # hung up); returning lets websockets send its normal close otherwise.
-        worker.join()
+        return call
 
     def _work(self, call: TwilioCall) -> None:
         try:
