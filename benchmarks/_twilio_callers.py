@@ -26,7 +26,12 @@ constant per message, so 200 calls fit in one process on a small machine:
   (``pos``) and when the queued audio ends (``play_end``), so the position
   heard at any instant is ``pos`` minus what is still to play, and which item
   was playing comes from the few item boundaries the marks reveal. Nothing is
-  re-summed per frame.
+  re-summed per frame;
+- a message takes effect when it *arrived*, as it would at Twilio, not when
+  this busy thread got round to it: each read asks the kernel when its bytes
+  came in (``SO_TIMESTAMPNS``), so a ``clear`` read 50 ms late still stops the
+  playout where it was on arrival. How late the thread read (``read_lag``) is
+  reported, to show what the old way would have added to the truncation error.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import os
 import random
 import selectors
 import socket
+import struct
 import sys
 import time
 import urllib.parse
@@ -297,6 +303,10 @@ class Timers:
         heapq.heappush(self.heap, (due, self.n, kind, line, gen))
 
 
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux: the kernel's receive time of the bytes read
+_ANCILLARY = socket.CMSG_SPACE(16)
+
+
 class Callers:
     """The event loop: sockets, timers, scripts."""
 
@@ -306,6 +316,7 @@ class Callers:
         self.timers = Timers()
         self.lines: list[Line] = []
         self.period = FRAME_MS / 1000.0
+        self.read_lags: list[float] = []  # seconds between a read's bytes arriving and this thread reading them
         self.speech = self.frames("Hello, I would like to check on my order please.")
         self.barge = self.frames("Sorry, stop, stop.")
 
@@ -318,6 +329,7 @@ class Callers:
 
     def open(self, index: int, params: dict[str, str]) -> Line:
         sock, rest = ws_open(self.cfg["url"], 60.0)
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
         line = Line(index, sock, rest, params)
         self.sel.register(sock, selectors.EVENT_READ, line)
         line.next_tick = time.monotonic()
@@ -358,7 +370,7 @@ class Callers:
 
     def read(self, line: Line, now: float) -> None:
         try:
-            data = line.sock.recv(262144)
+            data, ancillary, _, _ = line.sock.recvmsg(262144, _ANCILLARY)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -367,6 +379,12 @@ class Callers:
         if not data:
             self.drop(line, "the bridge closed the stream")
             return
+        for level, kind, cdata in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(cdata) >= 16:
+                sec, nsec = struct.unpack("qq", cdata[:16])
+                lag = min(max(0.0, time.time() - (sec + nsec / 1e9)), 1.0)
+                self.read_lags.append(lag)
+                now -= lag  # when the (last of the) bytes arrived
         buf = line.inbuf
         buf += data
         off, size = 0, len(buf)
@@ -481,8 +499,12 @@ def main() -> int:
     for line in callers.lines:
         if not line.through:
             line.finish(f"not through by the timeout (state {line.state})")
-    print(json.dumps({"through_s": round(now - t0, 2), "calls": [line.result(now) for line in callers.lines]}),
-          flush=True)
+    lags = sorted(callers.read_lags)
+    read_lag = {f"p{q}": round(1000.0 * lags[min(len(lags) - 1, int(len(lags) * q / 100))], 3) for q in (50, 99)} \
+        if lags else {}
+    read_lag["max"] = round(1000.0 * lags[-1], 3) if lags else None
+    print(json.dumps({"through_s": round(now - t0, 2), "read_lag_ms": read_lag,
+                      "calls": [line.result(now) for line in callers.lines]}), flush=True)
     callers.hang_up()
     return 0
 

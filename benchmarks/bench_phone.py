@@ -192,12 +192,14 @@ def bench_twilio(n: int, seed: int) -> dict[str, Any]:
                 child_cpu = proc_cpu_s(child.proc.pid) - child0
                 rss_peak = C.rss_mb()
                 C.progress(f"  all through in {result['through_s']} s; hanging up")
+                io_stats = dict(bridge.stats().io)
                 bridge.wait_calls(lambda cs: len(cs) >= n and all(c.ended.is_set() for c in cs), 60.0)
             finally:
                 child.close()
         stats = sim.stats()
     barge_ms: list[float] = []
     trunc_ms: list[float] = []
+    trunc_signed: list[float] = []  # truncated minus heard: negative = cut before what the caller heard
     unmatched = 0
     failed_calls = [c for c in result["calls"] if c.get("failed")]
     for c in result["calls"]:
@@ -213,7 +215,8 @@ def bench_twilio(n: int, seed: int) -> dict[str, Any]:
         for clear in c["clears"]:
             cut = cuts.get(clear["item_id"])
             if cut is not None and cut.get("truncated_ms") is not None:
-                trunc_ms.append(abs(float(cut["truncated_ms"]) - float(clear["item_heard_ms"])))
+                trunc_signed.append(float(cut["truncated_ms"]) - float(clear["item_heard_ms"]))
+                trunc_ms.append(abs(trunc_signed[-1]))
     minutes = wall / 60.0
     return {
         "calls": n,
@@ -233,6 +236,10 @@ def bench_twilio(n: int, seed: int) -> dict[str, Any]:
         "trunc_err_p50_ms": _pct(trunc_ms, 50),
         "trunc_err_p99_ms": _pct(trunc_ms, 99),
         "trunc_err_max_ms": round(max(trunc_ms), 3) if trunc_ms else None,
+        "trunc_signed_p1_p50_p99_ms": [_pct(trunc_signed, q) for q in (1, 50, 99)],
+        # How late the fake callers' one thread read its sockets (a message takes effect at its arrival).
+        "callers_read_lag_ms": result.get("read_lag_ms"),
+        "io": io_stats,
         "unmatched_calls": unmatched,
         "bridge_cpu_pct": round(100.0 * cpu / wall, 1),
         "bridge_cpu_ms_per_call_min": round(1000.0 * cpu / n / minutes, 1),

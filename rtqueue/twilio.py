@@ -94,7 +94,7 @@ DTMF_EVENT = "input_audio_buffer.dtmf_event_received"
 _MULAW_SILENCE = 0xFF  # mu-law code of a zero sample
 _MAX_ITEMS = 256  # per-item accounting kept for this many recent items
 _MAX_CLEARED = 4096  # names of marks handed back by a clear, remembered to ignore their echo
-_ECHO_LAGS = 32  # recent mark echo lags kept: their minimum is the round trip to Twilio
+_ECHO_LAGS = 512  # recent mark echo lags kept (about a minute of speech): their minimum is the round trip
 _JOIN_TIMEOUT = 5.0
 # How long interrupt() waits for a frame write under way before it leaves the clear to the worker:
 # one small write to a socket with room takes microseconds; a socket that is full could take forever.
@@ -380,9 +380,11 @@ class TwilioOutput(AudioOutput):
     each write, because a thread can wait long for the GIL after a system
     call; a frame whose write has not returned does not count yet. Twilio
     plays a frame one network delay after we write it and echoes its mark one
-    more delay after it played, so the model runs late by half the smallest
-    lag of the last 32 echoes behind it. An echoed mark counts its audio
-    heard in any case. So the position is exact to a few milliseconds with
+    more delay after it played, so what the caller has heard by now is the
+    model's position half the smallest lag of the last 512 echoes ago. A cut
+    (:meth:`interrupt`) takes the model's own position: the ``clear`` travels
+    that delay too, so that is where Twilio stops. An echoed mark counts its
+    audio heard in any case. So the position is exact to a few milliseconds with
     frames of any size, however late the echoes are read, and the line carries
     one mark per frame rather than one per 10 ms.
 
@@ -405,7 +407,7 @@ class TwilioOutput(AudioOutput):
 
     def __init__(
         self,
-        send: Callable[[str], None],
+        send: Callable[[str], object],
         *,
         frame_ms: int = 100,
         max_backlog_ms: int = 30_000,
@@ -418,7 +420,8 @@ class TwilioOutput(AudioOutput):
             raise InvalidArgument(f"frame_ms must be an int within 10..1000, not {frame_ms!r}")
         if isinstance(max_backlog_ms, bool) or not isinstance(max_backlog_ms, int) or max_backlog_ms < frame_ms:
             raise InvalidArgument(f"max_backlog_ms must be an int >= frame_ms, not {max_backlog_ms!r}")
-        # send(text) writes one text message on the call's socket (it may block while the socket is full);
+        # send(text) writes one text message on the call's socket (it may block while the socket is full;
+        # it may return when it handed the bytes to the socket, see _write_clear);
         # send_frame(media, mark) writes both in one go if the transport can; writable() says whether a
         # short message would be taken by the socket now (None: assume it would).
         self._send = send
@@ -472,7 +475,7 @@ class TwilioOutput(AudioOutput):
 
     @property
     def clear_times(self) -> list[float]:
-        """When each ``clear`` was written (``time.monotonic()``, after the write; the last 256)."""
+        """When each ``clear`` was handed to the socket (``time.monotonic()``; the last 256)."""
         with self._lock:
             return list(self._clear_times)
 
@@ -600,7 +603,7 @@ class TwilioOutput(AudioOutput):
                     # Freeze what was heard at this instant: the clock's share of the frame playing now
                     # counts, the rest of it (and everything after) is dropped by the clear.
                     item = self._item_locked(current)
-                    heard = self._heard_locked(current, self._clock())
+                    heard = self._heard_locked(current, self._clock(), delayed=False)
                     if heard > item.heard:
                         self._heard += heard - item.heard
                         item.heard = heard
@@ -650,13 +653,17 @@ class TwilioOutput(AudioOutput):
         return cut
 
     def _write_clear(self) -> None:
-        """Write ``clear`` (under _send_lock) and note when it was on the socket."""
+        """Write ``clear`` (under _send_lock) and note when it was on the socket.
+
+        ``send`` may return when it handed the bytes to the socket (a float, as the bridge's links do);
+        otherwise the time after it returned is noted.
+        """
         try:
-            self._send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
+            at = self._send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
         except Exception as exc:  # the call is ending: nothing left to clear
             log.debug("twilio: clear not written: %r", exc)
             return
-        now = time.monotonic()
+        now = at if isinstance(at, float) else time.monotonic()
         with self._lock:
             self._clears += 1
             self.last_clear_at = now
@@ -745,15 +752,19 @@ class TwilioOutput(AudioOutput):
             self._send_lock.acquire()
         try:
             with self._cond:
+                ready = bool(self._queue) and not (stop is not None and stop.is_set()) and not self._closed
+                room = ready and self._writable is not None and self._writable()
                 if self._clear_pending:
                     self._clear_pending = False
                     frame = None
-                elif (self._queue and not (stop is not None and stop.is_set()) and not self._closed
-                      and not (direct and not (self._writable is not None and self._writable()))):
+                elif ready and (room or not direct):
                     frame = self._queue.popleft()
                     self._queued -= len(frame.payload)
                     name = f"{frame.item_id}/{next(self._seq)}"
                     written = _Mark(frame.item_id, frame.end - len(frame.payload), frame.end)
+                    # A socket with room takes the frame at once (the bridge's never block): it counts
+                    # as written now, not once this thread gets the GIL back after the system call.
+                    written.landed = room
                     # Twilio plays it from the moment it is written (just below, under the send lock,
                     # and timed before the write: a thread may wait long for the GIL after a system
                     # call), or once the audio before it is done.
@@ -803,8 +814,12 @@ class TwilioOutput(AudioOutput):
                 self._items.popitem(last=False)
         return item
 
-    def _heard_locked(self, item_id: str, now: float) -> int:
-        """Bytes of ``item_id`` heard at ``now``: the playout model's position, never behind the echoes."""
+    def _heard_locked(self, item_id: str, now: float, *, delayed: bool = True) -> int:
+        """Bytes of ``item_id`` heard at ``now``: the playout model's position, never behind the echoes.
+
+        ``delayed``: as heard now, one network delay behind the model; else the model's own position,
+        which is where a ``clear`` written now stops the playout (it travels that delay too).
+        """
         item = self._items.get(item_id)
         if item is None:
             return 0
@@ -813,7 +828,7 @@ class TwilioOutput(AudioOutput):
             return heard
         # The model runs on our clock; Twilio plays what we wrote one network delay later: half the
         # smallest recent echo lag (an echo comes back one more delay after its audio played).
-        t = now - (max(0.0, min(self._echo_lags)) / 2.0 if self._echo_lags else 0.0)
+        t = now - (max(0.0, min(self._echo_lags)) / 2.0 if delayed and self._echo_lags else 0.0)
         for mark in self._marks.values():
             if (mark.item_id != item_id or not mark.landed or mark.plays_at is None or mark.ends_at is None
                     or t <= mark.plays_at):
@@ -940,8 +955,8 @@ class TwilioCall:
 
     # -- the bridge's side ----------------------------------------------------------------------
 
-    def _write(self, text: str) -> None:
-        self._link.send_text(text)
+    def _write(self, text: str) -> float | None:
+        return self._link.send_text(text)
 
     def _write_frame(self, media: str, mark: str) -> None:
         # Both messages in one socket write: half the system calls, and nothing comes between them.

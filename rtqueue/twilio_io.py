@@ -98,6 +98,7 @@ class Link:
         self._outbox_bytes = 0
         self._eof_pending = False  # half-close once the outbox is flushed (websockets' SEND_EOF)
         self._watching_write = False
+        self._waiting = 0  # writers waiting for room
         self.dropped = False
         self._deaf = False  # the handler wants no more messages
         self._fragments: list[bytes] | None = None
@@ -113,21 +114,30 @@ class Link:
         """The handshake is done and no close has started."""
         return self._proto.state is State.OPEN and not self.dropped
 
-    def send_text(self, *texts: str) -> None:
+    def send_text(self, *texts: str) -> float | None:
         """Write text messages, in one socket write; waits only while the outbox is full.
 
-        Raises :class:`ConnectionLost` if the connection is not open.
+        Returns when (``time.monotonic()``) the bytes were handed to the socket,
+        timed just before the system call (the thread may wait for the GIL
+        after it), or None if they had to wait in the outbox behind earlier
+        bytes. Raises :class:`ConnectionLost` if the connection is not open.
         """
         with self._room:
             while self._outbox_bytes > _OUTBOX_MAX and not self.dropped:
-                self._room.wait(1.0)
+                self._waiting += 1
+                try:
+                    self._room.wait(1.0)
+                finally:
+                    self._waiting -= 1
             if self.dropped or self._proto.state is not State.OPEN:
                 raise ConnectionLost("the Twilio stream is closed")
             with self._plock:
                 for text in texts:
                     self._proto.send_text(text.encode())
                 out = self._proto.data_to_send()
+            at = time.monotonic() if not self._outbox else None
             self._write_locked(out)
+            return at
 
     def writable(self) -> bool:
         """True if a short message would go to the socket now (nothing waits in the outbox)."""
@@ -187,7 +197,7 @@ class Link:
             self._eof_pending = False
             with contextlib.suppress(OSError):
                 self.socket.shutdown(socket.SHUT_WR)
-        if self._outbox_bytes <= _OUTBOX_MAX:
+        if self._waiting and self._outbox_bytes <= _OUTBOX_MAX:
             self._room.notify_all()
 
     # -- the loop's side ---------------------------------------------------------------------------
