@@ -266,6 +266,7 @@ class TwilioInput(AudioInput):
         # The backlog is delivered outside the lock (the callback may take a
         # moment); frames fed meanwhile join the backlog and go out in the next
         # round, so order is kept. Then feed() delivers directly.
+        carry = bytearray()  # backlog short of a whole chunk: it leads what feed() joins next
         while True:
             with self._lock:
                 backlog = list(self._backlog)
@@ -273,10 +274,16 @@ class TwilioInput(AudioInput):
                 self._backlog_bytes = 0
                 if not backlog or self._closed:
                     if not self._closed:
+                        self._pending[:0] = carry
                         self._on_chunk = on_chunk
                     return
             for frame in backlog:
-                self._deliver(on_chunk, frame)
+                carry += frame
+            step = self._chunk_bytes
+            while len(carry) >= step:
+                chunk = bytes(carry[:step])
+                del carry[:step]
+                self._deliver(on_chunk, chunk)
 
     def feed(self, frame: bytes) -> None:
         """One inbound frame of mu-law audio (the socket reader calls this; never blocks)."""
@@ -829,19 +836,31 @@ class TwilioOutput(AudioOutput):
         # The model runs on our clock; Twilio plays what we wrote one network delay later: half the
         # smallest recent echo lag (an echo comes back one more delay after its audio played).
         t = now - (max(0.0, min(self._echo_lags)) / 2.0 if delayed and self._echo_lags else 0.0)
-        for mark in self._marks.values():
-            if (mark.item_id != item_id or not mark.landed or mark.plays_at is None or mark.ends_at is None
-                    or t <= mark.plays_at):
+        for mark in self._marks.values():  # in playout order, items one after the other
+            if not mark.landed or mark.plays_at is None or mark.ends_at is None or t <= mark.plays_at:
                 break
-            if t >= mark.ends_at:
+            if t < mark.ends_at:  # this frame is playing
+                if mark.item_id == item_id:
+                    return max(heard, mark.start + int((t - mark.plays_at) * self._speed * 1000.0 * PCMU.nbytes(1)))
+                break
+            if mark.item_id == item_id:
                 heard = max(heard, mark.end)
-                continue
-            return max(heard, mark.start + int((t - mark.plays_at) * self._speed * 1000.0 * PCMU.nbytes(1)))
         return heard
 
     def _current_locked(self) -> str | None:
         if self._marks:
-            return next(iter(self._marks.values())).item_id
+            # The item of the frame playing now as the model has it (not merely the oldest unechoed
+            # mark's: an item queued behind another plays as soon as that one is done).
+            now = self._clock()
+            tail: _Mark | None = None
+            for mark in self._marks.values():
+                tail = mark
+                if not mark.landed or mark.ends_at is None or now < mark.ends_at:
+                    return mark.item_id
+            if self._queue:
+                return self._queue[0].item_id
+            assert tail is not None
+            return tail.item_id
         if self._queue:
             return self._queue[0].item_id
         last = self._last_id

@@ -168,11 +168,6 @@ def test_interrupt_freezes_the_cut_at_the_model_position_and_cleared_echoes_do_n
     assert line.at(0.55).out.played_ms("b") == pytest.approx(50.0, abs=1.0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: _heard_locked stops at the first pending mark of another item and _current_locked takes the oldest "
-    "unechoed mark's item, so an item queued behind another counts nothing until the earlier item's last mark "
-    "is echoed: 'a' 100 ms + 'b' 100 ms written at t=0, no echo yet, at t=0.15 played_ms('b') is 0.0 (model: 50) "
-    "and interrupt() returns the cut of 'a' at 100 ms instead of 'b' at 50 ms"))
 def test_an_item_queued_behind_another_counts_from_when_the_model_plays_it():
     """'a' then 'b' (100 ms each) written at t=0: at t=0.15, before any echo, 'b' is the item playing, 50 ms in."""
     line = Line()
@@ -292,18 +287,15 @@ def test_input_keeps_what_came_before_start_and_delivers_it_first_in_order():
         inp.feed(frame)
     assert inp.stats()["delivered_ms"] == 0.0
     inp.start(got.append)
-    late = [bytes([10 + k]) * 160 for k in range(2)]
+    late = [bytes([10 + k]) * 160 for k in range(3)]
     for frame in late:
         inp.feed(frame)
-    assert b"".join(got) == b"".join(early + late)
-    assert inp.stats()["delivered_ms"] == 100.0 and inp.stats()["dropped_ms"] == 0.0
+    assert b"".join(got) == b"".join(early + late)  # six frames: three whole chunks, the early ones first
+    assert [len(c) for c in got] == [320, 320, 320]
+    assert inp.stats()["delivered_ms"] == 120.0 and inp.stats()["dropped_ms"] == 0.0
     inp.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "TwilioInput's doc says frames are joined into chunk_ms chunks, each one input_audio_buffer.append, but the "
-    "backlog kept before start() is delivered frame by frame: 4 x 160-byte frames fed before start(cb) reach cb "
-    "as [160, 160, 160, 160] instead of [320, 320]"))
 def test_input_delivers_the_backlog_in_whole_chunks_too():
     """Four 20 ms frames fed before start() go out as two 40 ms chunks, as frames fed after start() do."""
     got: list[bytes] = []
