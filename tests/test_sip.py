@@ -180,6 +180,20 @@ def test_whole_sip_call_ends_in_a_refer(phone: rtqueue.Simulator, app: WebhookAp
         "lookup_order", "transfer_to_billing", "check_invoice", "refer_to_human"]
     assert phone.stats()["conflicts"] == 0
     assert record.webhook_attempts == (200,) and record.attachments >= 1
+    # No audio frames on the control socket (OpenAI carries the call's audio): each spoken answer shows as
+    # output_audio_buffer.started, then .stopped after its response.done, in the official models' shapes.
+    from openai.types.realtime.realtime_server_event import OutputAudioBufferStarted, OutputAudioBufferStopped
+
+    assert not [e for e in seen if e.type == "response.output_audio.delta"]
+    started = [e.data for e in seen if e.type == "output_audio_buffer.started"]
+    stopped = [e.data for e in seen if e.type == "output_audio_buffer.stopped"]
+    assert started and len(stopped) <= len(started)
+    for data in started:
+        OutputAudioBufferStarted.model_validate(data)
+    for data in stopped:
+        OutputAudioBufferStopped.model_validate(data)
+    done = {e.data["response"]["id"] for e in seen if e.type == "response.done"}
+    assert {d["response_id"] for d in stopped} <= done
 
 
 def test_sip_call_hung_up_by_the_agent_tool(phone: rtqueue.Simulator, app: WebhookApp,

@@ -12,7 +12,12 @@ One :class:`PhoneCall` models one SIP call as OpenAI's side sees it:
   configures the call's own :class:`~.core.SimSession`. The call owns that
   core, not any connection: ``?call_id=`` WebSocket attachments
   (:class:`CallTap`) each get a fresh ``session.created`` and, from then on,
-  every server event of the call;
+  every server event of the call but its audio: the audio goes down the
+  phone line, so the socket carries no ``response.output_audio.delta``;
+  instead, as the official models say of WebRTC/SIP sessions,
+  ``output_audio_buffer.started`` after a response's audio part is added,
+  then ``output_audio_buffer.stopped`` after its ``response.done`` (or
+  ``output_audio_buffer.cleared`` if it was cut off);
 - **ended** by the caller hanging up, ``/hangup``, ``/refer`` (the transfer
   completes after a short delay), ``/reject``, an unanswered webhook, or the
   session expiring. Attached sockets are then closed (1000, "call ended")
@@ -334,6 +339,7 @@ class PhoneCall:
     webhook_attempts: list[int | None] = attrs.field(init=False, factory=list)
     attachments: int = attrs.field(init=False, default=0)
     _taps: list[CallTap] = attrs.field(init=False, factory=list)
+    _speaking: set[str] = attrs.field(init=False, factory=set)  # responses whose audio buffer started
     _lines: list[_Line] = attrs.field(init=False, factory=list)
     _cut: set[str] = attrs.field(init=False, factory=set)
     _keys: list[str] = attrs.field(init=False, factory=list)
@@ -649,8 +655,9 @@ class PhoneCall:
     def _publish(self, events: list[dict[str, Any]], t: float) -> None:
         for event in events:
             self._observe(event, t)
-            for tap in self._taps:
-                tap.queue.append(event)
+            for out in self._socket_events(event):
+                for tap in self._taps:
+                    tap.queue.append(out)
         if not events or self._phase != "wait":
             return
         step = self._step()
@@ -659,6 +666,30 @@ class PhoneCall:
             self._start_steps(t)
         elif isinstance(step, Interrupt) and self._talking:
             self._speak(step.text, t)
+
+    def _socket_events(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """What an attached socket gets for one of the call's server events (no audio: module doc)."""
+        typ = event.get("type")
+        if typ == "response.output_audio.delta":
+            return []
+        rid = event.get("response_id")
+        if typ == "response.content_part.added" and (event.get("part") or {}).get("type") == "audio" \
+                and isinstance(rid, str) and rid not in self._speaking:
+            self._speaking.add(rid)
+            return [event, self._buffer_event("output_audio_buffer.started", rid)]
+        if typ == "response.done":
+            resp = event.get("response") or {}
+            rid = resp.get("id")
+            if isinstance(rid, str) and rid in self._speaking:
+                self._speaking.discard(rid)
+                kind = "stopped" if resp.get("status") == "completed" else "cleared"
+                return [event, self._buffer_event(f"output_audio_buffer.{kind}", rid)]
+        return [event]
+
+    def _buffer_event(self, typ: str, response_id: str) -> dict[str, Any]:
+        core = self.core
+        assert core is not None
+        return {"type": typ, "event_id": core.new_event_id(), "response_id": response_id}
 
     def _observe(self, event: dict[str, Any], t: float) -> None:
         typ = event.get("type")
