@@ -97,6 +97,47 @@ def test_many_queued_frames_take_few_reads() -> None:
             t.shutdown()
 
 
+def test_common_frames_skip_the_library_parser_and_the_rest_still_use_it() -> None:
+    """Whole text frames come straight from the buffer; fragments (and a ping between them) use the library."""
+    sent = threading.Event()
+    messages = [f'{{"type": "x", "n": {i}}}' for i in range(300)]
+    pongs: list[threading.Event] = []
+
+    def handler(ws: ServerConnection) -> None:
+        for m in messages:
+            ws.send(m)
+        ws.send(iter(["frag-", "ment"]))  # two frames, one message: the library's path
+        pongs.append(ws.ping(b"mid"))  # answered by the client from inside recv
+        ws.send(b"\x00\x01binary")
+        ws.send("after")
+        sent.set()
+        ws.recv()
+
+    with server(handler) as url:
+        t = WebSocketTransport.connect(url, [], timeout=5.0)
+        ws = t._ws
+        assert isinstance(ws, _BufferedWebSocket)
+        parsed = 0
+        library = ws.frame_buffer.recv_frame
+
+        def counting() -> object:
+            nonlocal parsed
+            parsed += 1
+            return library()
+
+        ws.frame_buffer.recv_frame = counting  # type: ignore[method-assign]
+        try:
+            assert sent.wait(5.0)
+            got = [t.recv() for _ in range(len(messages) + 3)]
+            assert got == [*messages, "frag-ment", b"\x00\x01binary", "after"]
+            assert pongs and pongs[0].wait(5.0)
+            # The two fragments and the ping; a frame cut by a read boundary may go to the library too.
+            assert 3 <= parsed <= 10, parsed
+            t.send("bye")
+        finally:
+            t.shutdown()
+
+
 def test_peer_vanishing_mid_frame_is_connection_lost() -> None:
     def handler(ws: ServerConnection) -> None:
         ws.send("whole")

@@ -61,6 +61,7 @@ from typing import Any, Literal, TypeAlias
 import attrs
 
 from ..errors import InvalidArgument
+from ..formats import PCM16, AudioFormat, convert, format_of
 from .core import SimSession
 from .synth import SAMPLE_RATE, silence, synthesize
 
@@ -350,7 +351,7 @@ class PhoneCall:
     _phase: Literal["start", "speak", "wait", "done"] = attrs.field(init=False, default="start")
     _last_t: float = attrs.field(init=False, default=-math.inf)
     _wake_at: float | None = attrs.field(init=False, default=None)
-    _audio: deque[tuple[float, bytes]] = attrs.field(init=False, factory=deque)
+    _audio: deque[tuple[float, str]] = attrs.field(init=False, factory=deque)  # (due, base64 append)
     _pending_keys: deque[tuple[float, str]] = attrs.field(init=False, factory=deque)
     # What the agent is doing, from the call's server events.
     _active: set[str] = attrs.field(init=False, factory=set)
@@ -540,7 +541,7 @@ class PhoneCall:
         # Line audio and keys due now first: they belong to the step under way.
         while self._audio and self._audio[0][0] <= t:
             _, chunk = self._audio.popleft()
-            core.receive({"type": "input_audio_buffer.append", "audio": self._encode(chunk)}, t)
+            core.receive({"type": "input_audio_buffer.append", "audio": chunk}, t)
         while self._pending_keys and self._pending_keys[0][0] <= t:
             _, key = self._pending_keys.popleft()
             self._dtmf(key, t)
@@ -609,10 +610,13 @@ class PhoneCall:
         speech = synthesize(text, voice=self.script.voice, seed=self.seed,
                             words_per_second=self.script.words_per_second)
         pcm = speech.pcm + silence(self._tail_ms(core))
-        chunk = _CHUNK_MS * SAMPLE_RATE // 1000 * 2
+        # The whole utterance in the call's input format at once (one conversion, one read of the
+        # session), then cut into the appends the line carries.
+        fmt, audio = self._encode(pcm)
+        chunk = fmt.nbytes(_CHUNK_MS)
         step = self._pace(_CHUNK_MS / 1000)
-        for k, lo in enumerate(range(0, len(pcm), chunk)):
-            self._audio.append((t + k * step, pcm[lo : lo + chunk]))
+        for k, lo in enumerate(range(0, len(audio), chunk)):
+            self._audio.append((t + k * step, base64.b64encode(audio[lo : lo + chunk]).decode("ascii")))
         self._lines.append(_Line("caller", " ".join(speech.words), t - self.placed_at))
         self._answers_at_speech = self._answers
         self._phase = "speak"  # ends when the last chunk has gone out
@@ -623,16 +627,12 @@ class PhoneCall:
         vad_ms = 700 if td.get("type") == "semantic_vad" else int(td.get("silence_duration_ms") or 200)
         return max(self.script.tail_ms, vad_ms + 300)
 
-    def _encode(self, pcm: bytes) -> str:
-        """The caller's 24 kHz PCM16 in the call session's input format, base64."""
+    def _encode(self, pcm: bytes) -> tuple[AudioFormat, bytes]:
+        """The caller's 24 kHz PCM16 in the call session's input format (and that format)."""
         core = self.core
         assert core is not None
-        fmt = core.session["audio"]["input"].get("format") or {}
-        if fmt.get("type", "audio/pcm") != "audio/pcm":
-            from ..formats import PCM16, convert, format_of
-
-            pcm = convert(pcm, PCM16, format_of(fmt))
-        return base64.b64encode(pcm).decode("ascii")
+        fmt = format_of(core.session["audio"]["input"].get("format") or {"type": "audio/pcm", "rate": SAMPLE_RATE})
+        return fmt, (pcm if fmt == PCM16 else convert(pcm, PCM16, fmt))
 
     def _dtmf(self, key: str, t: float) -> None:
         core = self.core
