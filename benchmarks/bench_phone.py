@@ -1,6 +1,7 @@
 """Phone calls at scale: a Twilio Media Streams bridge and OpenAI SIP control sessions (issue 13).
 
     python benchmarks/bench_phone.py [--quick | --smoke] [--calls N] [--calls-sip M] [--only twilio|sip]
+                                     [--sip-arrival-s S] [--sip-workload arrivals|herd|both]
                                      [--out DIR] [--json FILE]
 
 **Twilio** (default 200 calls): this process holds a
@@ -20,16 +21,26 @@ had heard of that item when the ``clear`` reached it), CPU and RSS per call.
 **SIP** (default 500 calls): the simulator (second process) places M calls
 to this process's webhook; each is verified, accepted and attached with
 ``Session.connect(call_id=...)`` (control sessions: no audio on the socket).
-Once all are attached, the app greets every caller and queues a second
-prompt behind the greeting (the gate holds it until the greeting's
-``response.done``: one gate sample per call); each scripted caller
-(synthesized speech through the simulator's VAD) asks about an order (the
-``lookup_order`` tool), then asks a question whose long answer it interrupts,
-and hangs up after the next answer. Measured: conflicts, lost intents (app
-greetings that failed), gate latency (``gate.latencies_ms()`` pooled), CPU and
-RSS per call.
+Two workloads:
 
-``--quick`` (20 Twilio + 50 SIP calls) and ``--smoke`` (4 + 8) write
+- *arrivals* (the target's run): the calls arrive at a steady rate over
+  ``--sip-arrival-s`` (20 s: 25 calls a second), and the app greets each
+  caller as it answers, with a second prompt queued behind the greeting (the
+  gate holds it until the greeting's ``response.done``: one gate sample per
+  call). Each scripted caller (synthesized speech through the simulator's
+  VAD) waits for the greeting, asks about an order (the ``lookup_order``
+  tool), pauses, asks a question whose long answer it interrupts, pauses and
+  hangs up; the pauses keep every call on the line until the last one has
+  arrived, so all M are live at once (``peak_active_calls``, checked).
+- *herd* (a stress run, no latency target): all M calls at once, greeted
+  within 5 s, so every call's script runs in the same few seconds. Both cores
+  are saturated then (the app and the simulator's 500 speaking callers), and
+  the gate's tail is the CPU queue's.
+
+Measured: conflicts, lost intents (app greetings that failed), gate latency
+(``gate.latencies_ms()`` pooled), GC pauses, CPU and RSS per call.
+
+``--quick`` (20 Twilio + 50 SIP calls arriving over 5 s) and ``--smoke`` (4 + 8, over 2 s) write
 ``bench_phone_quick.json`` / ``bench_phone_smoke.json``, and a run with
 ``--calls``, ``--calls-sip`` or ``--only`` writes ``bench_phone_twilioN-sipM.json``:
 never the published ``bench_phone.json``. Latency targets are ratios of what was measured, not
@@ -258,9 +269,11 @@ def bench_twilio(n: int, seed: int) -> dict[str, Any]:
 # -- SIP --------------------------------------------------------------------------------------------------
 
 
-def bench_sip(m: int, seed: int, gc_freeze: bool = False) -> dict[str, Any]:
+def bench_sip(m: int, seed: int, gc_freeze: bool = False, arrival_s: float = 0.0) -> dict[str, Any]:
+    """SIP control sessions; ``arrival_s`` > 0: the calls arrive over that time, else all at once (the herd)."""
     from rtqueue import Session, demo_phone, sip
 
+    herd = arrival_s <= 0
     rss_before = C.rss_mb()
     threads_before = threading.active_count()
     sessions: list[Any] = []
@@ -272,23 +285,52 @@ def bench_sip(m: int, seed: int, gc_freeze: bool = False) -> dict[str, Any]:
         control = sip.CallControl(api_key="sk-bench", base_url=base, timeout=60.0)
         desk_tools: list[Any] = []
         desk = demo_phone.build_phone_desk(desk_tools)
-        script = [["wait", 300], ["say", "Please check my order 42"], ["wait"],
-                  ["say", "Explain the late fees to me [len: 30]"], ["interrupt", "Sorry stop there"], ["wait"],
-                  ["hangup"]]
-        C.progress(f"sip: {m} calls from the simulator's phone network -> webhook {hook.url}")
-        t_setup = time.monotonic()
-        sim.call("place_calls", timeout=60.0, url=hook.url, secret=SECRET, n=m, script=script)
+        if herd:
+            script: list[list[Any]] = [
+                ["wait", 300], ["say", "Please check my order 42"], ["wait"],
+                ["say", "Explain the late fees to me [len: 30]"], ["interrupt", "Sorry stop there"], ["wait"],
+                ["hangup"]]
+        else:
+            # Long enough that the first call is still on the line when the last one arrives.
+            rest = max(5.0, arrival_s / 2.0)
+            script = [["wait", 300], ["say", "Please check my order 42"], ["wait"], ["pause", rest],
+                      ["say", "Explain the late fees to me [len: 30]"], ["interrupt", "Sorry stop there"], ["wait"],
+                      ["pause", rest], ["hangup"]]
+
+        def greet(s: Any) -> None:
+            greetings.append(s.create_response(instructions="Greet the caller."))
+            # A second prompt queued behind the greeting: the gate holds it until the greeting's done.
+            greetings.append(s.create_response(instructions="Ask for the order number. [len: 6]"))
 
         def attach(_: int) -> Any:
-            incoming = hook.next(120.0)
+            incoming = hook.next(120.0 + arrival_s)
             if incoming is None:
                 raise RuntimeError("a call's webhook never came")
             control.accept(incoming.call_id, agent=desk)
-            return Session.connect(sim.url, call_id=incoming.call_id, agent=desk, reconnect=False,
-                                   name=f"sip-{incoming.call_id[-6:]}", connect_timeout=60.0)
+            s = Session.connect(sim.url, call_id=incoming.call_id, agent=desk, reconnect=False,
+                                name=f"sip-{incoming.call_id[-6:]}", connect_timeout=60.0)
+            if not herd:
+                greet(s)  # an app greets a caller as it answers
+            return s
 
+        how = "all at once" if herd else f"arriving over {arrival_s:g} s"
+        C.progress(f"sip: {m} calls from the simulator's phone network ({how}) -> webhook {hook.url}")
+        gc_pauses = C.GcPauses()
+        t_setup = time.monotonic()
         with ThreadPoolExecutor(8, thread_name_prefix="bench-attach") as pool:
-            for fut in [pool.submit(attach, i) for i in range(m)]:
+            futures = [pool.submit(attach, i) for i in range(m)]
+            if herd:
+                sim.call("place_calls", timeout=60.0, url=hook.url, secret=SECRET, n=m, script=script)
+            else:
+                cpu0, sim0, t0 = time.process_time(), proc_cpu_s(sim.pid), time.monotonic()
+                gc_pauses.on = True
+                placed, step = 0, max(1, round(m * 0.25 / arrival_s))  # a batch every ~250 ms
+                while placed < m:
+                    k = min(step, m - placed)
+                    sim.call("place_calls", timeout=60.0, url=hook.url, secret=SECRET, n=k, script=script)
+                    placed += k
+                    time.sleep(max(0.0, t0 + arrival_s * placed / m - time.monotonic()))
+            for fut in futures:
                 try:
                     sessions.append(fut.result(timeout=600.0))
                 except Exception as exc:
@@ -303,20 +345,20 @@ def bench_sip(m: int, seed: int, gc_freeze: bool = False) -> dict[str, Any]:
             # reach; a full collection then scans only what is new (CPython's gc.freeze).
             gc.collect()
             gc.freeze()
-        cpu0, sim0, t0 = time.process_time(), proc_cpu_s(sim.pid), time.monotonic()
-        gc_pauses = C.GcPauses()
-        gc_pauses.on = True
-        # The app greets every caller (spread over 5 s, as calls would come in), the scripts take it from there.
-        gap = 5.0 / max(1, len(sessions))
-        for s in sessions:
-            greetings.append(s.create_response(instructions="Greet the caller."))
-            # A second prompt queued behind the greeting: the gate holds it until the greeting's done.
-            greetings.append(s.create_response(instructions="Ask for the order number. [len: 6]"))
-            time.sleep(gap)
+        if herd:
+            cpu0, sim0, t0 = time.process_time(), proc_cpu_s(sim.pid), time.monotonic()
+            gc_pauses.on = True
+            # The app greets every caller (spread over 5 s, as calls would come in), the scripts take it from there.
+            gap = 5.0 / max(1, len(sessions))
+            for s in sessions:
+                greet(s)
+                time.sleep(gap)
         deadline = time.monotonic() + 300.0
         rss_peak = C.rss_mb()
+        peak_active = 0
         while time.monotonic() < deadline:
             calls = sim.call("calls")
+            peak_active = max(peak_active, calls["status"].get("active", 0))
             rss_peak = max(rss_peak, C.rss_mb())
             if calls["status"].get("ended", 0) >= m:
                 break
@@ -337,6 +379,9 @@ def bench_sip(m: int, seed: int, gc_freeze: bool = False) -> dict[str, Any]:
     gl = C.latency_summary(lat)
     return {
         "calls": m,
+        "workload": "herd" if herd else "arrivals",
+        "arrival_s": arrival_s,
+        "peak_active_calls": peak_active,
         "attached": len(sessions),
         "attach_errors": attach_errors[:5],
         "setup_s": round(setup_s, 1),
@@ -380,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls-sip", type=int, default=None, help="concurrent SIP calls (default 500)")
     p.add_argument("--only", choices=["twilio", "sip"], default=None)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--sip-arrival-s", type=float, default=None,
+                   help="SIP calls arrive over this many seconds (default 20; --quick 5, --smoke 2)")
+    p.add_argument("--sip-workload", choices=["arrivals", "herd", "both"], default=None,
+                   help="arrivals (the target's run), herd (all calls at once: a stress run) or both "
+                        "(default: both for a full run, arrivals otherwise)")
     p.add_argument("--gc-freeze", action="store_true",
                    help="diagnosis: gc.freeze() once the SIP calls are attached (are the gate's tails GC pauses?)")
     ns = p.parse_args(argv)
@@ -387,8 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     m = ns.calls_sip or (8 if ns.smoke else 50 if ns.quick else 500)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
+    arrival_s = ns.sip_arrival_s if ns.sip_arrival_s is not None else 2.0 if ns.smoke else 5.0 if ns.quick else 20.0
+    workload = ns.sip_workload or ("arrivals" if ns.smoke or ns.quick else "both")
     twilio = bench_twilio(n, ns.seed) if ns.only in (None, "twilio") else None
-    sipr = bench_sip(m, ns.seed, ns.gc_freeze) if ns.only in (None, "sip") else None
+    sip_on = ns.only in (None, "sip")
+    sipr = bench_sip(m, ns.seed, ns.gc_freeze, arrival_s) if sip_on and workload != "herd" else None
+    herd = bench_sip(m, ns.seed, ns.gc_freeze, 0.0) if sip_on and workload != "arrivals" else None
     checks: list[tuple[str, bool, str]] = []
     if twilio is not None:
         t = twilio
@@ -414,15 +468,28 @@ def main(argv: list[str] | None = None) -> int:
             ("sip: 0 lost intents", s["lost_intents"] == 0, f"lost={s['lost_intents']} {s['attach_errors']}"),
             ("sip: every call attached and ended", s["attached"] == s["calls"] == s["calls_ended"],
              f"attached {s['attached']}/{s['calls']}, ended {s['calls_ended']} ({s['ended_by']})"),
+            (f"sip: all {s['calls']} calls on the line at once", s["peak_active_calls"] == s["calls"],
+             f"peak active {s['peak_active_calls']} (calls arriving over {s['arrival_s']:g} s)"),
             (f"sip: gate p99 <= {GATE_P99_TARGET_MS:g} ms",
              s["gate_p99_ms"] is not None and s["gate_p99_ms"] <= GATE_P99_TARGET_MS,
              f"p50={C.fmt(s['gate_p50_ms'], 3)} p99={C.fmt(s['gate_p99_ms'], 3)} ms over {s['gate_samples']} gated "
              "creates"),
         ]
+    if herd is not None:
+        h = herd
+        checks += [
+            ("sip herd (all calls at once, stress): 0 user-visible conflicts, 0 lost, every call ended",
+             h["user_visible_conflicts"] == 0 and h["lost_intents"] == 0 and h["attached"] == h["calls_ended"],
+             f"visible={h['user_visible_conflicts']} lost={h['lost_intents']} ended {h['calls_ended']}/{h['calls']}; "
+             f"gate p50={C.fmt(h['gate_p50_ms'], 3)} p99={C.fmt(h['gate_p99_ms'], 3)} ms (no latency target: "
+             f"both cores are saturated, app {h['app_cpu_pct']} % + simulator {h['sim_cpu_pct']} % on average)"),
+        ]
     kind = "smoke" if ns.smoke else "quick" if ns.quick else None
-    if kind is None and (ns.only or ns.calls or ns.calls_sip or ns.gc_freeze):
+    if kind is None and (ns.only or ns.calls or ns.calls_sip or ns.gc_freeze or ns.sip_arrival_s is not None
+                         or ns.sip_workload):
         # A partial or resized run: its own file, never the published default run's.
-        kind = "-".join(([f"twilio{n}"] if twilio else []) + ([f"sip{m}"] if sipr else []))
+        kind = "-".join(([f"twilio{n}"] if twilio else []) + ([f"sip{m}"] if sipr else [])
+                        + ([f"sipherd{m}"] if herd else []))
         kind += "_gcfreeze" if ns.gc_freeze else ""
     doc = {
         "benchmark": "phone",
@@ -431,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         "quick": ns.quick or ns.smoke,
         "targets": [{"target": name, "pass": ok, "detail": d} for name, ok, d in checks],
         "results": [r for r in ({"part": "twilio", **twilio} if twilio else None,
-                                {"part": "sip", **sipr} if sipr else None) if r is not None],
+                                {"part": "sip", **sipr} if sipr else None,
+                                {"part": "sip_herd", **herd} if herd else None) if r is not None],
     }
     name = f"bench_phone_{kind}.json" if kind else "bench_phone.json"
     written = C.write_json(doc, out / name, ns.json)
@@ -444,11 +512,13 @@ def main(argv: list[str] | None = None) -> int:
             ("bridge_cpu_pct", "bridge CPU %"), ("bridge_cpu_ms_per_call_min", "CPU ms/call-min"),
             ("mb_per_call", "MB/call"), ("sim_cpu_pct", "sim CPU %"), ("callers_cpu_pct", "callers CPU %"),
         ], nd=3))
-    if sipr is not None:
-        print(C.table([sipr], [
-            ("calls", "SIP calls"), ("seconds", "s"), ("responses", "responses"), ("conflicts", "conflicts"),
+    sip_rows = [r for r in (sipr, herd) if r is not None]
+    if sip_rows:
+        print(C.table(sip_rows, [
+            ("calls", "SIP calls"), ("workload", "workload"), ("peak_active_calls", "peak on line"),
+            ("seconds", "s"), ("responses", "responses"), ("conflicts", "conflicts"),
             ("conflicts_retried", "races retried"), ("lost_intents", "lost"), ("gate_p50_ms", "gate p50 ms"),
-            ("gate_p99_ms", "gate p99 ms"),
+            ("gate_p99_ms", "gate p99 ms"), ("gc_max_ms", "longest GC ms"),
             ("app_cpu_pct", "app CPU %"), ("app_cpu_ms_per_call_min", "CPU ms/call-min"),
             ("mb_per_call", "MB/call"), ("sim_cpu_pct", "sim CPU %"),
         ], nd=3))

@@ -150,7 +150,7 @@ class SessionShell:
         create_timeout: float = 120.0,
         response_timeout: float = 300.0,
         max_conflict_retries: int = 20,
-        gate_slice_s: float = 0.05,
+        gate_slice_s: float = 1.0,
         tool_timeout: float = 30.0,
         context: Any = None,
         secret: Secret | None = None,

@@ -17,14 +17,17 @@ the wire order is the order the app asked for. Control events, the gate and
 the reconnect's replay stay the writer's alone.
 
 An in-band ``response.create`` at the head waits on the :class:`ResponseGate`
-in timed slices (``slice_s``, default 50 ms). The gate's condition cuts a
+in timed slices (``slice_s``, default 1 s). The gate's condition cuts a
 slice short the moment it drains, so the wake-up costs microseconds, and a
 *poke* cuts it short when mic audio or an urgent event (cancel, truncate)
-arrives, so neither waits for the slice to end. Between slices the writer
-flushes audio, checks the create's deadline (a slice never runs past it),
-looks for stale responses and notices shutdown. DESIGN.md asked for slices of
-a few ms; with pokes nothing needs them that short, and 5 ms slices cost 15%
-of a core at 200 sessions (benchmarks/bench_scale.py).
+arrives, so neither waits for the slice to end; closing the gate (shutdown)
+wakes it too, and a slice never runs past the create's deadline. Between
+slices the writer only looks for stale responses, whose timeout is minutes.
+DESIGN.md asked for slices of a few ms, then 50 ms; with pokes nothing needs
+them short, and every slice end wakes a thread: 5 ms slices cost 15 % of a
+core at 200 sessions (benchmarks/bench_scale.py), and 50 ms slices were a
+fifth of the app's CPU with 300 SIP calls each holding a prompt behind its
+greeting (6,000 wake-ups a second; benchmarks/bench_phone.py).
 
 ``on_evict`` (the session's stale-response check) runs between those slices
 and, when the writer is idle, every ``idle_check_s`` (the session passes a tenth of
@@ -98,7 +101,7 @@ class Writer:
         on_evict: Callable[[], None] | None = None,
         send_gated: Callable[[str, float], None] | None = None,
         skip: Callable[[dict[str, Any]], bool] | None = None,
-        slice_s: float = 0.05,
+        slice_s: float = 1.0,
         max_audio_chunks: int = 250,
         name: str = "rtqueue-writer",
         idle_check_s: float = _IDLE_CHECK_S,

@@ -199,6 +199,7 @@ def test_bench_phone_quick(runs: Runs) -> None:
     assert twilio["barge_p99_ms"] is not None and twilio["trunc_err_p99_ms"] is not None
     assert sip["user_visible_conflicts"] == 0 and sip["lost_intents"] == 0  # server races are retried
     assert sip["attached"] == sip["calls"] == sip["calls_ended"] and sip["gate_samples"] > 0
+    assert sip["workload"] == "arrivals" and sip["peak_active_calls"] == sip["calls"]  # all on the line at once
     assert (runs.out("phone") / "bench_phone_quick.json").exists()
     assert not (runs.out("phone") / "bench_phone.json").exists()  # --quick never replaces the published run
 
