@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import struct
 import threading
 from typing import Any, Protocol
 
@@ -22,7 +23,12 @@ import websocket  # websocket-client
 from .errors import AuthenticationError, ConnectError, ConnectionLost
 from .secrets import Secret, redact
 
-__all__ = ["Transport", "WebSocketTransport"]
+__all__ = ["SEND_STALL_S", "Transport", "WebSocketTransport"]
+
+#: A send that gets no byte onto the socket for this long means the peer stopped reading: the
+#: connection is lost (ConnectionLost, then the session's usual reconnect). Without it a direct mic
+#: write, or a Twilio bridge I/O thread carrying it, would block for as long as the peer stalls.
+SEND_STALL_S = 5.0
 
 
 class Transport(Protocol):
@@ -132,6 +138,22 @@ class _BufferedWebSocket(websocket.WebSocket):
                     return opcode, bytes(self._rview[pos + head : pos + head + n])
         return super().recv_data(control_frame)
 
+    def _send(self, data: bytes | str) -> int:
+        """One write of the library's send loop, bounded by the socket's send timeout.
+
+        ``SO_SNDTIMEO`` (set at connect) makes a write that cannot queue a
+        byte for that long fail with ``EAGAIN``; the library would wait again
+        (forever, on a blocking socket), so here it is a lost connection. A
+        slow peer that keeps taking bytes never trips it.
+        """
+        sock = self.sock
+        if sock is None:
+            raise websocket.WebSocketConnectionClosedException("socket is already closed.")
+        try:
+            return int(sock.send(data.encode("utf-8") if isinstance(data, str) else data))
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            raise websocket.WebSocketTimeoutException("the peer took no data within the send timeout") from None
+
     def send(self, payload: bytes | str, opcode: int = websocket.ABNF.OPCODE_TEXT) -> int:
         """The library's ``send`` (data and control frames), masking with :func:`_xor_mask`."""
         if opcode == websocket.ABNF.OPCODE_TEXT and isinstance(payload, str):
@@ -177,6 +199,20 @@ class _MaskKeys:
             return key
 
 
+def _set_send_timeout(sock: socket.socket | None, seconds: float) -> None:
+    """``SO_SNDTIMEO``: a blocking send that cannot queue a byte for ``seconds`` fails with EAGAIN."""
+    if sock is None or not seconds > 0:
+        return
+    if os.name == "nt":  # a DWORD of milliseconds
+        value = struct.pack("I", max(1, int(seconds * 1000)))
+    else:  # struct timeval
+        value = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    except (OSError, ValueError):  # a socket type without it: sends stay unbounded, as before
+        pass
+
+
 class WebSocketTransport:
     """A :class:`Transport` on a ``websocket.WebSocket`` (TLS verification always on)."""
 
@@ -188,9 +224,14 @@ class WebSocketTransport:
 
     @classmethod
     def connect(
-        cls, url: str, headers: list[str], *, timeout: float = 10.0, secret: Secret | None = None
+        cls, url: str, headers: list[str], *, timeout: float = 10.0, secret: Secret | None = None,
+        send_stall_s: float = SEND_STALL_S,
     ) -> WebSocketTransport:
-        """Open the socket and finish the HTTP upgrade, or raise :class:`ConnectError`."""
+        """Open the socket and finish the HTTP upgrade, or raise :class:`ConnectError`.
+
+        ``send_stall_s``: a send that gets no byte out for this long fails with
+        :class:`ConnectionLost` (see :data:`SEND_STALL_S`).
+        """
         try:
             ws = websocket.create_connection(
                 url,
@@ -211,6 +252,7 @@ class WebSocketTransport:
             # from None: the cause's repr could carry request headers.
             raise ConnectError(redact(f"cannot connect to {url}: {exc}", secret)) from None
         ws.settimeout(None)  # the reader blocks; abort() wakes it
+        _set_send_timeout(ws.sock, send_stall_s)
         ws.set_mask_key(_MaskKeys())
         return cls(ws, secret)
 

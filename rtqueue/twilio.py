@@ -607,10 +607,13 @@ class TwilioOutput(AudioOutput):
                 victims = {f.item_id for f in self._queue} | {m.item_id for m in self._marks.values()}
                 if current is not None:
                     victims.add(current)
-                    # Freeze what was heard at this instant: the clock's share of the frame playing now
-                    # counts, the rest of it (and everything after) is dropped by the clear.
-                    item = self._item_locked(current)
-                    heard = self._heard_locked(current, self._clock(), delayed=False)
+                # Freeze what was heard at this instant, for every item still on the line (one queued
+                # behind another may have played whole): the model's share of the frame playing now
+                # counts, the rest of it (and everything after) is dropped by the clear.
+                now = self._clock()
+                for item_id in victims:
+                    item = self._item_locked(item_id)
+                    heard = self._heard_locked(item_id, now, delayed=False)
                     if heard > item.heard:
                         self._heard += heard - item.heard
                         item.heard = heard
@@ -761,6 +764,8 @@ class TwilioOutput(AudioOutput):
             with self._cond:
                 ready = bool(self._queue) and not (stop is not None and stop.is_set()) and not self._closed
                 room = ready and self._writable is not None and self._writable()
+                if self._clear_pending and direct and not (self._writable is not None and self._writable()):
+                    return False  # a deferred clear on a full socket is the worker's: this thread never waits
                 if self._clear_pending:
                     self._clear_pending = False
                     frame = None
@@ -988,6 +993,7 @@ class TwilioCall:
     def _end(self) -> None:
         self._stop.set()
         self._started.set()
+        self._link.stop_writers()  # a write waiting for room on a line that stopped reading gives up
         self.output.wake()
 
     # -- the bridge's I/O loop calls these (LinkHandler) ---------------------------------------------
@@ -1336,17 +1342,27 @@ class TwilioBridge:
             if link.handler is None:  # still in the opening handshake: drop it now
                 link.abort()
         for call in calls:
-            call.shut(1001)
+            call.shut(1001)  # its worker stops writing (a write waiting for room fails) and closes the link
         deadline = time.monotonic() + timeout
+        self._join_workers(deadline)
+        loop.stop(max(0.1, deadline - time.monotonic()))
+        self._join_workers(deadline)  # a call opened meanwhile, or a worker the dropped links woke
+
+    def _join_workers(self, deadline: float) -> None:
         me = threading.current_thread()
         threads: list[threading.Thread] = []
         with self._lock:
-            for call in list(self._calls.values()) + self._ended:
-                threads += call.threads()
+            calls = list(self._calls.values()) + self._ended
+        for call in calls:
+            # Called from one of this call's own session threads (an event callback): its worker is
+            # closing that session and waits for this very thread, so it is not waited for here.
+            own = getattr(call.session, "threads", None)
+            if callable(own) and me in own():
+                continue
+            threads += call.threads()
         for t in threads:
             if t is not me and t.is_alive():
                 t.join(max(0.0, deadline - time.monotonic()))
-        loop.stop(max(0.1, deadline - time.monotonic()))
 
     # -- state --------------------------------------------------------------------------------------
 
@@ -1425,7 +1441,14 @@ class TwilioBridge:
             self._total += 1
             closing = self._closing
             self._changed.notify_all()
-        worker.start()
+        try:
+            worker.start()
+        except BaseException:  # out of threads, say: the call never runs, so it must not hold a slot
+            with self._lock:
+                self._calls.pop(index, None)
+                self._failed += 1
+                self._changed.notify_all()
+            raise
         if closing:
             call.shut(1001)
         return call

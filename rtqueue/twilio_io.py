@@ -1,12 +1,16 @@
-"""One thread for every Twilio Media Streams socket: websockets' sans-I/O protocol over a selector.
+"""The Twilio Media Streams sockets on a few I/O threads: websockets' sans-I/O protocol over selectors.
 
 :class:`MediaLoop` is the socket layer under :class:`rtqueue.twilio.TwilioBridge`.
-One thread ("rtqueue-twilio-io") accepts connections and reads every call's
-socket; the WebSocket protocol itself (handshake, framing, ping/pong, the
-closing handshake) is ``websockets.server.ServerProtocol``, the library's
-sans-I/O core, fed with the bytes read. Each text message is handed to the
-link's handler on this thread, which must not block (the bridge's handler
-only parses, queues and hands audio on).
+``threads`` reactor threads ("rtqueue-twilio-io-1".."-N") read every call's
+socket, each call's on one of them; the first also accepts connections and
+gives each new one to the reactor with the fewest. The WebSocket protocol
+itself (handshake, framing, ping/pong, the closing handshake) is
+``websockets.server.ServerProtocol``, the library's sans-I/O core, fed with
+the bytes read. Each text message is handed to the link's handler on its
+reactor's thread, which must not block (the bridge's handler only parses,
+queues and hands audio on; see :mod:`rtqueue.twilio` for the one exception,
+caller audio written to the OpenAI socket, bounded by the transport's send
+timeout).
 
 Why not websockets' threaded server: it runs three threads per connection
 (a receive thread, the handler's and a keepalive thread) and passes every
@@ -14,20 +18,28 @@ message from one to the next through a queue. Twilio sends fifty messages a
 second per call, so at 200 calls that hand-off was the largest share of the
 bridge's CPU, and 600 threads took turns at the GIL. Here a readable socket
 costs one ``recv`` for however many messages it holds, and no thread wakes
-another.
+another. Why several reactors: a thread that makes a system call gives up
+the GIL and waits to get it back; one reactor for 200 calls spent more time
+waiting than working.
 
 Writes come from any thread (:meth:`Link.send_text`: the call's worker, or the
-session's reader writing a ``clear``). Sockets are non-blocking: bytes the
-socket does not take at once wait in the link's outbox, which the loop flushes
-when the socket has room; a writer whose outbox holds more than
-``_OUTBOX_MAX`` bytes waits for it to drain (the back-pressure a blocking
-socket gave). So the loop thread never blocks on a write, and one slow caller
-never holds up the others.
+session's reader writing frames and the ``clear``). Sockets are non-blocking:
+bytes the socket does not take at once wait in the link's outbox, which the
+reactor flushes when the socket has room; a writer whose outbox holds more
+than ``_OUTBOX_MAX`` bytes waits for it to drain (the back-pressure a
+blocking socket gave) unless :meth:`Link.stop_writers` was called, and the
+reactor stops reading a link whose outbox is over that bound (a peer that
+pings and never reads cannot make it queue without end). So a reactor never
+blocks on a write, and one slow caller never holds up the others.
 
-Locks: a link's ``_wlock`` (outbox and socket writes), then its ``_plock``
-(the protocol object). Held for microseconds, never across a handler call or
-a wait other than a writer's wait for room (on ``_wlock``'s condition, which
-releases it). Only the loop thread closes a socket.
+Locks, in this order: the caller's own (``TwilioOutput``'s send lock), then a
+link's ``_wlock`` (outbox and socket writes), then its ``_plock`` (the
+protocol object); a reactor's ``_lock`` (its set of links) is taken alone.
+Held for microseconds, never across a handler call or a wait other than a
+writer's wait for room (on ``_wlock``'s condition, which releases it). Only a
+reactor thread closes a socket (:meth:`Link.drop`); other threads ask with
+:meth:`Link.abort`. :meth:`Link.close` blocks (at most its timeout, plus a
+second for the abort): never call it on a reactor thread.
 """
 
 from __future__ import annotations
@@ -55,7 +67,8 @@ __all__ = ["Link", "LinkHandler", "MediaLoop", "Reactor"]
 log = logging.getLogger("rtqueue.twilio")
 
 _READ_SIZE = 256 * 1024
-_OUTBOX_MAX = 256 * 1024  # bytes waiting for the socket before a writer blocks
+_OUTBOX_MAX = 256 * 1024  # bytes waiting for the socket before a writer blocks (and the link is not read)
+_SEND_CHUNK = 64 * 1024  # small queued messages are joined into writes of about this size
 _TICK = 0.25  # resolution of the timers (open, close and keepalive timeouts)
 
 
@@ -99,6 +112,8 @@ class Link:
         self._eof_pending = False  # half-close once the outbox is flushed (websockets' SEND_EOF)
         self._watching_write = False
         self._waiting = 0  # writers waiting for room
+        self._writers_stopped = False
+        self._read_paused = False  # reads suspended while the outbox is over its bound (on_readable)
         self.dropped = False
         self._deaf = False  # the handler wants no more messages
         self._fragments: list[bytes] | None = None
@@ -123,13 +138,13 @@ class Link:
         bytes. Raises :class:`ConnectionLost` if the connection is not open.
         """
         with self._room:
-            while self._outbox_bytes > _OUTBOX_MAX and not self.dropped:
+            while self._outbox_bytes > _OUTBOX_MAX and not self.dropped and not self._writers_stopped:
                 self._waiting += 1
                 try:
                     self._room.wait(1.0)
                 finally:
                     self._waiting -= 1
-            if self.dropped or self._proto.state is not State.OPEN:
+            if self.dropped or self._writers_stopped or self._proto.state is not State.OPEN:
                 raise ConnectionLost("the Twilio stream is closed")
             with self._plock:
                 for text in texts:
@@ -138,6 +153,15 @@ class Link:
             at = time.monotonic() if not self._outbox else None
             self._write_locked(out)
             return at
+
+    def stop_writers(self) -> None:
+        """From now on :meth:`send_text` fails at once, and a writer waiting for room gives up (any thread).
+
+        The call is ending: nothing more is to be written but the close frame (:meth:`close`).
+        """
+        with self._room:
+            self._writers_stopped = True
+            self._room.notify_all()
 
     def writable(self) -> bool:
         """True if a short message would go to the socket now (nothing waits in the outbox)."""
@@ -177,7 +201,15 @@ class Link:
     def _flush_locked(self) -> None:
         outbox = self._outbox
         while outbox and not self.dropped:
-            data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+            if len(outbox) > 1 and len(outbox[0]) < _SEND_CHUNK:
+                # Small messages go out together, up to _SEND_CHUNK: one system call, and never a copy
+                # of the whole outbox per attempt (a line draining slowly would make that quadratic).
+                parts, size = [], 0
+                while outbox and size < _SEND_CHUNK:
+                    size += len(outbox[0])
+                    parts.append(outbox.popleft())
+                outbox.appendleft(b"".join(parts))
+            data = outbox[0]
             try:
                 n = self.socket.send(data)
             except (BlockingIOError, InterruptedError):
@@ -187,12 +219,11 @@ class Link:
                 outbox.clear()
                 self._outbox_bytes = 0
                 break
-            outbox.clear()
+            self._outbox_bytes -= n
             if n < len(data):
-                outbox.append(data[n:])
-            self._outbox_bytes = len(data) - n
-            if n == 0 or n < len(data):
+                outbox[0] = data[n:]
                 break
+            outbox.popleft()
         if not outbox and self._eof_pending and not self.dropped:
             self._eof_pending = False
             with contextlib.suppress(OSError):
@@ -208,17 +239,26 @@ class Link:
                 return
             want = bool(self._outbox or self._eof_pending)
             self._watching_write = want
-        self._reactor.watch(self, write=want)
+        self._reactor.watch(self, write=want, read=not self._read_paused)
 
     def on_writable(self) -> None:
         with self._wlock:
             self._flush_locked()
             want = bool(self._outbox or self._eof_pending) and not self.dropped
             self._watching_write = want
-        if not want:
-            self._reactor.watch(self, write=False)
+            resume = self._read_paused and self._outbox_bytes <= _OUTBOX_MAX // 2
+            if resume:
+                self._read_paused = False
+        if not want or resume:
+            self._reactor.watch(self, write=want, read=not self._read_paused)
 
     def on_readable(self) -> None:
+        if self._outbox_bytes > _OUTBOX_MAX:
+            # The peer does not read what we owe it (pongs, say): stop reading it until it does, so
+            # it cannot make us queue without bound. The kernel's buffers push back on it meanwhile.
+            self._read_paused = True
+            self._reactor.watch(self, write=True, read=False)
+            return
         try:
             data = self.socket.recv(_READ_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -380,6 +420,12 @@ class Reactor:
         with self._lock:
             return list(self._links)
 
+    def begin_stop(self) -> None:
+        """From now on :meth:`reserve` refuses, and the thread drops its links and ends (any thread)."""
+        with self._lock:
+            self.stopping = True
+        self.call_soon(lambda: None)  # wake it to see it
+
     def load(self) -> int:
         with self._lock:
             return len(self._links)
@@ -390,18 +436,24 @@ class Reactor:
         with contextlib.suppress(BlockingIOError, OSError):  # a full wake socket is awake enough
             self._wake_w.send(b"\0")
 
-    def reserve(self, link: Link) -> None:
-        """Count ``link`` as this reactor's from now on (any thread); :meth:`adopt` then watches it."""
+    def reserve(self, link: Link) -> bool:
+        """Count ``link`` as this reactor's from now on (any thread); :meth:`adopt` then watches it.
+
+        False once the reactor is stopping: the caller closes the link's socket.
+        """
         with self._lock:
+            if self.stopping:
+                return False
             self._links.add(link)
+            return True
 
     def adopt(self, link: Link) -> None:
         """Start reading ``link`` (this thread)."""
         if not link.closed.is_set():
             self.sel.register(link.socket, selectors.EVENT_READ, link)
 
-    def watch(self, link: Link, *, write: bool) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+    def watch(self, link: Link, *, write: bool, read: bool = True) -> None:
+        events = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write or not read else 0)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.sel.modify(link.socket, events, link)
 
@@ -454,10 +506,13 @@ class Reactor:
                 self.cpu_s += time.thread_time() - cpu
                 if spent > self.longest_s:
                     self.longest_s = spent
-                if self.stopping and not self._tasks:
-                    with self._lock:
-                        if not self._links:
-                            return
+                if self.stopping:
+                    for link in self.links():  # a link reserved while stop() was looking, too
+                        link.drop()
+                    if not self._tasks:
+                        with self._lock:
+                            if not self._links:
+                                return
         except Exception:  # a bug here must not leave calls hanging: drop them all
             log.exception("twilio: an I/O thread failed; dropping its calls")
             for link in self.links():
@@ -526,10 +581,9 @@ class MediaLoop:
         """Drop every link, end the threads and close the loop's sockets. Idempotent, any thread."""
         self.stop_accepting()
         for r in self._reactors:
-            r.stopping = True
-            for link in r.links():
-                link.abort()
-            r.call_soon(lambda: None)  # wake it to see it is stopping
+            r.begin_stop()
+        if not self._reactors[0].thread.is_alive():
+            self._close_listener()  # never started (or already ended): no thread will run the task
         deadline = time.monotonic() + timeout
         me = threading.current_thread()
         for r in self._reactors:
@@ -561,7 +615,9 @@ class MediaLoop:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             reactor = min(self._reactors, key=Reactor.load)
             link = Link(self, reactor, sock, peer, max_size=self._max_size)
-            reactor.reserve(link)
+            if not reactor.reserve(link):  # stopping
+                sock.close()
+                continue
             if reactor is self._reactors[0]:
                 reactor.adopt(link)
             else:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
 import websocket
 from websockets.sync.server import ServerConnection, serve
+from websockets.utils import accept_key
 
 from rtqueue.errors import ConnectionLost
 from rtqueue.transport import WebSocketTransport, _BufferedWebSocket, _MaskKeys, _xor_mask
@@ -136,6 +138,42 @@ def test_common_frames_skip_the_library_parser_and_the_rest_still_use_it() -> No
             t.send("bye")
         finally:
             t.shutdown()
+
+
+def test_a_peer_that_stops_reading_is_connection_lost_within_the_send_timeout() -> None:
+    """A send that gets no byte out for ``send_stall_s`` fails with ConnectionLost instead of blocking forever."""
+    done = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    def peer() -> None:  # completes the handshake, then never reads again
+        conn, _ = listener.accept()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n")
+        done.wait(30.0)
+        conn.close()
+
+    thread = threading.Thread(target=peer, name="test-stalled-peer", daemon=True)
+    thread.start()
+    t = WebSocketTransport.connect(f"ws://127.0.0.1:{listener.getsockname()[1]}/", [], timeout=5.0,
+                                   send_stall_s=0.3)
+    t._ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    try:
+        began = time.monotonic()
+        with pytest.raises(ConnectionLost, match="send"):
+            for _ in range(2000):  # at most ~130 MB: the buffers fill long before
+                t.send("x" * 65536)
+        assert time.monotonic() - began < 10.0
+    finally:
+        done.set()
+        t.shutdown()
+        listener.close()
+        thread.join(5.0)
 
 
 def test_peer_vanishing_mid_frame_is_connection_lost() -> None:

@@ -1,4 +1,7 @@
-"""Review findings on the Twilio I/O redesign (f5642c8..1e7412a), each a strict xfail until fixed.
+"""Review findings on the Twilio I/O redesign (f5642c8..1e7412a), each fixed since but one.
+
+The one left is a strict xfail: a stalled OpenAI socket holds up its I/O thread until the
+transport's send timeout (``rtqueue.transport.SEND_STALL_S``) fails the write.
 
 The playout-model tests run TwilioOutput on the fake clock of tests/test_twilio_io.py. The I/O
 tests use real loopback sockets. A caller that stops reading is a raw socket with a tiny receive
@@ -89,8 +92,6 @@ class NoSession:
 # The playout model
 
 
-@pytest.mark.xfail(strict=True, reason="interrupt() freezes the model's position for the current item only; an "
-                   "earlier item the model had finished playing falls back to its echoed position (0)")
 def test_a_cut_keeps_what_the_model_played_of_the_item_before() -> None:
     """'a' then 'b' (100 ms each) written at t=0, no echoes. At t=0.15 the model has played all of 'a'
     and 50 ms of 'b'. A barge-in cuts 'b' at 50 ms, and 'a' still counts as heard. Its marks were
@@ -110,9 +111,6 @@ def test_a_cut_keeps_what_the_model_played_of_the_item_before() -> None:
     assert stats["dropped_ms"] == pytest.approx(50.0, abs=1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="_write_one(direct=True) writes a pending clear without checking "
-                   "writable(): play() (the session's reader, under the audio lock) then writes to a socket "
-                   "without room, and Link.send_text waits there while the outbox is over its bound")
 def test_play_leaves_a_deferred_clear_to_the_worker_while_the_socket_has_no_room() -> None:
     """The socket is full, so interrupt() defers its clear to the worker. New audio then comes to
     play() while the socket is still full. play() must write nothing: per its doc it writes only
@@ -136,9 +134,6 @@ def test_play_leaves_a_deferred_clear_to_the_worker_while_the_socket_has_no_room
 # The bridge and the I/O loop
 
 
-@pytest.mark.xfail(strict=True, reason="TwilioBridge.close() joins workers before it drops any link; a worker "
-                   "blocked in Link.send_text on a peer that stopped reading ignores shut(), so close() spends "
-                   "its whole timeout on that join and only then drops the links")
 def test_close_ends_a_call_whose_worker_is_blocked_on_a_caller_that_stopped_reading() -> None:
     """A caller that stops reading while a long answer plays: the worker waits for room in
     Link.send_text. close(timeout=3) should close that call within about its close_timeout (0.5 s)
@@ -164,8 +159,6 @@ def test_close_ends_a_call_whose_worker_is_blocked_on_a_caller_that_stopped_read
             sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="MediaLoop.stop() aborts only the links each reactor held when it looked; "
-                   "a connection reserved a moment later is never dropped, so its reactor outlives stop()")
 def test_stop_drops_a_connection_accepted_while_it_runs() -> None:
     """Reactor 0 accepts a connection at the moment another thread calls stop(). The new link must
     be dropped too, and every thread must end within stop()'s timeout. To make the interleaving
@@ -195,9 +188,6 @@ def test_stop_drops_a_connection_accepted_while_it_runs() -> None:
         client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="close() from a call's event callback joins that call's worker, whose "
-                   "session.close() joins the very dispatcher thread running close(): each waits for the other "
-                   "until a timeout")
 def test_close_from_an_event_callback_does_not_wait_for_its_own_call() -> None:
     """An event handler of call 1 (on its session's dispatcher) calls bridge.close(timeout=2). The
     call's worker then closes the session, which joins that dispatcher. close() should not wait for
@@ -234,9 +224,6 @@ def test_close_from_an_event_callback_does_not_wait_for_its_own_call() -> None:
         bridge.close(UNIT)
 
 
-@pytest.mark.xfail(strict=True, reason="_open() registers the call before worker.start(); when the start raises "
-                   "(no more threads), the link is dropped but the call stays in _calls for good: it counts as "
-                   "live and holds a max_calls slot")
 def test_a_call_whose_worker_cannot_start_frees_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
     """max_calls=1. Starting the first call's worker fails, so that call is dropped. A second caller
     should then get through. Today it gets HTTP 503 ('too many calls') for as long as the bridge
@@ -264,9 +251,6 @@ def test_a_call_whose_worker_cannot_start_frees_its_slot(monkeypatch: pytest.Mon
         bridge.close(UNIT)
 
 
-@pytest.mark.xfail(strict=True, reason="the reactor keeps reading a link whose outbox is over _OUTBOX_MAX, and "
-                   "pongs (and the close reply) are queued without a bound: a peer that pings and never reads "
-                   "grows the outbox without limit")
 def test_a_peer_that_pings_and_never_reads_cannot_grow_the_outbox_without_bound() -> None:
     """8 MB of pings from a peer that reads nothing. Back-pressure should stop the reading, or the
     link should be failed. Today the outbox grows more than 20 times its 256 KiB bound."""
@@ -292,9 +276,10 @@ def test_a_peer_that_pings_and_never_reads_cannot_grow_the_outbox_without_bound(
             sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="TwilioInput.feed runs the session's audio callback on the shared I/O "
-                   "thread, and the writer's direct path does a blocking send on the OpenAI socket there: one "
-                   "stalled OpenAI connection freezes every call on that reactor")
+@pytest.mark.xfail(strict=True, reason="known limit: caller audio is written to the OpenAI socket on "
+                   "the I/O thread (no thread wake-up per chunk); a real socket that takes no bytes fails "
+                   "after transport.SEND_STALL_S (5 s) and the session reconnects, so the stall is bounded, "
+                   "but the other calls of that I/O thread wait that long (this mock never fails)")
 def test_a_stalled_openai_socket_does_not_freeze_the_other_calls() -> None:
     """io_threads=1. Call 1's OpenAI socket stops taking data (its send blocks, as a blocking socket
     with a full send buffer does). Call 1's caller audio then reaches that send on the I/O thread.
