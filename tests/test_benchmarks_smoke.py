@@ -169,7 +169,10 @@ def test_bench_scale_quick(runs: Runs) -> None:
     assert stores["history"]["entries_per_session"] > 0 and stores["history"]["bytes_per_entry"] > 0
     assert row["other_growth_mb_per_min"] is None or isinstance(row["other_growth_mb_per_min"], float)
     client = row["scheduler"]["client"]  # Linux schedstat, per thread kind
-    assert client["rtqueue-reader"]["switches_in_per_s"] > 0 and client["rtqueue-writer"]["cpu_pct"] > 0
+    # The writer sends the gated creates (it wakes), though with direct mic writes and 1 s gate slices
+    # its CPU share can round to 0.0 % in a short run.
+    assert client["rtqueue-reader"]["switches_in_per_s"] > 0 and client["rtqueue-writer"]["switches_in_per_s"] > 0
+    assert client["rtqueue-writer"]["cpu_pct"] >= 0
     assert client["total"]["switches_in_per_s"] >= client["rtqueue-writer"]["switches_in_per_s"]
     assert row["scheduler"]["sim"]["total"]["cpu_pct"] > 0
     machine = row["machine_cpu"]  # /proc/stat over the same window: was someone else busy?
