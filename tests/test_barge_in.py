@@ -121,6 +121,8 @@ def _get(cut: Any, name: str) -> Any:
 
 def check_outcomes(sim: Simulator, outcomes: list[Outcome]) -> None:
     """Every truncate is floor(min(played, received)), on the wire as computed; nothing cancelled twice."""
+    client = sim.client_events()
+    cancels = Counter(e["response_id"] for e in client if e["type"] == "response.cancel")
     for o in outcomes:
         played, received, truncated = _get(o.cut, "played_ms"), _get(o.cut, "received_ms"), _get(o.cut, "truncated_ms")
         expected = math.floor(min(played, received))
@@ -129,10 +131,12 @@ def check_outcomes(sim: Simulator, outcomes: list[Outcome]) -> None:
             assert o.response.status == "completed"
         elif o.how == "vad":
             assert o.response.status == "cancelled" and o.response.status_details["reason"] == "turn_detected"
+        elif o.response.status == "completed":
+            # "mid" is a few words in; on a loaded machine the rest can be generated before the cancel
+            # leaves. Then rtqueue withholds it (the response.done was read): no cancel on the wire.
+            assert o.response.id not in cancels, o
         else:
             assert o.response.status == "cancelled" and o.response.status_details["reason"] == "client_cancelled"
-    client = sim.client_events()
-    cancels = Counter(e["response_id"] for e in client if e["type"] == "response.cancel")
     assert all(n == 1 for n in cancels.values()), cancels
     # The server VAD cancels by itself: the client never did for those responses.
     assert not {o.response.id for o in outcomes if o.how == "vad"} & set(cancels)
