@@ -363,10 +363,10 @@ class _Mark:
     item_id: str
     start: int
     end: int
-    # Twilio's playout of the frame as modelled (see TwilioOutput): None while the frame is being written.
-    plays_at: float | None = None
-    ends_at: float | None = None
-    landed: bool = False  # the write returned (until then the frame is not counted as playing)
+    # Twilio's playout of the frame as modelled (see TwilioOutput).
+    plays_at: float
+    ends_at: float
+    landed: bool  # on the socket (until then the frame is not counted as playing)
 
 
 class TwilioOutput(AudioOutput):
@@ -730,8 +730,7 @@ class TwilioOutput(AudioOutput):
                     item.heard = pending.end
                 if mark == name:
                     break
-            if pending.ends_at is not None:
-                self._echo_lags.append(self._clock() - pending.ends_at)
+            self._echo_lags.append(self._clock() - pending.ends_at)
             self._cond.notify_all()
 
     def write_pending(self, stop: threading.Event) -> bool:
@@ -773,16 +772,15 @@ class TwilioOutput(AudioOutput):
                     frame = self._queue.popleft()
                     self._queued -= len(frame.payload)
                     name = f"{frame.item_id}/{next(self._seq)}"
-                    written = _Mark(frame.item_id, frame.end - len(frame.payload), frame.end)
-                    # A socket with room takes the frame at once (the bridge's never block): it counts
-                    # as written now, not once this thread gets the GIL back after the system call.
-                    written.landed = room
                     # Twilio plays it from the moment it is written (just below, under the send lock,
                     # and timed before the write: a thread may wait long for the GIL after a system
-                    # call), or once the audio before it is done.
-                    written.plays_at = max(self._clock(), self._play_end)
-                    duration = PCMU.ms(len(frame.payload)) / 1000.0 / self._speed
-                    written.ends_at = self._play_end = written.plays_at + duration
+                    # call), or once the audio before it is done. A socket with room takes the frame
+                    # at once (the bridge's never block): it counts as written now ("landed"), not
+                    # once this thread gets the GIL back after the system call.
+                    plays_at = max(self._clock(), self._play_end)
+                    self._play_end = plays_at + PCMU.ms(len(frame.payload)) / 1000.0 / self._speed
+                    written = _Mark(frame.item_id, frame.end - len(frame.payload), frame.end, plays_at,
+                                    self._play_end, landed=room)
                     self._marks[name] = written
                     item = self._items.get(frame.item_id)
                     if item is not None:
@@ -842,7 +840,7 @@ class TwilioOutput(AudioOutput):
         # smallest recent echo lag (an echo comes back one more delay after its audio played).
         t = now - (max(0.0, min(self._echo_lags)) / 2.0 if delayed and self._echo_lags else 0.0)
         for mark in self._marks.values():  # in playout order, items one after the other
-            if not mark.landed or mark.plays_at is None or mark.ends_at is None or t <= mark.plays_at:
+            if not mark.landed or t <= mark.plays_at:
                 break
             if t < mark.ends_at:  # this frame is playing
                 if mark.item_id == item_id:
@@ -860,7 +858,7 @@ class TwilioOutput(AudioOutput):
             tail: _Mark | None = None
             for mark in self._marks.values():
                 tail = mark
-                if not mark.landed or mark.ends_at is None or now < mark.ends_at:
+                if not mark.landed or now < mark.ends_at:
                     return mark.item_id
             if self._queue:
                 return self._queue[0].item_id

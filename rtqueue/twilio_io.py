@@ -390,15 +390,11 @@ class Link:
             except Exception:
                 log.exception("twilio: a call's close handler raised")
 
-    def fileno(self) -> int:
-        return self.socket.fileno()
-
 
 class Reactor:
     """One I/O thread: a selector over its share of the links, a wake-up socket and a queue of tasks."""
 
     def __init__(self, name: str) -> None:
-        self.name = name
         self.sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
