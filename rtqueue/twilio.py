@@ -107,6 +107,11 @@ SessionFactory = Callable[["TwilioCall"], "Session"]
 # Values
 
 
+def _check_ms(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 10 <= value <= 1000:
+        raise InvalidArgument(f"{name} must be an int within 10..1000, not {value!r}")
+
+
 def _check_speed(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
         raise InvalidArgument(f"playout_speed must be a number > 0, not {value!r}")
@@ -235,8 +240,7 @@ class TwilioInput(AudioInput):
     format: AudioFormat = PCMU
 
     def __init__(self, *, backlog_ms: int = 2000, chunk_ms: int = 40) -> None:
-        if isinstance(chunk_ms, bool) or not isinstance(chunk_ms, int) or not 10 <= chunk_ms <= 1000:
-            raise InvalidArgument(f"chunk_ms must be an int within 10..1000, not {chunk_ms!r}")
+        _check_ms("chunk_ms", chunk_ms)
         self.muted = False
         self.chunk_ms = chunk_ms
         self._chunk_bytes = PCMU.nbytes(chunk_ms)
@@ -423,8 +427,7 @@ class TwilioOutput(AudioOutput):
         clock: Callable[[], float] = time.monotonic,
         playout_speed: float = 1.0,
     ) -> None:
-        if isinstance(frame_ms, bool) or not isinstance(frame_ms, int) or not 10 <= frame_ms <= 1000:
-            raise InvalidArgument(f"frame_ms must be an int within 10..1000, not {frame_ms!r}")
+        _check_ms("frame_ms", frame_ms)
         if isinstance(max_backlog_ms, bool) or not isinstance(max_backlog_ms, int) or max_backlog_ms < frame_ms:
             raise InvalidArgument(f"max_backlog_ms must be an int >= frame_ms, not {max_backlog_ms!r}")
         # send(text) writes one text message on the call's socket (it may block while the socket is full;
@@ -1240,10 +1243,8 @@ class TwilioBridge:
         if max_calls is not None and (isinstance(max_calls, bool) or not isinstance(max_calls, int)
                                       or max_calls < 1):
             raise InvalidArgument(f"max_calls must be an int >= 1 or None, not {max_calls!r}")
-        if isinstance(frame_ms, bool) or not isinstance(frame_ms, int) or not 10 <= frame_ms <= 1000:
-            raise InvalidArgument(f"frame_ms must be an int within 10..1000, not {frame_ms!r}")
-        if isinstance(input_chunk_ms, bool) or not isinstance(input_chunk_ms, int) or not 10 <= input_chunk_ms <= 1000:
-            raise InvalidArgument(f"input_chunk_ms must be an int within 10..1000, not {input_chunk_ms!r}")
+        _check_ms("frame_ms", frame_ms)
+        _check_ms("input_chunk_ms", input_chunk_ms)
         if isinstance(io_threads, bool) or not isinstance(io_threads, int) or not 1 <= io_threads <= 64:
             raise InvalidArgument(f"io_threads must be an int within 1..64, not {io_threads!r}")
         if (isinstance(outbound_backlog_ms, bool) or not isinstance(outbound_backlog_ms, int)

@@ -53,10 +53,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -65,6 +65,7 @@ from .errors import ConnectionLost
 __all__ = ["Link", "LinkHandler", "MediaLoop", "Reactor"]
 
 log = logging.getLogger("rtqueue.twilio")
+_T = TypeVar("_T")
 
 _READ_SIZE = 256 * 1024
 _OUTBOX_MAX = 256 * 1024  # bytes waiting for the socket before a writer blocks (and the link is not read)
@@ -198,6 +199,15 @@ class Link:
             self._watching_write = True
             self._reactor.call_soon(self._watch_write)
 
+    def _emit(self, op: Callable[[ServerProtocol], _T]) -> _T:
+        """Run ``op`` on the protocol and queue what it has to send (locks in order: _wlock, _plock)."""
+        with self._wlock:
+            with self._plock:
+                result = op(self._proto)
+                out = self._proto.data_to_send()
+            self._write_locked(out)
+        return result
+
     def _flush_locked(self) -> None:
         outbox = self._outbox
         while outbox and not self.dropped:
@@ -291,12 +301,12 @@ class Link:
         except Exception:
             log.exception("twilio: checking a handshake raised")
             refusal = (500, "internal error\n")
-        with self._wlock:
-            with self._plock:
-                response = self._proto.reject(*refusal) if refusal is not None else self._proto.accept(request)
-                self._proto.send_response(response)
-                out = self._proto.data_to_send()
-            self._write_locked(out)
+        def respond(proto: ServerProtocol) -> Response:
+            response = proto.reject(*refusal) if refusal is not None else proto.accept(request)
+            proto.send_response(response)
+            return response
+
+        response = self._emit(respond)
         if response.status_code != 101:
             self._close_deadline = time.monotonic() + self._loop.close_timeout
             return
@@ -354,18 +364,10 @@ class Link:
             interval = self._loop.ping_interval or 0.0
             if self._ping_sent is not None and now - self._ping_sent > interval:
                 log.info("twilio: no pong for %.0f s; closing the stream", now - self._ping_sent)
-                with self._wlock:
-                    with self._plock:
-                        self._proto.fail(1011, "keepalive ping timeout")
-                        out = self._proto.data_to_send()
-                    self._write_locked(out)
+                self._emit(lambda proto: proto.fail(1011, "keepalive ping timeout"))
                 self._close_deadline = now + self._loop.close_timeout
                 return
-            with self._wlock:
-                with self._plock:
-                    self._proto.send_ping(b"rtqueue")
-                    out = self._proto.data_to_send()
-                self._write_locked(out)
+            self._emit(lambda proto: proto.send_ping(b"rtqueue"))
             if self._ping_sent is None:
                 self._ping_sent = now
             self._next_ping = now + interval
