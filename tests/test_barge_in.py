@@ -59,9 +59,12 @@ class Outcome:
 class Conversation:
     """A session plus what barge-in tests need: words heard per response, interruption events."""
 
-    def __init__(self, session: Session, speaker: Any) -> None:
+    def __init__(self, session: Session, speaker: Any, *, mid_share: float = 1.0) -> None:
         self.session = session
         self.speaker = speaker
+        # A "mid" barge-in comes after k of the answer's n words, k at most mid_share * n: on a
+        # loaded machine the last words can all be generated before the cancel leaves.
+        self.mid_share = mid_share
         self._cond = threading.Condition()
         self._words: Counter[str] = Counter()
         session.on("response.output_audio_transcript.delta", self._on_word)
@@ -97,7 +100,8 @@ class Conversation:
         self.session.send_text(f"Please go on, part {rng.randint(1, 999)}. [len: {words}]")
         handle = self.session.create_response()
         if when == "mid":
-            self.wait_words(handle, rng.randint(1, words - 1))
+            k = rng.randint(1, words - 1)  # one draw whatever mid_share: seeded plans stay the same
+            self.wait_words(handle, max(1, min(k, int(words * self.mid_share))))
         else:
             handle.wait(UNIT)
             st = self.speaker.stats()  # audio accepted but not yet played (FIFO and device-side blocks)
@@ -119,10 +123,15 @@ def _get(cut: Any, name: str) -> Any:
     return cut[name] if isinstance(cut, Event) else getattr(cut, name)
 
 
-def check_outcomes(sim: Simulator, outcomes: list[Outcome]) -> None:
-    """Every truncate is floor(min(played, received)), on the wire as computed; nothing cancelled twice."""
+def check_outcomes(sim: Simulator, outcomes: list[Outcome]) -> int:
+    """Every truncate is floor(min(played, received)), on the wire as computed; nothing cancelled twice.
+
+    Returns how many app cancels crossed their response's ``response.done`` (the server refused
+    each with ``response_cancel_not_active``: checked here against the simulator's count).
+    """
     client = sim.client_events()
     cancels = Counter(e["response_id"] for e in client if e["type"] == "response.cancel")
+    crossed = 0
     for o in outcomes:
         played, received, truncated = _get(o.cut, "played_ms"), _get(o.cut, "received_ms"), _get(o.cut, "truncated_ms")
         expected = math.floor(min(played, received))
@@ -132,9 +141,10 @@ def check_outcomes(sim: Simulator, outcomes: list[Outcome]) -> None:
         elif o.how == "vad":
             assert o.response.status == "cancelled" and o.response.status_details["reason"] == "turn_detected"
         elif o.response.status == "completed":
-            # "mid" is a few words in; on a loaded machine the rest can be generated before the cancel
-            # leaves. Then rtqueue withholds it (the response.done was read): no cancel on the wire.
-            assert o.response.id not in cancels, o
+            # The crossing race no client can avoid: the rest of the answer was generated and its
+            # response.done was on its way while the cancel was. If rtqueue read the done first, it
+            # withholds the cancel; if not, the server refuses it (response_cancel_not_active).
+            crossed += o.response.id in cancels
         else:
             assert o.response.status == "cancelled" and o.response.status_details["reason"] == "client_cancelled"
     assert all(n == 1 for n in cancels.values()), cancels
@@ -143,6 +153,8 @@ def check_outcomes(sim: Simulator, outcomes: list[Outcome]) -> None:
     truncates = {e["item_id"]: e["audio_end_ms"] for e in client if e["type"] == "conversation.item.truncate"}
     computed = {_get(o.cut, "item_id"): _get(o.cut, "truncated_ms") for o in outcomes if _get(o.cut, "truncated_ms")}
     assert truncates == computed
+    assert sim.stats()["cancel_not_active"] == crossed
+    return crossed
 
 
 def test_fifty_random_interruptions_without_a_server_error():
@@ -158,7 +170,7 @@ def test_fifty_random_interruptions_without_a_server_error():
             speaker = NullSpeaker(speed=4.0)  # plays 2x slower than the simulator generates
             with Session.connect(url=sim.url, audio=AudioIO(output=speaker, input=None), turn_detection=VAD,
                                  name=f"barge-{i}") as session:
-                conv = Conversation(session, speaker)
+                conv = Conversation(session, speaker, mid_share=0.5)
                 for how, when in plans[i]:
                     outcomes[i].append(conv.turn(r, how, when, r.randint(6, 12)))
                 conv.events.close()
@@ -174,13 +186,15 @@ def test_fifty_random_interruptions_without_a_server_error():
         assert not failures, failures
         stats = sim.stats()
         flat = [o for per in outcomes for o in per]
-        check_outcomes(sim, flat)
+        crossed = check_outcomes(sim, flat)
         after_playing = sum(1 for o in flat if o.generated and o.playing)
         kinds = Counter((o.how, o.when) for o in flat)
         print(f"\n{len(flat)} interruptions {dict(kinds)}; {after_playing} after generation while playing; "
               f"truncations {stats['truncations']}, server cancels {stats['cancelled']}, errors {stats['errors']}")
         assert len(flat) == 50
-        assert stats["truncate_errors"] == 0 and stats["cancel_not_active"] == 0 and stats["errors"] == {}
+        # A crossing (see check_outcomes) is the one error allowed, and only as a rare race.
+        assert stats["truncate_errors"] == 0 and crossed <= 1
+        assert stats["errors"] == ({"response_cancel_not_active": crossed} if crossed else {})
         assert after_playing >= 10 and min(kinds.values()) >= 5
         assert stats["truncations"] == sum(1 for o in flat if _get(o.cut, "truncated_ms"))
 
@@ -191,12 +205,12 @@ def test_interruptions_on_one_session_match_the_wire():
     speaker = NullSpeaker(speed=4.0)
     with Simulator(speed=8.0, seed=3) as sim:
         with Session.connect(url=sim.url, audio=AudioIO(output=speaker, input=None), turn_detection=VAD) as session:
-            conv = Conversation(session, speaker)
+            conv = Conversation(session, speaker, mid_share=0.5)
             outcomes = [conv.turn(rng, how, when, rng.randint(6, 10))
                         for how in ("app", "vad") for when in ("mid", "after") for _ in range(2)]
             conv.events.close()
-        check_outcomes(sim, outcomes)
-        assert sim.stats()["errors"] == {}
+        crossed = check_outcomes(sim, outcomes)
+        assert sim.stats()["errors"] == ({"response_cancel_not_active": crossed} if crossed else {})
 
 
 def test_client_cancels_when_server_vad_does_not_interrupt():
