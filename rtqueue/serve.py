@@ -69,6 +69,7 @@ from .callstate import (
 from .errors import InvalidArgument, RtqueueError, WebhookVerificationError
 from .handles import ResponseHandle
 from .history import reseed_plan
+from .httpreply import ReplyHandler
 from .protocol import new_event_id
 from .reconnect import ReconnectPolicy
 from .secrets import Secret
@@ -774,44 +775,33 @@ class _Http(http.server.ThreadingHTTPServer):
             t.join(5.0)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(ReplyHandler):
     server: _Http
-    protocol_version = "HTTP/1.0"
-    timeout = 10.0
+    log_name = log.name
 
     def do_GET(self) -> None:
         worker = self.server.worker
         if self.path == "/healthz":
             load = worker.load()
-            self._reply(503 if load.draining else 200, {"ok": not load.draining, "name": load.name,
+            self.reply_json(503 if load.draining else 200, {"ok": not load.draining, "name": load.name,
                                                         "draining": load.draining})
         elif self.path == "/load":
-            self._reply(200, worker.load().to_dict())
+            self.reply_json(200, worker.load().to_dict())
         else:
-            self._reply(404, {"error": "not found"})
+            self.reply_json(404, {"error": "not found"})
 
     def do_POST(self) -> None:
         if self.path != "/webhook":
-            self._reply(404, {"error": "not found"})
+            self.reply_json(404, {"error": "not found"})
             return
         length = int(self.headers.get("Content-Length") or 0)
         if length > _MAX_BODY:
-            self._reply(413, {"error": "too large"})
+            self.reply_json(413, {"error": "too large"})
             return
         body = self.rfile.read(length)
         status, text = self.server.worker.handle_webhook(body, self.headers)
-        self._reply(status, {"result": text})
+        self.reply_json(status, {"result": text})
 
-    def _reply(self, status: int, body: Mapping[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
 
 
 def checkpoint_summary(checkpoints: Iterable[Checkpoint]) -> dict[str, int]:

@@ -62,6 +62,7 @@ from .audio.input import AudioInput, ChunkCallback
 from .audio.output import AudioOutput, PlaybackCut
 from .errors import AudioUnavailable, InvalidArgument, RtqueueError, SessionClosed
 from .formats import PCMU, AudioFormat
+from .httpreply import ReplyHandler
 from .secrets import Secret
 
 if TYPE_CHECKING:
@@ -1555,7 +1556,10 @@ class VoiceWebhook:
 
         hook = self
 
-        class _Handler(http.server.BaseHTTPRequestHandler):
+        class _Handler(ReplyHandler):
+            log_name = log.name
+            log_prefix = "voice webhook: "  # no headers, so no signature, are logged
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
@@ -1567,15 +1571,7 @@ class VoiceWebhook:
             def _answer(self, form: dict[str, str]) -> None:
                 status, body, ctype = hook.answer(self.command, self.path, form,
                                                   self.headers.get("X-Twilio-Signature", ""))
-                data = body.encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("voice webhook: %s", format % args)  # no headers, so no signature, are logged
+                self.reply(status, body.encode("utf-8"), ctype)
 
         self._server = http.server.HTTPServer((self._host, self._port), _Handler)
         self._port = self._server.server_address[1]

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ..errors import InvalidArgument
+from ..httpreply import ReplyHandler
 from .core import SimSession
 from .phone import CallerScript, CallRecord, CallTap, PhoneCall, api_error, default_sip_headers, sign_webhook
 
@@ -489,14 +490,12 @@ class _JoinList(list[threading.Thread]):
         super().append(thread)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(ReplyHandler):
     """``POST /v1/realtime/calls/{call_id}/{action}``; anything else is an OpenAI-style 404."""
 
     server: _HttpServer
-    # One request per connection: a kept-alive idle connection would hold its thread until close.
-    protocol_version = "HTTP/1.0"
-    timeout = 10.0  # a client that stalls mid-request cannot hold its thread for long
     server_version = "rtqueue-sim"
+    log_name = log.name
 
     def do_POST(self) -> None:
         network = self.server.network
@@ -504,35 +503,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if 0 < length <= _MAX_BODY else b""
         if len(parts) != 5 or parts[:3] != ["v1", "realtime", "calls"] or parts[4] not in _ACTIONS:
-            self._reply(404, api_error(f"Invalid URL (POST {self.path})", code=None))
+            self.reply_json(404, api_error(f"Invalid URL (POST {self.path})", code=None))
             return
         refused = network.authorized(self.headers.get("Authorization"))
         if refused is not None:
-            self._reply(*refused)
+            self.reply_json(*refused)
             return
         if length > _MAX_BODY:
-            self._reply(413, api_error("Request body too large.", code=None))
+            self.reply_json(413, api_error("Request body too large.", code=None))
             return
         body: Any = {}
         if raw.strip():
             try:
                 body = json.loads(raw)
             except ValueError:
-                self._reply(400, api_error("We could not parse the JSON body of your request: it is not valid JSON.",
-                                           code=None))
+                why = "We could not parse the JSON body of your request: it is not valid JSON."
+                self.reply_json(400, api_error(why, code=None))
                 return
-        self._reply(*network.request(parts[3], parts[4], body))
+        self.reply_json(*network.request(parts[3], parts[4], body))
 
     def do_GET(self) -> None:
-        self._reply(404, api_error(f"Invalid URL (GET {self.path})", code=None))
+        self.reply_json(404, api_error(f"Invalid URL (GET {self.path})", code=None))
 
-    def _reply(self, status: int, body: dict[str, Any] | None) -> None:
-        data = json.dumps(body).encode() if body is not None else b""
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
