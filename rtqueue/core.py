@@ -622,12 +622,8 @@ class ConversationCore:
                 if rec is not None:
                     rec.cancel_sent = True
                 send_cancel = ending = True
-                actions.append(Send({"type": "response.cancel", "event_id": new_event_id(),
-                                     "response_id": response_id}, front=True))
-        if truncate is not None and truncate[0] in self.history:
-            item_id, ms = truncate
-            actions.append(Send({"type": "conversation.item.truncate", "event_id": new_event_id(),
-                                 "item_id": item_id, "content_index": 0, "audio_end_ms": ms}, front=True))
+                actions.append(_cancel_send(response_id))
+        actions.extend(self._truncate_sends(truncate))
         return actions, send_cancel, ending
 
     def wait_response(self, response_id: str, waiter: Any) -> list[Action]:
@@ -797,6 +793,14 @@ class ConversationCore:
             actions.append(Resolve(w, response))
         return actions
 
+    def _truncate_sends(self, truncate: tuple[str, int] | None) -> list[Action]:
+        """The urgent ``conversation.item.truncate`` of ``(item_id, audio_end_ms)``, if the item is known."""
+        if truncate is None or truncate[0] not in self.history:
+            return []
+        item_id, ms = truncate
+        return [Send({"type": "conversation.item.truncate", "event_id": new_event_id(),
+                      "item_id": item_id, "content_index": 0, "audio_end_ms": ms}, front=True)]
+
     def _on_error(self, event: dict[str, Any], verdict: str | None) -> list[Action]:
         err = ServerError.from_event(event)
         eid = err.event_id
@@ -902,12 +906,8 @@ class ConversationCore:
         agent = rec.agent if rec is not None else None
         if rec is not None and not rec.cancel_sent and response_id not in self._finished:
             rec.cancel_sent = True
-            actions.append(Send({"type": "response.cancel", "event_id": new_event_id(),
-                                 "response_id": response_id}, front=True))
-        if truncate is not None and truncate[0] in self.history:
-            item_id, ms = truncate
-            actions.append(Send({"type": "conversation.item.truncate", "event_id": new_event_id(),
-                                 "item_id": item_id, "content_index": 0, "audio_end_ms": ms}, front=True))
+            actions.append(_cancel_send(response_id))
+        actions.extend(self._truncate_sends(truncate))
         request_eid = rec.request.event_id if rec is not None and rec.request is not None else None
         # A correction's depth is known by its create's event id while it streams, by its response id once done.
         depth = self._correction_depth.get(request_eid if request_eid is not None else response_id, 0)
@@ -1378,6 +1378,11 @@ def response_ids(event: dict[str, Any]) -> tuple[dict[str, Any], str, str | None
     meta = resp.get("metadata")
     eid = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
     return resp, resp["id"], eid if isinstance(eid, str) else None
+
+
+def _cancel_send(response_id: str) -> Send:
+    """``response.cancel`` of ``response_id``, urgent (it jumps the control lane)."""
+    return Send({"type": "response.cancel", "event_id": new_event_id(), "response_id": response_id}, front=True)
 
 
 def _to_front(actions: list[Action]) -> list[Action]:
