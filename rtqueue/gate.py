@@ -13,7 +13,10 @@ state, and wakes waiters when the in-band queue shrank (a release), on
 
 Waiting is on a :class:`threading.Condition`, so a release wakes the writer in
 microseconds; the writer still waits in short slices so it can notice
-shutdown, deadlines and audio between them.
+shutdown, deadlines and audio between them. The thread that read a release
+usually sends the waiting create itself
+(:meth:`rtqueue.writer.Writer.send_held_create`), reserving through
+:meth:`ResponseGate.acquire` with no wait.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ class ResponseGate:
 
     # -- writer side ---------------------------------------------------------
 
-    def acquire(self, event_id: str, timeout: float, *, untagged: bool = False, holder: str | None = None) -> bool:
+    def acquire(self, event_id: str, timeout: float, *, untagged: bool = False, holder: str | None = None,
+                poke_mark: int | None = None) -> bool:
         """Wait up to ``timeout`` seconds for an empty queue, then reserve it for ``event_id``.
 
         The emptiness check and the reservation are one atomic step. Returns
@@ -57,11 +61,15 @@ class ResponseGate:
         metadata, so a ``response.created`` without one is taken as its answer
         (see :meth:`untagged_pending`). ``holder``: the response whose tool
         chain this create continues (it takes over that response's hold).
+        ``poke_mark``: a :meth:`poke_mark` read before the call; a poke since
+        then ends the wait at once (default: pokes from the call on).
         """
         deadline = self._clock() + max(0.0, timeout)
         with self._cond:
-            pokes = self._pokes
+            pokes = self._pokes if poke_mark is None else poke_mark
             while True:
+                if poke_mark is not None and self._pokes != pokes:
+                    return False  # poked since the mark: what the caller waits for may be gone
                 if self._state.can_reserve(holder):
                     # Reserves (empty or our hold) or raises the close error; the clock is read only then.
                     reserved = self._state.try_reserve(event_id, self._clock(), untagged, holder)
@@ -112,6 +120,11 @@ class ResponseGate:
         """Writers inside :meth:`acquire` waiting for the slot now (diagnostics)."""
         with self._cond:
             return self._waiting
+
+    def poke_mark(self) -> int:
+        """How many pokes so far (pass it to :meth:`acquire` so a poke made meanwhile counts)."""
+        with self._cond:
+            return self._pokes
 
     def poke(self) -> None:
         """Make a waiting :meth:`acquire` return ``False`` now (the writer has audio to send)."""

@@ -459,9 +459,10 @@ class SessionShell:
 
     def _route_control(self, typ: str, event: dict[str, Any]) -> None:
         routed = self._router.route(event, self.core, self._mutex)
-        if routed.released and not self.gate.handoff(_HANDOFF_S):
-            # No writer was waiting in the gate (or it did not reserve in time): still let a
-            # thread woken by this release have the GIL before the rest of this frame's work.
+        # After a release, the create the writer holds goes out at once from this thread, which has
+        # the GIL (Writer.send_held_create); failing that, the writer gets the slot before this
+        # frame's other work (handoff); failing that, a thread woken by the release gets the GIL.
+        if routed.released and not self.writer.send_held_create() and not self.gate.handoff(_HANDOFF_S):
             time.sleep(0)
         if routed.error is not None:
             self._note_error(routed.error)

@@ -14,7 +14,13 @@ with hundreds of sessions in one process (benchmarks/bench_scale.py); the
 direct write costs the ~11 us of framing. Order is kept: a chunk goes direct
 only when no earlier chunk and no control event is queued or in flight, so
 the wire order is the order the app asked for. Control events, the gate and
-the reconnect's replay stay the writer's alone.
+the reconnect's replay stay the writer's, with one exception below.
+
+The create the writer waits on in the gate may be sent by the thread that
+read its release (:meth:`Writer.send_held_create`, called by the reader): it
+already holds the GIL, where the woken writer would first have to win it
+from every thread coming back from a system call. The writer sends nothing
+until that send is done, so the order stays the writer's.
 
 An in-band ``response.create`` at the head waits on the :class:`ResponseGate`
 in timed slices (``slice_s``, default 1 s). The gate's condition cuts a
@@ -131,6 +137,8 @@ class Writer:
         self._paused = False
         self._busy = False  # the thread is sending something it took off a lane (under _cond)
         self._direct_inflight = 0  # appending threads inside a direct write (under _cond)
+        self._in_gate: Outbound | None = None  # the create this thread waits on in the gate (under _cond)
+        self._releaser_sending = False  # send_held_create() is sending it: this thread waits (under _cond)
         #: Let the appending thread write mic audio itself when nothing is ahead of it (see the module doc).
         self.direct_audio = direct_audio
         self._parked = threading.Event()  # set while the thread waits because it is paused
@@ -140,6 +148,7 @@ class Writer:
         self.audio_direct = 0  # of audio_sent: chunks the appending thread wrote itself
         self.audio_dropped = 0
         self.audio_sent_while_held = 0  # audio chunks sent while a create waited on the gate
+        self.creates_sent_on_release = 0  # held creates the thread that read their release sent
         self.skipped = 0  # control events dropped as moot by ``skip``
         self.wakeups = 0  # times the thread's wait on its condition returned (direct mic writes add none)
 
@@ -294,7 +303,8 @@ class Writer:
         if not parked and not self._parked.wait(timeout):
             return False
         with self._cond:
-            return self._cond.wait_for(lambda: not self._direct_inflight, max(0.0, deadline - time.monotonic()))
+            return self._cond.wait_for(lambda: not self._direct_inflight and not self._releaser_sending,
+                                       max(0.0, deadline - time.monotonic()))
 
     def resume(self, send: Callable[[str], None] | None = None, *, drop_audio: bool = True) -> None:
         """Continue, optionally on a new ``send`` function (a new socket)."""
@@ -337,9 +347,10 @@ class Writer:
         try:
             while True:
                 more = self._step()
-                if self._busy:  # only this thread sets it; a stale read just takes the lock once more
+                if self._busy:  # a stale read just takes the lock once more
                     with self._cond:
-                        self._busy = False
+                        if not self._releaser_sending:  # that send keeps it until it is out
+                            self._busy = False
                 if not more:
                     break
         except Exception:  # pragma: no cover - a bug; keep it loud
@@ -348,7 +359,13 @@ class Writer:
 
     def _step(self) -> bool:
         with self._cond:
-            while self._stopping is None and (self._paused or (not self._audio and not self._control)):
+            while self._stopping is None and (
+                self._releaser_sending or self._paused or (not self._audio and not self._control)
+            ):
+                if self._releaser_sending:  # the held create is going out on another thread: it goes first
+                    self._cond.wait()
+                    self.wakeups += 1
+                    continue
                 if self._prime:
                     break
                 if self._paused:
@@ -425,10 +442,22 @@ class Writer:
         if self._on_evict is not None:
             self._on_evict()
         wait = self.slice_s if head.deadline is None else max(0.0, min(self.slice_s, head.deadline - now))
+        with self._cond:
+            if not self._control or self._control[0] is not head or self._releaser_sending:
+                return True  # taken meanwhile (send_held_create)
+            self._in_gate = head
+            # Read with _in_gate set: a send_held_create() that sees it pokes after this mark,
+            # so this wait cannot outlast a create already sent.
+            mark = self._gate.poke_mark()
         try:
-            acquired = self._gate.acquire(head.event_id, wait, untagged=head.untagged, holder=head.holder)
+            acquired = self._gate.acquire(head.event_id, wait, untagged=head.untagged, holder=head.holder,
+                                          poke_mark=mark)
         except (SessionClosed, ConnectionLost):
             return True  # stop() is under way; the next step sees it
+        finally:
+            with self._cond:
+                if self._in_gate is head:
+                    self._in_gate = None
         if not acquired:
             return True
         if not self._pop(head):  # withdrawn while we waited
@@ -452,6 +481,89 @@ class Writer:
             return True
         self._gate.note_sent(head.event_id, waited, at=started)
         self._mark_sent(head)
+        return True
+
+    def send_held_create(self) -> bool:
+        """Send, on the calling thread, the in-band create this writer waits on in the gate, if it is free now.
+
+        For the thread that read a release (the reader, right after a
+        ``response.done``). Woken by that release, the writer would first have
+        to win the GIL from every thread coming back from a system call; with
+        hundreds of sessions in one process that wait reached 25 ms, the
+        releasing thread already holds the GIL (benchmarks/RESULTS.md). Nothing
+        else changes: only the create the writer is parked on goes (with its
+        prelude), it reserves the slot as :meth:`ResponseGate.acquire` does
+        (atomically with the emptiness check, and with taking it off the lane),
+        and the writer sends nothing until it is out, so the wire order is the
+        writer's. Returns ``False``, leaving it to the writer, when the writer
+        waits on no such create, the create continues a tool chain (its hold is
+        the writer's to take over), its deadline passed, the writer is paused,
+        replaying or stopping, an appending thread is mid-write, or the gate is
+        not free.
+
+        The calling thread writes to the socket: on a healthy socket a create
+        of a few hundred bytes never blocks; a socket that takes nothing fails
+        after ``transport.SEND_STALL_S`` and the connection is replaced.
+        """
+        now = time.monotonic()
+        with self._cond:
+            head = self._in_gate
+            if (head is None or head.holder is not None or self._paused or self._prime
+                    or self._stopping is not None or self._direct_inflight or self._releaser_sending
+                    or not self._control or self._control[0] is not head
+                    or (head.deadline is not None and now >= head.deadline)):
+                return False
+            try:  # writer's lock, then the gate's (the documented order); a zero timeout never waits
+                reserved = self._gate.acquire(head.event_id, 0.0, untagged=head.untagged)
+            except (SessionClosed, ConnectionLost):
+                return False
+            if not reserved:
+                return False
+            self._control.popleft()
+            self._in_gate = None
+            self._busy = self._releaser_sending = True
+            send = self._send
+        assert head.first_wait is not None
+        waited = now - head.first_wait
+        error: BaseException | None = None
+        try:
+            text = json.dumps(head.event)
+            started = self._gate.now()
+            for pre in head.prelude:
+                send(json.dumps(pre))
+            if self._send_gated is not None:
+                self._send_gated(text, waited)
+            else:
+                send(text)
+        except Exception as exc:  # reported below: the flags must not stay set
+            error = exc
+        else:
+            self._gate.note_sent(head.event_id, waited, at=started)
+            self._mark_sent(head)
+        lost = isinstance(error, ConnectionLost)
+        with self._cond:
+            if error is None:
+                self.creates_sent_on_release += 1
+            # A lost socket: back at the head, held until the connection is replaced (as the writer
+            # does). Anything else is a bug or a bad event: the create fails, the connection is renewed.
+            requeued = lost and self._stopping is None
+            if requeued:
+                self._control.appendleft(head)
+                self._paused = True
+        if error is not None:
+            # Only now, paused or off the lane: a writer that takes the freed slot cannot resend it.
+            self._gate.abandon(head.event_id)
+        self._gate.poke()  # the writer's wait on this create ends (it then waits for the flag below)
+        with self._cond:
+            self._busy = self._releaser_sending = False
+            self._cond.notify_all()
+        if error is not None:
+            if not lost:
+                log.error("sending a held response.create failed", exc_info=error)
+            failure = error if lost else RtqueueError(f"response.create {head.event_id} not sent: {error!r}")
+            if not requeued:
+                self._fail(head, failure)
+            self._on_send_error(failure)
         return True
 
     def _send_head(self, head: Outbound) -> bool:
@@ -486,7 +598,7 @@ class Writer:
 
     def _pop(self, item: Outbound) -> bool:
         with self._cond:
-            if self._control and self._control[0] is item:
+            if self._control and self._control[0] is item and not self._paused:
                 self._control.popleft()
                 self._busy = True  # being sent: audio appended from now on must follow it
                 return True

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from rtqueue.errors import ConnectionLost
+from rtqueue.errors import ConnectionLost, RtqueueError
 from rtqueue.gate import ResponseGate
 from rtqueue.handles import SendHandle
 from rtqueue.writer import Outbound, Writer
@@ -211,3 +211,110 @@ def test_direct_writes_do_not_wake_the_idle_writer(rig: Rig) -> None:
     writer.enqueue(_control("session.update", "u"))  # one control event: one wake-up
     wire.wait_count(201)
     assert writer.wakeups - before <= 3
+
+
+# -- the held create sent by the thread that read its release (Writer.send_held_create) -----------
+
+
+def _parked(gate: ResponseGate) -> None:
+    """Until the writer waits in the gate."""
+    tick = threading.Event()
+    for _ in range(int(UNIT * 1000)):
+        if gate.waiting_writers():
+            return
+        tick.wait(0.001)
+    raise AssertionError("the writer never waited on the gate")
+
+
+@pytest.fixture
+def no_forced_switch() -> Iterator[None]:
+    """The test thread keeps the GIL from a release to its send_held_create() (as the reader does, in
+    microseconds): otherwise the writer, woken by the release, could win the race now and then."""
+    import sys
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    yield
+    sys.setswitchinterval(before)
+
+
+def _held(rig: Rig, *extra: Outbound, holder: str | None = None) -> tuple[Writer, Wire, ResponseGate, Outbound]:
+    writer, wire, _ = rig
+    gate = _GATES[id(writer)]
+    writer.slice_s = 60.0  # a writer that waited out its slice on a create already sent would time the test out
+    gate.on_created("resp_other", None)  # another response is active: the create waits on the gate
+    create = _control("response.create", "r", gated=True, holder=holder)
+    writer.enqueue_many([create, *extra])
+    _parked(gate)
+    return writer, wire, gate, create
+
+
+def test_the_releasing_thread_sends_the_held_create_and_the_writer_goes_on(rig: Rig, no_forced_switch: None) -> None:
+    writer, wire, gate, create = _held(rig, _control("session.update", "u"))
+    assert writer.send_held_create() is False  # the gate is not free yet
+    gate.on_done("resp_other")
+    assert writer.send_held_create() is True
+    me = threading.current_thread().name
+    assert wire.sent == [(me, "response.create", "r")]  # sent here, before this call returned
+    assert create.handle.sent() and writer.creates_sent_on_release == 1
+    assert [(e.state, e.event_id) for e in gate.entries()] == [("pending", "evt_r")]  # the slot is taken
+    # The writer sends what follows at once (it does not wait out its 60 s slice on the create).
+    assert wire.wait_count(2)[1] == ("rtqueue-writer-test", "session.update", "u")
+    assert len(wire.sent) == 2 and writer.send_held_create() is False  # nothing is held any more
+
+
+def test_the_held_create_keeps_its_prelude_and_the_audio_order(rig: Rig, no_forced_switch: None) -> None:
+    writer, wire, gate, create = _held(rig)
+    create.prelude = ({"type": "conversation.item.create", "event_id": "evt_item", "tag": "item"},)
+    gate.on_done("resp_other")
+    assert writer.send_held_create() is True
+    assert [tag for _, _, tag in wire.sent] == ["item", "r"]  # the turn's item right before its create
+    assert writer.append_audio(_audio(1))  # after it, as ever
+    assert [tag for _, _, tag in wire.wait_count(3)] == ["item", "r", 1]
+
+
+def test_a_create_that_continues_a_tool_chain_is_left_to_the_writer(rig: Rig, no_forced_switch: None) -> None:
+    writer, wire, gate, _ = _held(rig, holder="resp_tool")
+    gate.on_done("resp_other")
+    assert writer.send_held_create() is False  # the hold is the writer's to take over
+    assert wire.wait_count(1) == [("rtqueue-writer-test", "response.create", "r")]
+    assert writer.creates_sent_on_release == 0
+
+
+def test_nothing_held_nothing_sent(rig: Rig) -> None:
+    writer, wire, _ = rig
+    assert writer.send_held_create() is False
+    writer.enqueue(_control("session.update", "u"))
+    wire.wait_count(1)
+    assert writer.send_held_create() is False and writer.creates_sent_on_release == 0
+
+
+def test_a_failed_send_puts_the_create_back_at_the_head(rig: Rig, no_forced_switch: None) -> None:
+    writer, wire, gate, create = _held(rig, _control("session.update", "u"))
+    errors = rig[2]
+    gate.on_done("resp_other")
+    wire.fail = True
+    assert writer.send_held_create() is True  # handled: reported, not lost
+    assert [type(e) for e in errors] == [ConnectionLost]
+    assert [o.event["tag"] for o in writer.pending()] == ["r", "u"]  # in order, for the new socket
+    assert gate.entries() == []  # the slot is free again
+    assert not create.handle.sent() and create.handle.error is None  # the create waits for the new socket
+    assert wire.sent == [] and writer.creates_sent_on_release == 0
+    wire.fail = False
+    writer.resume(drop_audio=False)  # the new socket
+    writer.enqueue(_control("session.update", "m"))
+    # Sent once, in order: a create sent twice would stand before the marker.
+    assert [tag for _, _, tag in wire.wait_count(3)] == ["r", "u", "m"]
+    assert gate.entries()[0].event_id == "evt_r" and len(wire.sent) == 3
+
+
+def test_an_unexpected_error_fails_the_create_and_frees_the_writer(rig: Rig, no_forced_switch: None) -> None:
+    writer, wire, gate, create = _held(rig, _control("session.update", "u"))
+    create.event["bad"] = {1, 2}  # not JSON: json.dumps raises TypeError
+    gate.on_done("resp_other")
+    assert writer.send_held_create() is True
+    assert isinstance(create.handle.error, RtqueueError) and "evt_r" in str(create.handle.error)
+    assert [type(e) for e in rig[2]] == [RtqueueError]  # reported: the session renews its connection
+    assert gate.entries() == []
+    # The writer is not left waiting on a flag: what follows goes out.
+    assert wire.wait_count(1) == [("rtqueue-writer-test", "session.update", "u")]
