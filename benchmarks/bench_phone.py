@@ -23,8 +23,8 @@ to this process's webhook; each is verified, accepted and attached with
 ``Session.connect(call_id=...)`` (control sessions: no audio on the socket).
 Two workloads:
 
-- *arrivals* (the target's run): the calls arrive at a steady rate over
-  ``--sip-arrival-s`` (20 s: 25 calls a second), and the app greets each
+- *arrivals* (how calls reach a call centre): the calls arrive at a steady
+  rate over ``--sip-arrival-s`` (20 s: 25 calls a second), and the app greets each
   caller as it answers, with a second prompt queued behind the greeting (the
   gate holds it until the greeting's ``response.done``: one gate sample per
   call). Each scripted caller (synthesized speech through the simulator's
@@ -32,10 +32,11 @@ Two workloads:
   tool), pauses, asks a question whose long answer it interrupts, pauses and
   hangs up; the pauses keep every call on the line until the last one has
   arrived, so all M are live at once (``peak_active_calls``, checked).
-- *herd* (a stress run, no latency target): all M calls at once, greeted
-  within 5 s, so every call's script runs in the same few seconds. Both cores
-  are saturated then (the app and the simulator's 500 speaking callers), and
-  the gate's tail is the CPU queue's.
+- *herd* (the stress run, the same 5 ms target): all M calls at once, greeted
+  within 5 s, so every call's script runs in the same few seconds and the app
+  and the simulator's 500 speaking callers want both cores. It held the gate
+  to the target only once the reader sent the held create itself (no writer
+  wake-up to lose to the GIL; docs/concepts/gate.md).
 
 The app freezes its start-up heap (``gc.freeze()`` once its modules and
 agents are loaded, as docs/guides/scale.md advises and ``rtqueue serve``
@@ -472,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sip-arrival-s", type=float, default=None,
                    help="SIP calls arrive over this many seconds (default 20; --quick 5, --smoke 2)")
     p.add_argument("--sip-workload", choices=["arrivals", "herd", "both"], default=None,
-                   help="arrivals (the target's run), herd (all calls at once: a stress run) or both "
+                   help="arrivals (calls at a steady rate), herd (all calls at once: the stress run) or both "
                         "(default: both for a full run, arrivals otherwise)")
     p.add_argument("--gc-freeze", action="store_true",
                    help="diagnosis: gc.freeze() once the SIP calls are attached (are the gate's tails GC pauses?)")
@@ -522,12 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     if herd is not None:
         h = herd
         checks += [
-            ("sip herd (all calls at once, stress): 0 user-visible conflicts, 0 lost, every call ended",
+            ("sip herd (all calls at once): 0 user-visible conflicts, 0 lost, every call ended",
              h["user_visible_conflicts"] == 0 and h["lost_intents"] == 0 and h["attached"] == h["calls_ended"],
-             f"visible={h['user_visible_conflicts']} lost={h['lost_intents']} ended {h['calls_ended']}/{h['calls']}; "
-             f"gate p50={C.fmt(h['gate_p50_ms'], 3)} p99={C.fmt(h['gate_p99_ms'], 3)} ms (no latency target: in the "
-             f"busiest half second the app and the simulator took {h['busiest_both_cpu_pct']} % of one core, "
-             f"the machine has 2)"),
+             f"visible={h['user_visible_conflicts']} lost={h['lost_intents']} ended {h['calls_ended']}/{h['calls']}"),
+            # The first workload: every call placed at once and greeted within 5 s.
+            (f"sip herd (all calls at once): gate p99 <= {GATE_P99_TARGET_MS:g} ms",
+             h["gate_p99_ms"] is not None and h["gate_p99_ms"] <= GATE_P99_TARGET_MS,
+             f"p50={C.fmt(h['gate_p50_ms'], 3)} p99={C.fmt(h['gate_p99_ms'], 3)} ms over {h['gate_samples']} gated "
+             f"creates; in the busiest half second the app and the simulator took {h['busiest_both_cpu_pct']} % "
+             "of one core (the machine has 2)"),
         ]
     kind = "smoke" if ns.smoke else "quick" if ns.quick else None
     if kind is None and (ns.only or ns.calls or ns.calls_sip or ns.gc_freeze or ns.sip_arrival_s is not None
