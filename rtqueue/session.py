@@ -700,6 +700,7 @@ class Session:
             audio_dropped=shell.writer.audio_dropped,
             audio_sent_while_held=shell.writer.audio_sent_while_held,
             creates_sent_on_release=shell.writer.creates_sent_on_release,
+            audio_backed_up=shell.writer.audio_backed_up,
             events_dropped=shell.dispatcher.dropped_audio,
             event_streams=shell.dispatcher.stream_count(),
             callback_errors=shell.dispatcher.callback_errors,

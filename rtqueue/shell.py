@@ -187,6 +187,7 @@ class SessionShell:
             on_evict=self._evict_stale,
             skip=self._moot,
             send_gated=self._send_create,
+            backed_up=self._backed_up,
             slice_s=gate_slice_s,
             name=f"rtqueue-writer-{self.n}",
             # A stale response is one past response_timeout (300 s by default): looking for one every
@@ -645,6 +646,11 @@ class SessionShell:
             # and a replay ties each server frame to the client frame before it.
             recorder.write("client", json.loads(text), note=note)
         transport.send(text)
+
+    def _backed_up(self) -> bool:
+        """Whether the current socket holds a send backlog (a transport may not tell: then no)."""
+        probe = getattr(self._transport, "backed_up", None)
+        return bool(probe()) if probe is not None else False
 
     def _send_create(self, text: str, waited_s: float) -> None:
         """A gated create: sent like any event; a recording also notes how long it waited in the gate."""

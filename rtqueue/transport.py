@@ -23,12 +23,20 @@ import websocket  # websocket-client
 from .errors import AuthenticationError, ConnectError, ConnectionLost
 from .secrets import Secret, redact
 
-__all__ = ["SEND_STALL_S", "Transport", "WebSocketTransport"]
+__all__ = ["SEND_BACKLOG_BYTES", "SEND_STALL_S", "Transport", "WebSocketTransport"]
 
 #: A send that gets no byte onto the socket for this long means the peer stopped reading: the
 #: connection is lost (ConnectionLost, then the session's usual reconnect). Without it a direct mic
 #: write, or a Twilio bridge I/O thread carrying it, would block for as long as the peer stalls.
 SEND_STALL_S = 5.0
+
+#: Bytes written but not yet sent by the kernel (at most a quarter of the send buffer) past which
+#: a socket counts as backed up: threads that must not block leave their writes to the writer.
+SEND_BACKLOG_BYTES = 64 * 1024
+
+# Linux's struct tcp_info: tcpi_notsent_bytes (since 4.6) is the u32 at this offset.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_NOTSENT_AT = 144
 
 
 class Transport(Protocol):
@@ -51,6 +59,9 @@ class Transport(Protocol):
 
     def shutdown(self) -> None:
         """Close the socket (reader thread only; idempotent)."""
+
+    # Optional (a session uses it when present): ``backed_up() -> bool``, whether a send could
+    # block now; see WebSocketTransport.backed_up.
 
 
 def _xor_mask(key: bytes, data: bytes) -> bytes:
@@ -281,6 +292,29 @@ class WebSocketTransport:
         if opcode == websocket.ABNF.OPCODE_TEXT:
             return data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else data
         return bytes(data)
+
+    def backed_up(self) -> bool:
+        """Whether the kernel holds a send backlog: the peer takes bytes slower than we write them.
+
+        True when the bytes the kernel has not sent yet (Linux ``TCP_INFO``'s
+        ``tcpi_notsent_bytes``) reach :data:`SEND_BACKLOG_BYTES` or a quarter
+        of the send buffer, well before a send would block. A thread that must
+        not block (a Twilio bridge's I/O thread writing caller audio, the
+        reader sending a held create) then leaves its write to the writer
+        thread. Two ``getsockopt`` calls, which keep the GIL. ``False`` where
+        ``TCP_INFO`` is unknown (then only :data:`SEND_STALL_S` bounds a stall).
+        """
+        sock = self._ws.sock
+        if sock is None or _TCP_INFO is None:
+            return False
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _NOTSENT_AT + 4)
+            if len(info) < _NOTSENT_AT + 4:
+                return False
+            notsent: int = struct.unpack_from("=I", info, _NOTSENT_AT)[0]
+            return notsent >= min(SEND_BACKLOG_BYTES, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4)
+        except (OSError, ValueError):
+            return False
 
     def send_close(self, code: int = 1000) -> None:
         """Send a close frame; errors are ignored (the reader will see the end)."""

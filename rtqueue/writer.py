@@ -7,8 +7,11 @@ control event queued before it, with one exception: it passes a
 ``response.create``, so mic audio never queues behind a held create.
 
 Mic audio usually skips the lane: when nothing is queued or being sent
-(or the only thing queued is a ``response.create`` waiting on the gate), the
-appending thread writes its chunk itself (``direct``). Waking the writer for
+(or the only thing queued is a ``response.create`` waiting on the gate) and
+the socket has no send backlog (``backed_up``), the appending thread writes
+its chunk itself (``direct``). A backed-up socket gets its writes from this
+thread only: the appending thread may be a Twilio bridge's I/O thread,
+which must not block on one call's socket. Waking the writer for
 every 100 ms chunk cost about four thread switches, ~85 us of CPU per chunk
 with hundreds of sessions in one process (benchmarks/bench_scale.py); the
 direct write costs the ~11 us of framing. Order is kept: a chunk goes direct
@@ -107,6 +110,7 @@ class Writer:
         on_evict: Callable[[], None] | None = None,
         send_gated: Callable[[str, float], None] | None = None,
         skip: Callable[[dict[str, Any]], bool] | None = None,
+        backed_up: Callable[[], bool] | None = None,
         slice_s: float = 1.0,
         max_audio_chunks: int = 250,
         name: str = "rtqueue-writer",
@@ -125,6 +129,8 @@ class Writer:
         self._prime: deque[str] = deque()  # replay for a new socket: goes out while paused
         self._on_evict = on_evict
         self._skip = skip  # skip(event) True: a non-create event became moot while queued; drop it
+        # backed_up() True: a send could block now; threads other than this one then leave it to this one.
+        self._backed_up = backed_up
         #: Longest single wait on the gate, in seconds (settable: benchmarks vary it).
         self.slice_s = slice_s
         self._max_audio = max_audio_chunks
@@ -149,6 +155,7 @@ class Writer:
         self.audio_dropped = 0
         self.audio_sent_while_held = 0  # audio chunks sent while a create waited on the gate
         self.creates_sent_on_release = 0  # held creates the thread that read their release sent
+        self.audio_backed_up = 0  # mic chunks queued, not written direct, because the socket backed up
         self.skipped = 0  # control events dropped as moot by ``skip``
         self.wakeups = 0  # times the thread's wait on its condition returned (direct mic writes add none)
 
@@ -202,12 +209,17 @@ class Writer:
         the audio lane, which is bounded: when full, the oldest chunk is
         dropped and counted (a stale chunk is worth less than a fresh one).
         """
+        # A socket that backs up: the chunk waits on the lane, so only this thread can block on it
+        # (an appending thread may be a Twilio bridge's I/O thread, carrying other calls).
+        backed_up = self._backed_up is not None and self.direct_audio and self._backed_up()
         with self._cond:
             if self._stopping is not None:
                 return False
             control = self._control
+            if backed_up:
+                self.audio_backed_up += 1
             if (
-                self.direct_audio and not self._busy and not self._paused and not self._audio
+                self.direct_audio and not backed_up and not self._busy and not self._paused and not self._audio
                 and not self._prime
                 and (not control or (control[0].first_wait is not None and len(control) == 1))
             ):
@@ -498,13 +510,14 @@ class Writer:
         writer's. Returns ``False``, leaving it to the writer, when the writer
         waits on no such create, the create continues a tool chain (its hold is
         the writer's to take over), its deadline passed, the writer is paused,
-        replaying or stopping, an appending thread is mid-write, or the gate is
-        not free.
+        replaying or stopping, an appending thread is mid-write, the socket is
+        backed up (``backed_up``), or the gate is not free.
 
-        The calling thread writes to the socket: on a healthy socket a create
-        of a few hundred bytes never blocks; a socket that takes nothing fails
-        after ``transport.SEND_STALL_S`` and the connection is replaced.
+        The calling thread writes to the socket, but only one that is not
+        backed up: a create of a few hundred bytes then never blocks.
         """
+        if self._backed_up is not None and self._backed_up():
+            return False  # the send could block: the writer's to do
         now = time.monotonic()
         with self._cond:
             head = self._in_gate

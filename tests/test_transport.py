@@ -140,13 +140,15 @@ def test_common_frames_skip_the_library_parser_and_the_rest_still_use_it() -> No
             t.shutdown()
 
 
-def test_a_peer_that_stops_reading_is_connection_lost_within_the_send_timeout() -> None:
-    """A send that gets no byte out for ``send_stall_s`` fails with ConnectionLost instead of blocking forever."""
+@contextmanager
+def stalled_peer(rcvbuf: int | None = None) -> Iterator[str]:
+    """A raw server that completes the WebSocket handshake, then never reads again; yields its URL."""
     done = threading.Event()
     listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if rcvbuf is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
 
-    def peer() -> None:  # completes the handshake, then never reads again
+    def peer() -> None:
         conn, _ = listener.accept()
         request = b""
         while b"\r\n\r\n" not in request:
@@ -160,20 +162,71 @@ def test_a_peer_that_stops_reading_is_connection_lost_within_the_send_timeout() 
 
     thread = threading.Thread(target=peer, name="test-stalled-peer", daemon=True)
     thread.start()
-    t = WebSocketTransport.connect(f"ws://127.0.0.1:{listener.getsockname()[1]}/", [], timeout=5.0,
-                                   send_stall_s=0.3)
-    t._ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
     try:
-        began = time.monotonic()
-        with pytest.raises(ConnectionLost, match="send"):
-            for _ in range(2000):  # at most ~130 MB: the buffers fill long before
-                t.send("x" * 65536)
-        assert time.monotonic() - began < 10.0
+        yield f"ws://127.0.0.1:{listener.getsockname()[1]}/"
     finally:
         done.set()
-        t.shutdown()
         listener.close()
         thread.join(5.0)
+
+
+def test_a_peer_that_stops_reading_is_connection_lost_within_the_send_timeout() -> None:
+    """A send that gets no byte out for ``send_stall_s`` fails with ConnectionLost instead of blocking forever."""
+    with stalled_peer(rcvbuf=4096) as url:
+        t = WebSocketTransport.connect(url, [], timeout=5.0, send_stall_s=0.3)
+        t._ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        try:
+            began = time.monotonic()
+            with pytest.raises(ConnectionLost, match="send"):
+                for _ in range(2000):  # at most ~130 MB: the buffers fill long before
+                    t.send("x" * 65536)
+            assert time.monotonic() - began < 10.0
+        finally:
+            t.shutdown()
+
+
+@pytest.mark.parametrize("sndbuf", [None, 32768])
+def test_a_backed_up_socket_says_so_before_a_send_would_block(sndbuf: int | None) -> None:
+    """Writing mic-sized frames only while ``backed_up()`` is False never blocks, however the peer stalls."""
+    with stalled_peer() as url:
+        t = WebSocketTransport.connect(url, [], timeout=5.0, send_stall_s=0.5)  # a block would raise
+        if sndbuf is not None:  # a small buffer, as a young connection over a real network has
+            t._ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        try:
+            sent = 0
+            while not t.backed_up():
+                t.send("x" * 6400)  # a 100 ms PCM16 chunk, base64
+                sent += 1
+                assert sent < 20_000, "never backed up"
+            assert sent > 0
+            assert t.backed_up()  # stays so: the peer still reads nothing
+        finally:
+            t.shutdown()
+
+
+def test_a_peer_that_keeps_up_is_never_backed_up() -> None:
+    """Frames at the pace the peer reads them (real-time mic audio is far slower still): no backlog."""
+    cond = threading.Condition()
+    read = [0]
+
+    def handler(ws: ServerConnection) -> None:
+        for _ in ws:
+            with cond:
+                read[0] += 1
+                cond.notify_all()
+
+    with server(handler) as url:
+        t = WebSocketTransport.connect(url, [], timeout=5.0)
+        try:
+            backed = 0
+            for n in range(1, 201):
+                t.send("x" * 6400)
+                backed += t.backed_up()
+                with cond:
+                    assert cond.wait_for(lambda n=n: read[0] >= n, 5.0)
+            assert backed == 0 and not t.backed_up()
+        finally:
+            t.shutdown()
 
 
 def test_peer_vanishing_mid_frame_is_connection_lost() -> None:

@@ -276,22 +276,23 @@ def test_a_peer_that_pings_and_never_reads_cannot_grow_the_outbox_without_bound(
             sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: caller audio is written to the OpenAI socket on "
-                   "the I/O thread (no thread wake-up per chunk); a real socket that takes no bytes fails "
-                   "after transport.SEND_STALL_S (5 s) and the session reconnects, so the stall is bounded, "
-                   "but the other calls of that I/O thread wait that long (this mock never fails)")
 def test_a_stalled_openai_socket_does_not_freeze_the_other_calls() -> None:
-    """io_threads=1. Call 1's OpenAI socket stops taking data (its send blocks, as a blocking socket
-    with a full send buffer does). Call 1's caller audio then reaches that send on the I/O thread.
-    A second caller should still get through its handshake. Today its handshake times out: the
-    one I/O thread is stuck in call 1's send."""
+    """io_threads=1. Call 1's OpenAI socket stops taking data. A real socket backs up first
+    (``WebSocketTransport.backed_up``: tests/test_transport.py shows it turns True before a send
+    would block), so caller audio goes to the session's writer thread, which blocks alone in the
+    send; the I/O thread goes on, and a second caller gets through its handshake. (Before, the I/O
+    thread wrote call 1's audio itself and every call on it waited up to SEND_STALL_S.)"""
+    jammed = threading.Event()
     stuck = threading.Event()
     release = threading.Event()
     senders: list[str] = []
 
     class FullSocket(MockTransport):
+        def backed_up(self) -> bool:
+            return jammed.is_set() and not release.is_set()
+
         def send(self, text: str) -> None:
-            if '"input_audio_buffer.append"' in text and not release.is_set():
+            if '"input_audio_buffer.append"' in text and jammed.is_set() and not release.is_set():
                 senders.append(threading.current_thread().name)
                 stuck.set()
                 release.wait(UNIT)
@@ -305,13 +306,14 @@ def test_a_stalled_openai_socket_does_not_freeze_the_other_calls() -> None:
         with connect(bridge.url, proxy=None, open_timeout=UNIT, close_timeout=1.0) as first:
             first.send(start_msg(1))
             assert bridge.wait_calls(lambda cs: bool(cs) and cs[0].state == "active", UNIT)
+            jammed.set()  # the OpenAI side stops reading: the socket backs up
             for _ in range(4):  # 80 ms: two 40 ms chunks for the session
                 first.send(media_msg(1))
             assert stuck.wait(UNIT)
             with connect(bridge.url, proxy=None, open_timeout=2.0, close_timeout=1.0) as second:
                 second.send(start_msg(2))
                 assert bridge.wait_calls(lambda cs: len(cs) > 1 and cs[1].state != "connected", 2.0)
-            assert not any(name.startswith("rtqueue-twilio-io") for name in senders), senders
+            assert senders and all(name.startswith("rtqueue-writer") for name in senders), senders
     finally:
         release.set()
         bridge.close(UNIT)

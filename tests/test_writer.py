@@ -29,6 +29,7 @@ class Wire:
         self.release = threading.Event()
         self.fail = False
         self.syscall = False  # release the GIL in send(), as a real socket write does
+        self.backed = False  # what backed_up() says (a real transport: the kernel's send backlog)
 
     def send(self, text: str) -> None:
         if self.syscall:
@@ -67,7 +68,8 @@ def rig() -> Iterator[Rig]:
     wire = Wire()
     errors: list[BaseException] = []
     gate = ResponseGate()
-    writer = Writer(gate, wire.send, on_send_error=errors.append, name="rtqueue-writer-test")
+    writer = Writer(gate, wire.send, on_send_error=errors.append, name="rtqueue-writer-test",
+                    backed_up=lambda: wire.backed)
     writer.start()
     _GATES[id(writer)] = gate
     yield writer, wire, errors
@@ -318,3 +320,24 @@ def test_an_unexpected_error_fails_the_create_and_frees_the_writer(rig: Rig, no_
     assert gate.entries() == []
     # The writer is not left waiting on a flag: what follows goes out.
     assert wire.wait_count(1) == [("rtqueue-writer-test", "session.update", "u")]
+
+
+def test_a_backed_up_socket_gets_audio_from_the_writer_only(rig: Rig) -> None:
+    """The appending thread (maybe a Twilio bridge's I/O thread) never writes to a socket that backs up."""
+    writer, wire, _ = rig
+    wire.backed = True
+    assert writer.append_audio(_audio(1)) and writer.append_audio(_audio(2))
+    assert [(who, tag) for who, _, tag in wire.wait_count(2)] == [("rtqueue-writer-test", 1),
+                                                                  ("rtqueue-writer-test", 2)]
+    assert writer.audio_direct == 0 and writer.audio_backed_up == 2
+    wire.backed = False
+    assert writer.append_audio(_audio(3))
+    assert wire.wait_count(3)[2] == (threading.current_thread().name, "input_audio_buffer.append", 3)
+
+
+def test_the_releasing_thread_leaves_a_backed_up_socket_to_the_writer(rig: Rig, no_forced_switch: None) -> None:
+    writer, wire, gate, _ = _held(rig)
+    wire.backed = True
+    gate.on_done("resp_other")
+    assert writer.send_held_create() is False  # its send could block: not on the reader
+    assert wire.wait_count(1) == [("rtqueue-writer-test", "response.create", "r")]
