@@ -650,7 +650,13 @@ class SessionShell:
     def _backed_up(self) -> bool:
         """Whether the current socket holds a send backlog (a transport may not tell: then no)."""
         probe = getattr(self._transport, "backed_up", None)
-        return bool(probe()) if probe is not None else False
+        if probe is None:
+            return False
+        try:
+            return bool(probe())
+        except Exception:  # a custom transport's probe: it must not break the appending thread or the reader
+            log.debug("transport.backed_up() raised", exc_info=True)
+            return False
 
     def _send_create(self, text: str, waited_s: float) -> None:
         """A gated create: sent like any event; a recording also notes how long it waited in the gate."""

@@ -14,6 +14,7 @@ import os
 import socket
 import ssl
 import struct
+import sys
 import threading
 from typing import Any, Protocol
 
@@ -34,8 +35,9 @@ SEND_STALL_S = 5.0
 #: a socket counts as backed up: threads that must not block leave their writes to the writer.
 SEND_BACKLOG_BYTES = 64 * 1024
 
-# Linux's struct tcp_info: tcpi_notsent_bytes (since 4.6) is the u32 at this offset.
-_TCP_INFO = getattr(socket, "TCP_INFO", None)
+# Linux's struct tcp_info: tcpi_notsent_bytes (since 4.6) is the u32 at this offset. Other systems
+# that define TCP_INFO lay the struct out differently: there the probe is off.
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
 _NOTSENT_AT = 144
 
 
@@ -301,8 +303,9 @@ class WebSocketTransport:
         of the send buffer, well before a send would block. A thread that must
         not block (a Twilio bridge's I/O thread writing caller audio, the
         reader sending a held create) then leaves its write to the writer
-        thread. Two ``getsockopt`` calls, which keep the GIL. ``False`` where
-        ``TCP_INFO`` is unknown (then only :data:`SEND_STALL_S` bounds a stall).
+        thread. One or two ``getsockopt`` calls, which keep the GIL. Linux
+        only (kernel 4.6+): elsewhere always ``False``, and only
+        :data:`SEND_STALL_S` bounds a stall.
         """
         sock = self._ws.sock
         if sock is None or _TCP_INFO is None:
@@ -312,6 +315,8 @@ class WebSocketTransport:
             if len(info) < _NOTSENT_AT + 4:
                 return False
             notsent: int = struct.unpack_from("=I", info, _NOTSENT_AT)[0]
+            if notsent == 0:  # the usual case: one call
+                return False
             return notsent >= min(SEND_BACKLOG_BYTES, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4)
         except (OSError, ValueError):
             return False

@@ -1,4 +1,4 @@
-"""The writer thread: the only sender of control events on the socket.
+"""The writer thread: it owns the order of everything the session sends.
 
 Two lanes feed it. The **control lane** is FIFO (a few urgent events, such as
 ``response.cancel`` and ``conversation.item.truncate``, jump to its head). The
@@ -6,17 +6,18 @@ Two lanes feed it. The **control lane** is FIFO (a few urgent events, such as
 control event queued before it, with one exception: it passes a
 ``response.create``, so mic audio never queues behind a held create.
 
-Mic audio usually skips the lane: when nothing is queued or being sent
-(or the only thing queued is a ``response.create`` waiting on the gate) and
-the socket has no send backlog (``backed_up``), the appending thread writes
-its chunk itself (``direct``). A backed-up socket gets its writes from this
-thread only: the appending thread may be a Twilio bridge's I/O thread,
-which must not block on one call's socket. Waking the writer for
-every 100 ms chunk cost about four thread switches, ~85 us of CPU per chunk
-with hundreds of sessions in one process (benchmarks/bench_scale.py); the
-direct write costs the ~11 us of framing. Order is kept: a chunk goes direct
-only when no earlier chunk and no control event is queued or in flight, so
-the wire order is the order the app asked for. Control events, the gate and
+Mic audio usually skips the lane: when nothing is queued or being sent (or
+the only thing queued is a ``response.create`` waiting on the gate) and the
+socket is not backed up (``backed_up``: on Linux, the kernel's unsent
+bytes), the appending thread writes its chunk itself (``direct``). A
+backed-up socket gets its writes from this thread only: the appending thread
+may be a Twilio bridge's I/O thread, which must not block on one call's
+socket. Waking the writer for every 100 ms chunk cost about four thread
+switches, ~85 us of CPU per chunk with hundreds of sessions in one process
+(benchmarks/bench_scale.py); the direct write costs the ~11 us of framing.
+Order is kept: a chunk goes direct only when no earlier chunk and no control
+event is queued or in flight, so the wire order is the order the app asked
+for. Control events, the gate and
 the reconnect's replay stay the writer's, with one exception below.
 
 The create the writer waits on in the gate may be sent by the thread that
@@ -60,9 +61,13 @@ from .errors import ConnectionLost, GateTimeout, RtqueueError, SessionClosed
 from .gate import ResponseGate
 from .handles import SendHandle
 
-__all__ = ["Outbound", "Writer"]
+__all__ = ["RELEASE_SEND_MAX", "Outbound", "Writer"]
 
 log = logging.getLogger("rtqueue")
+
+#: The most the thread that read a release writes for a held create (its prelude included); a
+#: bigger one (long instructions, many tools) is left to the writer (see Writer.send_held_create).
+RELEASE_SEND_MAX = 16 * 1024
 
 _IDLE_CHECK_S = 0.25  # while idle, look for stale responses this often (unless told otherwise)
 
@@ -155,7 +160,7 @@ class Writer:
         self.audio_dropped = 0
         self.audio_sent_while_held = 0  # audio chunks sent while a create waited on the gate
         self.creates_sent_on_release = 0  # held creates the thread that read their release sent
-        self.audio_backed_up = 0  # mic chunks queued, not written direct, because the socket backed up
+        self.audio_backed_up = 0  # mic chunks that would have gone direct, queued because the socket backed up
         self.skipped = 0  # control events dropped as moot by ``skip``
         self.wakeups = 0  # times the thread's wait on its condition returned (direct mic writes add none)
 
@@ -209,20 +214,22 @@ class Writer:
         the audio lane, which is bounded: when full, the oldest chunk is
         dropped and counted (a stale chunk is worth less than a fresh one).
         """
-        # A socket that backs up: the chunk waits on the lane, so only this thread can block on it
-        # (an appending thread may be a Twilio bridge's I/O thread, carrying other calls).
-        backed_up = self._backed_up is not None and self.direct_audio and self._backed_up()
         with self._cond:
             if self._stopping is not None:
                 return False
             control = self._control
-            if backed_up:
-                self.audio_backed_up += 1
-            if (
-                self.direct_audio and not backed_up and not self._busy and not self._paused and not self._audio
+            direct = (
+                self.direct_audio and not self._busy and not self._paused and not self._audio
                 and not self._prime
                 and (not control or (control[0].first_wait is not None and len(control) == 1))
-            ):
+            )
+            # A socket that backs up: the chunk waits on the lane, so only the writer can block on it
+            # (an appending thread may be a Twilio bridge's I/O thread, carrying other calls). The
+            # probe keeps the GIL (no wait under the lock).
+            if direct and self._backed_up is not None and self._backed_up():
+                direct = False
+                self.audio_backed_up += 1
+            if direct:
                 send = self._send
                 self._direct_inflight += 1  # pause() waits for it: the socket is then the caller's alone
                 held = bool(control)
@@ -514,14 +521,26 @@ class Writer:
         backed up (``backed_up``), or the gate is not free.
 
         The calling thread writes to the socket, but only one that is not
-        backed up: a create of a few hundred bytes then never blocks.
+        backed up, and at most :data:`RELEASE_SEND_MAX` bytes (the create and
+        its turn's item): it then has room, and the write does not block.
         """
         if self._backed_up is not None and self._backed_up():
             return False  # the send could block: the writer's to do
-        now = time.monotonic()
         with self._cond:
             head = self._in_gate
-            if (head is None or head.holder is not None or self._paused or self._prime
+        if head is None:
+            return False
+        try:  # before taking it: a create too big to be sure of the socket's room stays the writer's
+            texts = [json.dumps(pre) for pre in head.prelude] + [json.dumps(head.event)]
+        except (TypeError, ValueError):
+            return False  # the writer reports it
+        if sum(len(t) for t in texts) > RELEASE_SEND_MAX:
+            return False
+        now = time.monotonic()
+        with self._cond:
+            if self._in_gate is not head:
+                return False
+            if (head.holder is not None or self._paused or self._prime
                     or self._stopping is not None or self._direct_inflight or self._releaser_sending
                     or not self._control or self._control[0] is not head
                     or (head.deadline is not None and now >= head.deadline)):
@@ -540,14 +559,13 @@ class Writer:
         waited = now - head.first_wait
         error: BaseException | None = None
         try:
-            text = json.dumps(head.event)
             started = self._gate.now()
-            for pre in head.prelude:
-                send(json.dumps(pre))
+            for pre in texts[:-1]:
+                send(pre)
             if self._send_gated is not None:
-                self._send_gated(text, waited)
+                self._send_gated(texts[-1], waited)
             else:
-                send(text)
+                send(texts[-1])
         except Exception as exc:  # reported below: the flags must not stay set
             error = exc
         else:

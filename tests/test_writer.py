@@ -13,7 +13,7 @@ import pytest
 from rtqueue.errors import ConnectionLost, RtqueueError
 from rtqueue.gate import ResponseGate
 from rtqueue.handles import SendHandle
-from rtqueue.writer import Outbound, Writer
+from rtqueue.writer import RELEASE_SEND_MAX, Outbound, Writer
 
 UNIT = 5.0
 
@@ -30,6 +30,7 @@ class Wire:
         self.fail = False
         self.syscall = False  # release the GIL in send(), as a real socket write does
         self.backed = False  # what backed_up() says (a real transport: the kernel's send backlog)
+        self.explode = False  # raise a bug-like error (not ConnectionLost) from the next send(), once
 
     def send(self, text: str) -> None:
         if self.syscall:
@@ -37,6 +38,9 @@ class Wire:
         event = json.loads(text)
         if self.fail:
             raise ConnectionLost("wire cut")
+        if self.explode:
+            self.explode = False
+            raise RuntimeError("a recorder's disk is full")
         if event["type"] == self.hold_type:
             self.holding.set()
             assert self.release.wait(UNIT)
@@ -312,8 +316,8 @@ def test_a_failed_send_puts_the_create_back_at_the_head(rig: Rig, no_forced_swit
 
 def test_an_unexpected_error_fails_the_create_and_frees_the_writer(rig: Rig, no_forced_switch: None) -> None:
     writer, wire, gate, create = _held(rig, _control("session.update", "u"))
-    create.event["bad"] = {1, 2}  # not JSON: json.dumps raises TypeError
     gate.on_done("resp_other")
+    wire.explode = True
     assert writer.send_held_create() is True
     assert isinstance(create.handle.error, RtqueueError) and "evt_r" in str(create.handle.error)
     assert [type(e) for e in rig[2]] == [RtqueueError]  # reported: the session renews its connection
@@ -322,14 +326,15 @@ def test_an_unexpected_error_fails_the_create_and_frees_the_writer(rig: Rig, no_
     assert wire.wait_count(1) == [("rtqueue-writer-test", "session.update", "u")]
 
 
-def test_a_backed_up_socket_gets_audio_from_the_writer_only(rig: Rig) -> None:
+def test_a_backed_up_socket_gets_audio_from_the_writer_only(rig: Rig, no_forced_switch: None) -> None:
     """The appending thread (maybe a Twilio bridge's I/O thread) never writes to a socket that backs up."""
     writer, wire, _ = rig
     wire.backed = True
     assert writer.append_audio(_audio(1)) and writer.append_audio(_audio(2))
     assert [(who, tag) for who, _, tag in wire.wait_count(2)] == [("rtqueue-writer-test", 1),
                                                                   ("rtqueue-writer-test", 2)]
-    assert writer.audio_direct == 0 and writer.audio_backed_up == 2
+    # Counted once: the second chunk queued behind the first anyway.
+    assert writer.audio_direct == 0 and writer.audio_backed_up == 1
     wire.backed = False
     assert writer.append_audio(_audio(3))
     assert wire.wait_count(3)[2] == (threading.current_thread().name, "input_audio_buffer.append", 3)
@@ -340,4 +345,12 @@ def test_the_releasing_thread_leaves_a_backed_up_socket_to_the_writer(rig: Rig, 
     wire.backed = True
     gate.on_done("resp_other")
     assert writer.send_held_create() is False  # its send could block: not on the reader
+    assert wire.wait_count(1) == [("rtqueue-writer-test", "response.create", "r")]
+
+
+def test_a_create_too_big_to_be_sure_of_the_socket_is_left_to_the_writer(rig: Rig, no_forced_switch: None) -> None:
+    writer, wire, gate, create = _held(rig)
+    create.event["instructions"] = "x" * RELEASE_SEND_MAX
+    gate.on_done("resp_other")
+    assert writer.send_held_create() is False
     assert wire.wait_count(1) == [("rtqueue-writer-test", "response.create", "r")]
