@@ -72,6 +72,15 @@ class Line:
     def audio(self) -> bytes:
         return b"".join(base64.b64decode(m["media"]["payload"]) for m in self.sent if m["event"] == "media")
 
+    @classmethod
+    def a_then_b_at(cls, t: float) -> Line:
+        """Items 'a' then 'b' (100 ms each) written at t=0, no echoes; the clock at ``t``."""
+        line = cls()
+        line.out.play("a", mulaw(100))
+        line.out.end_item("a")
+        line.out.play("b", mulaw(100, seed=5))
+        return line.at(t)
+
 
 def mulaw(ms: int, seed: int = 0) -> bytes:
     """``ms`` of mu-law (8 bytes a millisecond), every byte telling its position."""
@@ -170,11 +179,7 @@ def test_interrupt_freezes_the_cut_at_the_model_position_and_cleared_echoes_do_n
 
 def test_an_item_queued_behind_another_counts_from_when_the_model_plays_it():
     """'a' then 'b' (100 ms each) written at t=0: at t=0.15, before any echo, 'b' is the item playing, 50 ms in."""
-    line = Line()
-    line.out.play("a", mulaw(100))
-    line.out.end_item("a")
-    line.out.play("b", mulaw(100, seed=5))
-    line.at(0.15)
+    line = Line.a_then_b_at(0.15)
     assert line.out.played_ms("a") == 100.0
     assert line.out.played_ms("b") == pytest.approx(50.0, abs=1.0)
     assert line.out.current_item() == "b"

@@ -97,11 +97,7 @@ def test_a_cut_keeps_what_the_model_played_of_the_item_before() -> None:
     and 50 ms of 'b'. A barge-in cuts 'b' at 50 ms, and 'a' still counts as heard. Its marks were
     cleared, so no echo can raise it again. Today played_ms('a') drops from 100 to 0, heard_ms says
     50 and dropped_ms says 150."""
-    line = Line()
-    line.out.play("a", mulaw(100))
-    line.out.end_item("a")
-    line.out.play("b", mulaw(100, seed=5))
-    line.at(0.15)
+    line = Line.a_then_b_at(0.15)
     assert line.out.played_ms("a") == 100.0
     cut = line.out.interrupt()
     assert cut is not None and cut.item_id == "b" and cut.played_ms == pytest.approx(50.0, abs=1.0)
