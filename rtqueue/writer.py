@@ -17,8 +17,8 @@ switches, ~85 us of CPU per chunk with hundreds of sessions in one process
 (benchmarks/bench_scale.py); the direct write costs the ~11 us of framing.
 Order is kept: a chunk goes direct only when no earlier chunk and no control
 event is queued or in flight, so the wire order is the order the app asked
-for. Control events, the gate and
-the reconnect's replay stay the writer's, with one exception below.
+for. Control events, the gate and the reconnect's replay stay the writer's,
+with one exception below.
 
 The create the writer waits on in the gate may be sent by the thread that
 read its release (:meth:`Writer.send_held_create`, called by the reader): it
@@ -70,6 +70,11 @@ log = logging.getLogger("rtqueue")
 RELEASE_SEND_MAX = 16 * 1024
 
 _IDLE_CHECK_S = 0.25  # while idle, look for stale responses this often (unless told otherwise)
+
+
+def _create_texts(item: Outbound) -> list[str]:
+    """A gated create's frames in wire order: its turn's item (the prelude), then the create."""
+    return [json.dumps(pre) for pre in item.prelude] + [json.dumps(item.event)]
 
 
 @attrs.define(eq=False)
@@ -483,24 +488,26 @@ class Writer:
             self._gate.abandon(head.event_id)
             return True
         waited = time.monotonic() - head.first_wait
-        text = json.dumps(head.event)
-        # The write starts now: taken after send() returns, the time would also
-        # count waiting for the GIL back after the syscall.
-        started = self._gate.now()
         try:
-            for pre in head.prelude:  # a turn's user item: right before its create, inside the gate
-                self._send(json.dumps(pre))
-            if self._send_gated is not None:
-                self._send_gated(text, waited)
-            else:
-                self._send(text)
+            self._write_create(self._send, head, _create_texts(head), waited)
         except ConnectionLost as exc:
             self._gate.abandon(head.event_id)
             self._requeue_after_failure(head, exc)
-            return True
+        return True
+
+    def _write_create(self, send: Callable[[str], None], head: Outbound, texts: list[str], waited: float) -> None:
+        """Write a reserved create (``texts``: its turn's item, then it) and record it sent."""
+        # The write starts now: taken after send() returns, the time would also
+        # count waiting for the GIL back after the syscall.
+        started = self._gate.now()
+        for pre in texts[:-1]:  # a turn's user item: right before its create, inside the gate
+            send(pre)
+        if self._send_gated is not None:
+            self._send_gated(texts[-1], waited)
+        else:
+            send(texts[-1])
         self._gate.note_sent(head.event_id, waited, at=started)
         self._mark_sent(head)
-        return True
 
     def send_held_create(self) -> bool:
         """Send, on the calling thread, the in-band create this writer waits on in the gate, if it is free now.
@@ -531,7 +538,7 @@ class Writer:
         if head is None:
             return False
         try:  # before taking it: a create too big to be sure of the socket's room stays the writer's
-            texts = [json.dumps(pre) for pre in head.prelude] + [json.dumps(head.event)]
+            texts = _create_texts(head)
         except (TypeError, ValueError):
             return False  # the writer reports it
         if sum(len(t) for t in texts) > RELEASE_SEND_MAX:
@@ -559,18 +566,9 @@ class Writer:
         waited = now - head.first_wait
         error: BaseException | None = None
         try:
-            started = self._gate.now()
-            for pre in texts[:-1]:
-                send(pre)
-            if self._send_gated is not None:
-                self._send_gated(texts[-1], waited)
-            else:
-                send(texts[-1])
+            self._write_create(send, head, texts, waited)
         except Exception as exc:  # reported below: the flags must not stay set
             error = exc
-        else:
-            self._gate.note_sent(head.event_id, waited, at=started)
-            self._mark_sent(head)
         lost = isinstance(error, ConnectionLost)
         with self._cond:
             if error is None:
