@@ -9,8 +9,9 @@ itself (handshake, framing, ping/pong, the closing handshake) is
 the bytes read. Each text message is handed to the link's handler on its
 reactor's thread, which must not block (the bridge's handler only parses,
 queues and hands audio on; see :mod:`rtqueue.twilio` for the one exception,
-caller audio written to the OpenAI socket, bounded by the transport's send
-timeout).
+caller audio written to the OpenAI socket, which it writes only while that
+socket is not backed up (``WebSocketTransport.backed_up``, Linux), else the
+session's writer does; elsewhere the transport's send timeout bounds it).
 
 Why not websockets' threaded server: it runs three threads per connection
 (a receive thread, the handler's and a keepalive thread) and passes every
